@@ -1,0 +1,28 @@
+//! Generates the Rust types and Connect service traits from `proto/` with no
+//! system `protoc`: protox parses the files, connectrpc-build emits the code.
+
+use std::path::PathBuf;
+
+use prost::Message;
+
+const PROTOS: [&str; 2] = ["process.proto", "filesystem.proto"];
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    for proto in PROTOS {
+        println!("cargo:rerun-if-changed=proto/{proto}");
+    }
+    let descriptors = protox::Compiler::new(["proto"])?
+        .include_source_info(true)
+        .include_imports(true)
+        .open_files(PROTOS)?
+        .file_descriptor_set();
+    let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
+    let descriptor_path = out_dir.join("envd.fds.bin");
+    std::fs::write(&descriptor_path, descriptors.encode_to_vec())?;
+    connectrpc_build::Config::new()
+        .files(&PROTOS)
+        .descriptor_set(&descriptor_path)
+        .include_file("_connectrpc.rs")
+        .compile()?;
+    Ok(())
+}

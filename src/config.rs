@@ -1,0 +1,147 @@
+//! Command-line flags. Both the GNU spellings (`--port`) and the Go
+//! reference's single-dash spellings (`-port`, `-isnotfc`) are accepted,
+//! because systemd units and tooling written for the reference pass those.
+
+use std::ffi::OsString;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+
+/// The port the SDKs and the orchestrator expect.
+pub const DEFAULT_PORT: u16 = 49983;
+
+/// envd's flags.
+#[derive(Parser, Debug, Clone)]
+#[command(name = "envd", about = "The sandbox agent: processes, terminals and files over Connect", disable_version_flag = true)]
+pub struct Config {
+    /// Print the version and exit.
+    #[arg(long)]
+    pub version: bool,
+    /// Print the commit the binary was built from and exit.
+    #[arg(long)]
+    pub commit: bool,
+    /// TCP port to listen on (all interfaces).
+    #[arg(long, default_value_t = DEFAULT_PORT)]
+    pub port: u16,
+    /// Address to listen on.
+    #[arg(long, default_value = "0.0.0.0")]
+    pub bind: std::net::IpAddr,
+    /// Run outside a Firecracker VM: no metadata service, no clock steps.
+    #[arg(long, visible_alias = "isnotfc")]
+    pub dev: bool,
+    /// Default user before any /init.
+    #[arg(long, value_name = "NAME")]
+    pub default_user: Option<String>,
+    /// Default working directory before any /init.
+    #[arg(long, value_name = "PATH", allow_hyphen_values = true)]
+    pub default_workdir: Option<String>,
+    /// Where the exec context survives a cold boot (on the root filesystem).
+    #[arg(long, default_value = "/var/lib/envd")]
+    pub state_dir: PathBuf,
+    /// The metadata service (Firecracker MMDS v2), host:port.
+    #[arg(long, default_value = "169.254.169.254:80")]
+    pub mmds_address: String,
+    /// Root of the cgroup v2 hierarchy that holds the workload cgroups.
+    #[arg(long, default_value = "/sys/fs/cgroup")]
+    pub cgroup_root: PathBuf,
+    /// Do not place processes into cgroups; freezing becomes a no-op.
+    #[arg(long)]
+    pub no_cgroups: bool,
+    /// Mount point that /fsfreeze freezes (refused in --dev unless given).
+    #[arg(long, value_name = "PATH")]
+    pub freeze_path: Option<PathBuf>,
+    /// Running time after which a forgotten filesystem freeze is thawed.
+    #[arg(long, value_name = "SECONDS", default_value_t = 120)]
+    pub freeze_deadline: u64,
+    /// Abort an upload whose body sends nothing for this long.
+    #[arg(long, value_name = "SECONDS", default_value_t = 60)]
+    pub upload_idle_timeout: u64,
+    /// Log debug details.
+    #[arg(long)]
+    pub verbose: bool,
+}
+
+/// Flags the Go reference spells with one dash.
+const LONG_FLAGS: &[&str] = &[
+    "version", "commit", "port", "bind", "dev", "isnotfc", "default-user", "default-workdir",
+    "state-dir", "mmds-address", "cgroup-root", "no-cgroups", "freeze-path", "freeze-deadline",
+    "upload-idle-timeout", "verbose", "help",
+];
+
+impl Config {
+    /// Parses the process arguments, accepting Go-style `-flag` spellings.
+    pub fn from_args<I: IntoIterator<Item = OsString>>(args: I) -> Result<Self, clap::Error> {
+        Config::try_parse_from(args.into_iter().map(widen_single_dash))
+    }
+
+    /// The socket address to listen on.
+    pub fn listen_addr(&self) -> SocketAddr {
+        SocketAddr::new(self.bind, self.port)
+    }
+
+    /// How long an upload body may stay silent.
+    pub fn upload_idle_timeout(&self) -> Duration {
+        Duration::from_secs(self.upload_idle_timeout)
+    }
+}
+
+/// `-port=1` → `--port=1` for known flag names; anything else unchanged.
+fn widen_single_dash(arg: OsString) -> OsString {
+    let Some(text) = arg.to_str() else { return arg };
+    let Some(rest) = text.strip_prefix('-') else { return arg };
+    if rest.starts_with('-') {
+        return arg;
+    }
+    let name = rest.split('=').next().unwrap_or(rest);
+    if LONG_FLAGS.contains(&name) {
+        OsString::from(format!("-{text}"))
+    } else {
+        arg
+    }
+}
+
+/// Logs go to stderr (the journal under systemd), never to a file: a file
+/// on the root filesystem would block while it is frozen.
+pub fn init_logging(verbose: bool) {
+    let level = if verbose { tracing::Level::DEBUG } else { tracing::Level::INFO };
+    tracing_subscriber::fmt()
+        .with_max_level(level)
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .init();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Config {
+        let argv = std::iter::once("envd").chain(args.iter().copied()).map(OsString::from);
+        Config::from_args(argv).expect("valid flags")
+    }
+
+    #[test]
+    fn go_spellings_are_accepted() {
+        let config = parse(&["-port", "5000", "-isnotfc", "-no-cgroups", "-cgroup-root=/tmp/cg", "-verbose"]);
+        assert_eq!(config.port, 5000);
+        assert!(config.dev && config.no_cgroups && config.verbose);
+        assert_eq!(config.cgroup_root, PathBuf::from("/tmp/cg"));
+    }
+
+    #[test]
+    fn defaults_match_the_contract() {
+        let config = parse(&[]);
+        assert_eq!(config.port, 49983);
+        assert_eq!(config.state_dir, PathBuf::from("/var/lib/envd"));
+        assert_eq!(config.mmds_address, "169.254.169.254:80");
+        assert!(!config.dev);
+    }
+
+    #[test]
+    fn unknown_single_dash_words_stay_values() {
+        let config = parse(&["--default-workdir", "-weird"]);
+        assert_eq!(config.default_workdir.as_deref(), Some("-weird"));
+    }
+}

@@ -1,0 +1,1 @@
+//! Filesystem operations for the Filesystem service and the `/files` API.

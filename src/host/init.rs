@@ -1,0 +1,245 @@
+//! `POST /init`: the host hands over the token, env vars, default user and
+//! workdir, and the time. Authorisation and ordering follow the reference
+//! exactly (CONTRACT.md 4.5); the values are applied only when the
+//! request's timestamp is newer than every one applied before.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::SystemTime;
+
+use serde::Deserialize;
+
+use super::clock;
+use crate::auth::{AccessGuard, Secret, sha512_hex};
+use crate::context::{ContextStore, INTERNAL_ENV_VARS};
+
+/// Why `/init` was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum InitError {
+    /// The body is not the JSON the contract describes.
+    #[error("invalid init body: {0}")]
+    BadBody(String),
+    /// The request may not set or clear the token.
+    #[error("{0}")]
+    Unauthorized(&'static str),
+    /// The request went away while waiting for another `/init`.
+    #[error("another init is in progress")]
+    Busy,
+}
+
+/// The body of `/init`; every field is optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct InitBody<'a> {
+    /// Borrowed, so that a string with escapes is a decode error, as in
+    /// the reference.
+    #[serde(borrow, default)]
+    access_token: Option<&'a str>,
+    #[serde(default)]
+    env_vars: Option<HashMap<String, String>>,
+    #[serde(default)]
+    default_user: Option<String>,
+    #[serde(default)]
+    default_workdir: Option<String>,
+    #[serde(default)]
+    timestamp: Option<String>,
+    #[serde(default, rename = "hyperloopIP")]
+    hyperloop_ip: Option<String>,
+}
+
+/// The token hash the metadata service holds, looked up on demand.
+pub trait TokenHashSource: Send + Sync {
+    /// The current `accessTokenHash`, or `None` when unreachable or empty.
+    fn token_hash(&self) -> impl std::future::Future<Output = Option<String>> + Send;
+}
+
+/// No metadata service (`--dev`, tests).
+#[derive(Debug, Clone, Copy)]
+pub struct NoMetadata;
+
+impl TokenHashSource for NoMetadata {
+    async fn token_hash(&self) -> Option<String> {
+        None
+    }
+}
+
+/// Applies `/init` requests, one at a time.
+#[derive(Debug)]
+pub struct Initializer {
+    /// Step the clock (never in `--dev`).
+    step_clock: bool,
+    guard: AccessGuard,
+    context: ContextStore,
+    newest_timestamp: Mutex<Option<SystemTime>>,
+    lock: tokio::sync::Mutex<()>,
+}
+
+impl Initializer {
+    /// An initializer over the shared guard and context.
+    pub fn new(step_clock: bool, guard: AccessGuard, context: ContextStore) -> Self {
+        Self { step_clock, guard, context, newest_timestamp: Mutex::new(None), lock: Default::default() }
+    }
+
+    /// Handles one `/init` body.
+    pub async fn init(&self, body: &[u8], metadata: &impl TokenHashSource) -> Result<(), InitError> {
+        let body: InitBody<'_> = if body.iter().all(u8::is_ascii_whitespace) {
+            InitBody::default()
+        } else {
+            serde_json::from_slice(body).map_err(|e| InitError::BadBody(e.to_string()))?
+        };
+        if body.access_token == Some("") {
+            return Err(InitError::BadBody("accessToken must not be empty".into()));
+        }
+        let timestamp = match &body.timestamp {
+            Some(text) => Some(clock::parse_rfc3339(text).map_err(|e| InitError::BadBody(e.to_string()))?),
+            None => None,
+        };
+        let _one_at_a_time = self.lock.lock().await;
+        self.authorize(body.access_token, metadata).await?;
+        if !self.is_newest(timestamp) {
+            tracing::info!("stale /init: nothing applied");
+            return Ok(());
+        }
+        if let Some(timestamp) = timestamp {
+            self.sync_clock(timestamp);
+        }
+        self.apply(body);
+        Ok(())
+    }
+
+    /// CONTRACT.md 4.5: the token in memory, else the metadata hash, else
+    /// first-time setup. A sandbox that is secured by a hash or closed after
+    /// a cold boot is never open to first-time setup.
+    async fn authorize(&self, token: Option<&str>, metadata: &impl TokenHashSource) -> Result<(), InitError> {
+        if let Some(token) = token
+            && self.guard.matches_token(token)
+        {
+            return Ok(());
+        }
+        let hash = metadata.token_hash().await;
+        if let Some(hash) = &hash {
+            let given = sha512_hex(token.unwrap_or(""));
+            if crate::auth::constant_time_eq(given.as_bytes(), hash.to_ascii_lowercase().as_bytes()) {
+                return Ok(());
+            }
+        }
+        if hash.is_none() && !self.guard.is_secured() {
+            return Ok(());
+        }
+        if hash.is_none()
+            && self.guard.token().is_none()
+            && let Some(token) = token
+            && crate::auth::token::Access::Granted == self.guard.check(Some(token.as_bytes()))
+        {
+            // Cold boot with the metadata service gone again: the hash
+            // learnt at start-up still recognises the token.
+            return Ok(());
+        }
+        Err(InitError::Unauthorized(if token.is_none() {
+            "access token reset not authorized"
+        } else {
+            "access token validation failed"
+        }))
+    }
+
+    fn is_newest(&self, timestamp: Option<SystemTime>) -> bool {
+        let Some(timestamp) = timestamp else { return true };
+        let mut newest = self.newest_timestamp.lock().unwrap_or_else(|e| e.into_inner());
+        if newest.is_some_and(|n| timestamp <= n) {
+            return false;
+        }
+        *newest = Some(timestamp);
+        true
+    }
+
+    fn sync_clock(&self, host_time: SystemTime) {
+        if !self.step_clock || !clock::needs_step(SystemTime::now(), host_time) {
+            return;
+        }
+        match clock::set_realtime(host_time) {
+            Ok(()) => tracing::info!("clock stepped to the host's time"),
+            Err(err) => tracing::warn!("stepping the clock failed: {err}"),
+        }
+    }
+
+    fn apply(&self, body: InitBody<'_>) {
+        self.context.update(|context| {
+            if let Some(env) = body.env_vars {
+                context.init_env =
+                    env.into_iter().filter(|(k, _)| !INTERNAL_ENV_VARS.contains(&k.as_str())).collect();
+            }
+            if let Some(ip) = body.hyperloop_ip.filter(|ip| ip.parse::<std::net::IpAddr>().is_ok()) {
+                context.internal_env.insert("E2B_EVENTS_ADDRESS".into(), format!("http://{ip}"));
+            }
+            if let Some(user) = body.default_user.filter(|u| !u.is_empty()) {
+                context.default_user = user;
+            }
+            if let Some(workdir) = body.default_workdir.filter(|w| !w.is_empty()) {
+                context.default_workdir = Some(workdir);
+            }
+        });
+        self.guard.set_token(body.access_token.map(|t| Secret::new(t.to_owned())));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::token::Access;
+    use crate::context::ExecContext;
+
+    fn initializer() -> Initializer {
+        let context = ContextStore::new(ExecContext {
+            default_user: "root".into(),
+            default_workdir: None,
+            init_env: Default::default(),
+            internal_env: Default::default(),
+        });
+        Initializer::new(false, AccessGuard::default(), context)
+    }
+
+    struct Hash(&'static str);
+    impl TokenHashSource for Hash {
+        async fn token_hash(&self) -> Option<String> {
+            Some(sha512_hex(self.0))
+        }
+    }
+
+    #[tokio::test]
+    async fn token_rules() {
+        let init = initializer();
+        init.init(br#"{"accessToken":"t1"}"#, &NoMetadata).await.unwrap();
+        assert_eq!(init.guard.check(Some(b"t1")), Access::Granted);
+        // Another token without the old one or a hash: refused.
+        assert!(matches!(init.init(br#"{"accessToken":"t2"}"#, &NoMetadata).await, Err(InitError::Unauthorized(_))));
+        assert!(matches!(init.init(b"{}", &NoMetadata).await, Err(InitError::Unauthorized("access token reset not authorized"))));
+        // The metadata hash authorises a new token.
+        init.init(br#"{"accessToken":"t2"}"#, &Hash("t2")).await.unwrap();
+        assert_eq!(init.guard.check(Some(b"t2")), Access::Granted);
+        // The current token authorises clearing it... only with the hash of "".
+        init.init(b"{}", &Hash("")).await.unwrap();
+        assert_eq!(init.guard.check(None), Access::Open);
+    }
+
+    #[tokio::test]
+    async fn bad_bodies() {
+        let init = initializer();
+        for body in [&b"{"[..], br#"{"accessToken":""}"#, br#"{"accessToken":"a\u0041"}"#, br#"{"timestamp":"yesterday"}"#] {
+            assert!(matches!(init.init(body, &NoMetadata).await, Err(InitError::BadBody(_))), "{body:?}");
+        }
+        init.init(b"", &NoMetadata).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn stale_requests_change_nothing() {
+        let init = initializer();
+        init.init(br#"{"defaultUser":"a","timestamp":"2026-01-01T00:00:01Z","envVars":{"X":"1","E2B_SANDBOX":"no"}}"#, &NoMetadata)
+            .await
+            .unwrap();
+        init.init(br#"{"defaultUser":"b","timestamp":"2026-01-01T00:00:01Z"}"#, &NoMetadata).await.unwrap();
+        let context = init.context.snapshot();
+        assert_eq!(context.default_user, "a");
+        assert_eq!(context.init_env.get("X").map(String::as_str), Some("1"));
+        assert!(!context.init_env.contains_key("E2B_SANDBOX"));
+    }
+}

@@ -1,0 +1,28 @@
+//! envd: the agent inside every sandbox microVM.
+//!
+//! It serves the Process and Filesystem Connect services and a small HTTP
+//! API on one port, wire-compatible with the published E2B SDKs, and
+//! prepares the VM for pause and resume. Module map:
+
+/// Who may call: access token, signed file URLs, the Basic-header user.
+pub mod auth;
+/// Command-line flags and their defaults.
+pub mod config;
+/// The exec context: default user, workdir, env vars; users and paths.
+pub mod context;
+/// Filesystem operations: entries, listing, moves, watchers, transfers.
+pub mod fs;
+/// What comes from or goes to the host: /init, metrics, pause hooks.
+pub mod host;
+/// Generated protobuf messages and Connect service traits.
+pub mod proto;
+/// Spawning processes as users, the process table, output fan-out.
+pub mod process;
+/// One listener, one router: Connect services, HTTP routes, auth, CORS.
+pub mod server;
+
+/// The version reported by `--version` and `X-Envd-Version`.
+///
+/// Kept at or above 0.6.6 so that the SDKs enable every feature and the
+/// orchestrator uses `/fsfreeze`.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

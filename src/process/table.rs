@@ -1,0 +1,130 @@
+//! Live processes by pid, and the end events of recently ended ones, kept
+//! for a while so that a late `Connect` still learns the exit status.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::handle::ProcessHandle;
+use super::status::EndStatus;
+use super::ProcessError;
+
+/// How long an ended process stays reachable by `Connect`.
+const RETENTION: Duration = Duration::from_secs(30);
+/// Bound on retained end events, so a burst of short commands cannot grow it.
+const MAX_RETAINED: usize = 4096;
+
+/// How a request picks a process.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Selector {
+    /// By process id.
+    Pid(u32),
+    /// By the tag given at start.
+    Tag(String),
+}
+
+impl std::fmt::Display for Selector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Selector::Pid(pid) => write!(f, "pid {pid}"),
+            Selector::Tag(tag) => write!(f, "tag {tag}"),
+        }
+    }
+}
+
+/// What `Connect` finds.
+#[derive(Debug)]
+pub enum Found {
+    /// A live process.
+    Live(Arc<ProcessHandle>),
+    /// A process that ended recently.
+    Ended {
+        /// Its pid.
+        pid: u32,
+        /// How it ended.
+        end: EndStatus,
+    },
+}
+
+#[derive(Debug)]
+struct Retained {
+    pid: u32,
+    tag: Option<String>,
+    end: EndStatus,
+    at: Instant,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    live: HashMap<u32, Arc<ProcessHandle>>,
+    retained: VecDeque<Retained>,
+}
+
+/// Every process envd started and has not yet reaped.
+#[derive(Debug, Default)]
+pub struct ProcessTable {
+    inner: Mutex<Inner>,
+}
+
+impl ProcessTable {
+    fn inner(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Registers a started process; a retained entry with its pid or tag
+    /// is forgotten.
+    pub(super) fn insert(&self, handle: Arc<ProcessHandle>) {
+        let mut inner = self.inner();
+        let tag = handle.tag().map(str::to_owned);
+        inner.retained.retain(|r| r.pid != handle.pid() && (tag.is_none() || r.tag != tag));
+        inner.live.insert(handle.pid(), handle);
+    }
+
+    /// Moves an ended process from the live set to the retained ones.
+    pub(super) fn retire(&self, pid: u32, tag: Option<String>, end: EndStatus) {
+        let mut inner = self.inner();
+        inner.live.remove(&pid);
+        let now = Instant::now();
+        while inner.retained.front().is_some_and(|r| now.duration_since(r.at) > RETENTION)
+            || inner.retained.len() >= MAX_RETAINED
+        {
+            inner.retained.pop_front();
+        }
+        inner.retained.push_back(Retained { pid, tag, end, at: now });
+    }
+
+    /// A live process.
+    pub fn get(&self, selector: &Selector) -> Result<Arc<ProcessHandle>, ProcessError> {
+        let inner = self.inner();
+        let found = match selector {
+            Selector::Pid(pid) => inner.live.get(pid).cloned(),
+            Selector::Tag(tag) => inner.live.values().find(|h| h.tag() == Some(tag.as_str())).cloned(),
+        };
+        found.ok_or_else(|| ProcessError::NotFound(selector.clone()))
+    }
+
+    /// A live process, or one that ended within the retention time.
+    pub fn find(&self, selector: &Selector) -> Result<Found, ProcessError> {
+        if let Ok(handle) = self.get(selector) {
+            return Ok(Found::Live(handle));
+        }
+        let inner = self.inner();
+        let now = Instant::now();
+        inner
+            .retained
+            .iter()
+            .rev()
+            .filter(|r| now.duration_since(r.at) <= RETENTION)
+            .find(|r| match selector {
+                Selector::Pid(pid) => r.pid == *pid,
+                Selector::Tag(tag) => r.tag.as_deref() == Some(tag.as_str()),
+            })
+            .map(|r| Found::Ended { pid: r.pid, end: r.end.clone() })
+            .ok_or_else(|| ProcessError::NotFound(selector.clone()))
+    }
+
+    /// Every live process, in no particular order.
+    pub fn list(&self) -> Vec<Arc<ProcessHandle>> {
+        self.inner().live.values().cloned().collect()
+    }
+}

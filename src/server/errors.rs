@@ -1,0 +1,90 @@
+//! The one place where module errors become Connect codes and HTTP
+//! statuses. Clients get a chosen code and a one-line message; the
+//! details go to the log.
+
+use axum::response::{IntoResponse, Response};
+use connectrpc::{ConnectError, ErrorCode};
+use http::{HeaderValue, StatusCode, header};
+
+use crate::context::{PathError, UserError};
+use crate::host::init::InitError;
+use crate::process::ProcessError;
+
+impl From<ProcessError> for ConnectError {
+    fn from(err: ProcessError) -> Self {
+        let code = match &err {
+            ProcessError::NotFound(_) => ErrorCode::NotFound,
+            ProcessError::CwdMissing(_) | ProcessError::Spawn { .. } | ProcessError::BadTerminalSize { .. } => {
+                ErrorCode::InvalidArgument
+            }
+            ProcessError::CloseStdinOfPty => ErrorCode::Unknown,
+            ProcessError::StdinClosed
+            | ProcessError::NotPipe
+            | ProcessError::NotPty
+            | ProcessError::Input(_)
+            | ProcessError::Signal(_)
+            | ProcessError::Io(_) => ErrorCode::Internal,
+        };
+        ConnectError::new(code, err.to_string())
+    }
+}
+
+impl From<PathError> for ConnectError {
+    fn from(err: PathError) -> Self {
+        ConnectError::invalid_argument(err.to_string())
+    }
+}
+
+/// A caller's user that cannot be found, for RPC handlers.
+pub fn unknown_user(err: UserError) -> ConnectError {
+    match err {
+        UserError::Unknown(name) => ConnectError::new(ErrorCode::Unauthenticated, format!("invalid username: '{name}'")),
+        other => {
+            tracing::error!("user database: {other}");
+            ConnectError::new(ErrorCode::Internal, other.to_string())
+        }
+    }
+}
+
+/// The plain JSON error of the HTTP API: `{"code":<status>,"message":..}`.
+#[derive(Debug)]
+pub struct HttpError {
+    status: StatusCode,
+    message: String,
+}
+
+impl HttpError {
+    /// An error with this status and message.
+    pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        Self { status, message: message.into() }
+    }
+
+    /// The token check's refusal.
+    pub fn unauthorized_access() -> Self {
+        Self::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized access, please provide a valid access token or method signing if supported",
+        )
+    }
+}
+
+impl IntoResponse for HttpError {
+    fn into_response(self) -> Response {
+        let body = serde_json::json!({ "code": self.status.as_u16(), "message": self.message });
+        let mut response = (self.status, format!("{body}\n")).into_response();
+        let headers = response.headers_mut();
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json; charset=utf-8"));
+        headers.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+        response
+    }
+}
+
+/// `/init` answers errors in plain text (the orchestrator only logs them).
+pub fn init_error(err: InitError) -> Response {
+    let status = match &err {
+        InitError::BadBody(_) => return StatusCode::BAD_REQUEST.into_response(),
+        InitError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+        InitError::Busy => return StatusCode::SERVICE_UNAVAILABLE.into_response(),
+    };
+    (status, err.to_string()).into_response()
+}

@@ -1,0 +1,51 @@
+//! The plain HTTP routes: `/health`, `/init`, `/envs`, `/metrics`.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use http::{HeaderValue, StatusCode, header};
+
+use super::errors::init_error;
+use super::state::AppState;
+use crate::host::init::NoMetadata;
+
+fn no_store(mut response: Response) -> Response {
+    response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}
+
+/// `GET /health`: 204, no auth.
+pub async fn health() -> Response {
+    no_store(StatusCode::NO_CONTENT.into_response())
+}
+
+/// `POST /init`.
+pub async fn init(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
+    let mut response = match state.initializer.init(&body, &NoMetadata).await {
+        Ok(()) => no_store(StatusCode::NO_CONTENT.into_response()),
+        Err(err) => {
+            tracing::warn!("/init refused: {err}");
+            init_error(err)
+        }
+    };
+    response.headers_mut().insert("x-envd-version", HeaderValue::from_static(crate::VERSION));
+    response
+}
+
+/// `GET /envs`: the default env vars.
+pub async fn envs(State(state): State<Arc<AppState>>) -> Response {
+    no_store(axum::Json(state.context.snapshot().default_env()).into_response())
+}
+
+/// `GET /metrics`.
+pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    match state.metrics.sample() {
+        Ok(metrics) => no_store(axum::Json(metrics).into_response()),
+        Err(err) => {
+            tracing::error!("metrics: {err}");
+            StatusCode::INTERNAL_SERVER_ERROR.into_response()
+        }
+    }
+}

@@ -1,0 +1,109 @@
+//! The layers every request passes, in the contract's order: CORS (so
+//! preflights never need a token), the token check, then the Basic-header
+//! user check.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+
+use super::errors::HttpError;
+use super::state::{AppState, NamedUser};
+use crate::auth::basic_user;
+use crate::auth::token::Access;
+use crate::context::{UserError, users};
+
+const EXPOSED_HEADERS: &str =
+    "Grpc-Status, Grpc-Message, Grpc-Status-Details-Bin, Location, Cache-Control, X-Content-Type-Options";
+const ALLOWED_METHODS: &str = "HEAD, GET, POST, PUT, PATCH, DELETE";
+const PREFLIGHT_VARY: &str = "Origin, Access-Control-Request-Method, Access-Control-Request-Headers";
+
+/// CORS for browsers using the JS SDK: any origin, no credentials.
+pub async fn cors(request: Request, next: Next) -> Response {
+    let origin = request.headers().get(header::ORIGIN).cloned();
+    if request.method() == Method::OPTIONS
+        && origin.is_some()
+        && request.headers().contains_key(header::ACCESS_CONTROL_REQUEST_METHOD)
+    {
+        return preflight(request.headers());
+    }
+    let mut response = next.run(request).await;
+    let headers = response.headers_mut();
+    headers.append(header::VARY, HeaderValue::from_static("Origin"));
+    if origin.is_some() {
+        headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, HeaderValue::from_static("*"));
+        headers.insert(header::ACCESS_CONTROL_EXPOSE_HEADERS, HeaderValue::from_static(EXPOSED_HEADERS));
+    }
+    response
+}
+
+fn preflight(request: &HeaderMap) -> Response {
+    let mut response = StatusCode::NO_CONTENT.into_response();
+    let headers = response.headers_mut();
+    headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, HeaderValue::from_static("*"));
+    headers.insert(header::ACCESS_CONTROL_ALLOW_METHODS, HeaderValue::from_static(ALLOWED_METHODS));
+    if let Some(asked) = request.get(header::ACCESS_CONTROL_REQUEST_HEADERS) {
+        headers.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, asked.clone());
+    }
+    headers.insert(header::ACCESS_CONTROL_MAX_AGE, HeaderValue::from_static("7200"));
+    headers.insert(header::VARY, HeaderValue::from_static(PREFLIGHT_VARY));
+    response
+}
+
+/// Routes that protect themselves (signatures, the `/init` hash check).
+fn exempt_from_token(method: &Method, path: &str) -> bool {
+    matches!((method, path), (&Method::GET, "/health") | (&Method::GET | &Method::POST, "/files") | (&Method::POST, "/init"))
+}
+
+/// The access token, then the user named by `Authorization: Basic`.
+pub async fn authenticate(State(state): State<Arc<AppState>>, mut request: Request, next: Next) -> Response {
+    if !exempt_from_token(request.method(), request.uri().path()) {
+        let token = request.headers().get("x-access-token").map(HeaderValue::as_bytes);
+        if state.guard.check(token) == Access::Denied {
+            return HttpError::unauthorized_access().into_response();
+        }
+    }
+    if let Some(name) = basic_user(request.headers().get(header::AUTHORIZATION).map(HeaderValue::as_bytes)) {
+        match users::lookup(&name) {
+            Ok(user) => {
+                request.extensions_mut().insert(NamedUser(user));
+            }
+            Err(UserError::Unknown(name)) => return invalid_username(request.headers(), &name),
+            Err(err) => {
+                tracing::error!("user database: {err}");
+                return HttpError::new(StatusCode::INTERNAL_SERVER_ERROR, err.to_string()).into_response();
+            }
+        }
+    }
+    next.run(request).await
+}
+
+/// A Basic header naming an unknown user: Connect streams get a 200 with
+/// an end-of-stream error, everything else a 401.
+fn invalid_username(headers: &HeaderMap, name: &str) -> Response {
+    let message = format!("invalid username: '{name}'");
+    let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let stream_codec = content_type
+        .split(';')
+        .next()
+        .map(|t| t.trim().to_ascii_lowercase())
+        .and_then(|t| t.strip_prefix("application/connect+").map(str::to_owned));
+    if let Some(codec) = stream_codec.filter(|c| c == "json" || c == "proto") {
+        let end = serde_json::json!({ "error": { "code": "unauthenticated", "message": message } }).to_string();
+        let mut frame = Vec::with_capacity(5 + end.len());
+        frame.push(0x02);
+        frame.extend_from_slice(&(end.len() as u32).to_be_bytes());
+        frame.extend_from_slice(end.as_bytes());
+        let mut response = Response::new(Body::from(frame));
+        let value = if codec == "json" { "application/connect+json" } else { "application/connect+proto" };
+        response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(value));
+        return response;
+    }
+    let body = serde_json::json!({ "code": "unauthenticated", "message": message }).to_string();
+    let mut response = (StatusCode::UNAUTHORIZED, body).into_response();
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+}

@@ -1,0 +1,124 @@
+//! One listener, one router: the Connect services (Connect, gRPC and
+//! gRPC-Web, JSON and binary, over HTTP/1.1 and h2c) and the plain HTTP
+//! routes, behind the CORS and auth layers.
+
+mod errors;
+mod http_api;
+mod middleware;
+mod process_rpc;
+mod state;
+mod stream;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::routing::{get, post};
+use connectrpc::Limits;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+
+use crate::auth::AccessGuard;
+use crate::config::Config;
+use crate::context::{ContextStore, ExecContext};
+use crate::host::init::Initializer;
+use crate::host::metrics::MetricsSampler;
+use crate::process::ProcessTable;
+pub use errors::HttpError;
+use process_rpc::ProcessService;
+use state::AppState;
+
+/// Idle keep-alive connections are closed after this long; it must stay
+/// above the sandbox proxy's own idle timeout.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(640);
+/// Largest single RPC message (e.g. one stdin write).
+const MAX_MESSAGE_BYTES: usize = 512 << 20;
+
+/// Why the server stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The runtime could not start.
+    #[error("starting the runtime: {0}")]
+    Runtime(std::io::Error),
+    /// The port could not be bound.
+    #[error("binding {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// Runs envd until it is killed.
+pub fn run(config: Config) -> Result<(), ServerError> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(ServerError::Runtime)?;
+    runtime.block_on(serve(config))
+}
+
+fn initial_context(config: &Config) -> ExecContext {
+    let mut internal_env = std::collections::BTreeMap::new();
+    internal_env.insert("E2B_SANDBOX".to_owned(), (!config.dev).to_string());
+    ExecContext {
+        default_user: config.default_user.clone().unwrap_or_else(|| "root".to_owned()),
+        default_workdir: config.default_workdir.clone(),
+        init_env: Default::default(),
+        internal_env,
+    }
+}
+
+async fn serve(config: Config) -> Result<(), ServerError> {
+    let addr = config.listen_addr();
+    let listener = TcpListener::bind(addr).await.map_err(|source| ServerError::Bind { addr, source })?;
+    let guard = AccessGuard::default();
+    let context = ContextStore::new(initial_context(&config));
+    let state = Arc::new(AppState {
+        initializer: Initializer::new(!config.dev, guard.clone(), context.clone()),
+        config,
+        guard,
+        context,
+        processes: Arc::new(ProcessTable::default()),
+        metrics: MetricsSampler::default(),
+    });
+    let app = router(state);
+    tracing::info!(version = crate::VERSION, %addr, "envd listening");
+    loop {
+        let (socket, _peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(err) => {
+                // Out of fds and the like: back off instead of spinning.
+                tracing::warn!("accept: {err}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = socket.set_nodelay(true);
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        tokio::spawn(async move {
+            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            builder.http1().timer(TokioTimer::new()).header_read_timeout(IDLE_TIMEOUT).keep_alive(true);
+            builder.http2().timer(TokioTimer::new());
+            if let Err(err) = builder.serve_connection(TokioIo::new(socket), service).await {
+                tracing::debug!("connection ended: {err}");
+            }
+        });
+    }
+}
+
+fn router(state: Arc<AppState>) -> axum::Router {
+    let rpc = connectrpc::Router::new().add_service(Arc::new(ProcessService::new(state.clone())));
+    let rpc = connectrpc::ConnectRpcService::new(rpc)
+        .with_limits(Limits::unlimited().with_max_message_size(MAX_MESSAGE_BYTES));
+    axum::Router::new()
+        .route("/health", get(http_api::health))
+        .route("/init", post(http_api::init))
+        .route("/envs", get(http_api::envs))
+        .route("/metrics", get(http_api::metrics))
+        .fallback_service(rpc)
+        .layer(axum::middleware::from_fn_with_state(state.clone(), middleware::authenticate))
+        .layer(axum::middleware::from_fn(middleware::cors))
+        .with_state(state)
+}
