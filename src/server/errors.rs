@@ -2,9 +2,10 @@
 //! statuses. Clients get a chosen code and a one-line message; the
 //! details go to the log.
 
+use axum::body::Body;
 use axum::response::{IntoResponse, Response};
 use connectrpc::{ConnectError, ErrorCode};
-use http::{HeaderValue, StatusCode, header};
+use http::{HeaderMap, HeaderValue, StatusCode, header};
 
 use crate::context::{PathError, UserError};
 use crate::host::init::InitError;
@@ -87,4 +88,31 @@ pub fn init_error(err: InitError) -> Response {
         InitError::Busy => return StatusCode::SERVICE_UNAVAILABLE.into_response(),
     };
     (status, err.to_string()).into_response()
+}
+
+/// A Connect error answered outside the Connect library (by the auth and
+/// routing layers): Connect streams get HTTP 200 with an end-of-stream
+/// frame, unary calls the status of the code and a JSON body.
+pub fn connect_error_response(request: &HeaderMap, err: ConnectError) -> Response {
+    let error = serde_json::json!({ "code": err.code.as_str(), "message": err.message.clone().unwrap_or_default() });
+    let content_type = request.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let media = content_type.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    let stream_type = match media.as_str() {
+        "application/connect+json" => Some("application/connect+json"),
+        "application/connect+proto" => Some("application/connect+proto"),
+        _ => None,
+    };
+    if let Some(stream_type) = stream_type {
+        let end = serde_json::json!({ "error": error }).to_string();
+        let mut frame = Vec::with_capacity(5 + end.len());
+        frame.push(0x02);
+        frame.extend_from_slice(&u32::try_from(end.len()).unwrap_or(u32::MAX).to_be_bytes());
+        frame.extend_from_slice(end.as_bytes());
+        let mut response = Response::new(Body::from(frame));
+        response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(stream_type));
+        return response;
+    }
+    let mut response = (err.code.http_status(), error.to_string()).into_response();
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
 }

@@ -4,13 +4,12 @@
 
 use std::sync::Arc;
 
-use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 
-use super::errors::HttpError;
+use super::errors::{HttpError, connect_error_response};
 use super::state::{AppState, NamedUser};
 use crate::auth::basic_user;
 use crate::auth::token::Access;
@@ -81,29 +80,8 @@ pub async fn authenticate(State(state): State<Arc<AppState>>, mut request: Reque
     next.run(request).await
 }
 
-/// A Basic header naming an unknown user: Connect streams get a 200 with
-/// an end-of-stream error, everything else a 401.
+/// A Basic header naming an unknown user is refused on every route.
 fn invalid_username(headers: &HeaderMap, name: &str) -> Response {
-    let message = format!("invalid username: '{name}'");
-    let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
-    let stream_codec = content_type
-        .split(';')
-        .next()
-        .map(|t| t.trim().to_ascii_lowercase())
-        .and_then(|t| t.strip_prefix("application/connect+").map(str::to_owned));
-    if let Some(codec) = stream_codec.filter(|c| c == "json" || c == "proto") {
-        let end = serde_json::json!({ "error": { "code": "unauthenticated", "message": message } }).to_string();
-        let mut frame = Vec::with_capacity(5 + end.len());
-        frame.push(0x02);
-        frame.extend_from_slice(&(end.len() as u32).to_be_bytes());
-        frame.extend_from_slice(end.as_bytes());
-        let mut response = Response::new(Body::from(frame));
-        let value = if codec == "json" { "application/connect+json" } else { "application/connect+proto" };
-        response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(value));
-        return response;
-    }
-    let body = serde_json::json!({ "code": "unauthenticated", "message": message }).to_string();
-    let mut response = (StatusCode::UNAUTHORIZED, body).into_response();
-    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    response
+    let err = connectrpc::ConnectError::new(connectrpc::ErrorCode::Unauthenticated, format!("invalid username: '{name}'"));
+    connect_error_response(headers, err)
 }

@@ -6,6 +6,7 @@ mod errors;
 mod http_api;
 mod middleware;
 mod process_rpc;
+mod rpc_gate;
 mod state;
 mod stream;
 
@@ -110,8 +111,10 @@ async fn serve(config: Config) -> Result<(), ServerError> {
 
 fn router(state: Arc<AppState>) -> axum::Router {
     let rpc = connectrpc::Router::new().add_service(Arc::new(ProcessService::new(state.clone())));
+    let methods = rpc.methods().map(str::to_owned).collect();
     let rpc = connectrpc::ConnectRpcService::new(rpc)
         .with_limits(Limits::unlimited().with_max_message_size(MAX_MESSAGE_BYTES));
+    let rpc = rpc_gate::gate(rpc, methods);
     axum::Router::new()
         .route("/health", get(http_api::health))
         .route("/init", post(http_api::init))

@@ -137,6 +137,23 @@ fn process_stream<T: Send + 'static>(
     with_keepalive(wrap(start_event(pid)), events, keepalive_interval(ctx.headers()), keepalive)
 }
 
+/// The deadline of `Start` is also the process's lifetime: when it kills
+/// the process, the caller sees `deadline_exceeded`, as with the reference.
+fn end_at_deadline<T: Send + 'static>(stream: ServiceStream<T>, deadline: Option<std::time::Instant>) -> ServiceStream<T> {
+    let Some(deadline) = deadline else { return stream };
+    Box::pin(stream.scan(false, move |expired, item| {
+        let next = if *expired {
+            None
+        } else if std::time::Instant::now() >= deadline {
+            *expired = true;
+            Some(Err(ConnectError::deadline_exceeded("context deadline exceeded")))
+        } else {
+            Some(item)
+        };
+        std::future::ready(next)
+    }))
+}
+
 fn start_response(event: pb::ProcessEvent) -> pb::StartResponse {
     pb::StartResponse { event: event.into(), ..Default::default() }
 }
@@ -198,7 +215,8 @@ impl pb::Process for ProcessService {
         let started = process::start(&self.state.processes, spec)?;
         tracing::debug!(pid = started.pid, %command, "process started");
         let keepalive = || start_response(keepalive_event());
-        Response::ok(process_stream(started.pid, Subscription::Live(started.events), &ctx, start_response, keepalive))
+        let stream = process_stream(started.pid, Subscription::Live(started.events), &ctx, start_response, keepalive);
+        Response::ok(end_at_deadline(stream, ctx.deadline()))
     }
 
     async fn update(&self, _ctx: RequestContext, request: ServiceRequest<'_, pb::UpdateRequest>) -> ServiceResult<pb::UpdateResponse> {
