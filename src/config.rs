@@ -9,6 +9,9 @@ use std::time::Duration;
 
 use clap::Parser;
 
+/// Firecracker's metadata service, reachable from every guest.
+pub const DEFAULT_MMDS_ADDRESS: &str = "169.254.169.254:80";
+
 /// The port the SDKs and the orchestrator expect.
 pub const DEFAULT_PORT: u16 = 49983;
 
@@ -40,9 +43,13 @@ pub struct Config {
     /// Where the exec context survives a cold boot (on the root filesystem).
     #[arg(long, default_value = "/var/lib/envd")]
     pub state_dir: PathBuf,
-    /// The metadata service (Firecracker MMDS v2), host:port.
-    #[arg(long, default_value = "169.254.169.254:80")]
-    pub mmds_address: String,
+    /// The metadata service (Firecracker MMDS v2), host:port. In --dev it
+    /// is used only when given explicitly.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub mmds_address: Option<String>,
+    /// Where the sandbox identity files are written (a tmpfs).
+    #[arg(long, value_name = "DIR", default_value = "/run/e2b")]
+    pub run_dir: PathBuf,
     /// Root of the cgroup v2 hierarchy that holds the workload cgroups.
     #[arg(long, default_value = "/sys/fs/cgroup")]
     pub cgroup_root: PathBuf,
@@ -66,7 +73,7 @@ pub struct Config {
 /// Flags the Go reference spells with one dash.
 const LONG_FLAGS: &[&str] = &[
     "version", "commit", "port", "bind", "dev", "isnotfc", "default-user", "default-workdir",
-    "state-dir", "mmds-address", "cgroup-root", "no-cgroups", "freeze-path", "freeze-deadline",
+    "state-dir", "mmds-address", "run-dir", "cgroup-root", "no-cgroups", "freeze-path", "freeze-deadline",
     "upload-idle-timeout", "verbose", "help",
 ];
 
@@ -79,6 +86,26 @@ impl Config {
     /// The socket address to listen on.
     pub fn listen_addr(&self) -> SocketAddr {
         SocketAddr::new(self.bind, self.port)
+    }
+
+    /// The metadata service to read, if any: none in `--dev` unless an
+    /// address was given.
+    pub fn metadata_address(&self) -> Option<&str> {
+        match (&self.mmds_address, self.dev) {
+            (Some(address), _) => Some(address),
+            (None, true) => None,
+            (None, false) => Some(DEFAULT_MMDS_ADDRESS),
+        }
+    }
+
+    /// The filesystem `/fsfreeze` freezes: `/` in a VM; in `--dev` only an
+    /// explicitly given path, since freezing a workstation's root hangs it.
+    pub fn freeze_target(&self) -> Option<&std::path::Path> {
+        match (&self.freeze_path, self.dev) {
+            (Some(path), _) => Some(path),
+            (None, true) => None,
+            (None, false) => Some(std::path::Path::new("/")),
+        }
     }
 
     /// How long an upload body may stay silent.
@@ -135,8 +162,14 @@ mod tests {
         let config = parse(&[]);
         assert_eq!(config.port, 49983);
         assert_eq!(config.state_dir, PathBuf::from("/var/lib/envd"));
-        assert_eq!(config.mmds_address, "169.254.169.254:80");
+        assert_eq!(config.metadata_address(), Some("169.254.169.254:80"));
+        assert_eq!(config.freeze_target(), Some(std::path::Path::new("/")));
         assert!(!config.dev);
+        let dev = parse(&["--dev"]);
+        assert_eq!((dev.metadata_address(), dev.freeze_target()), (None, None));
+        let explicit = parse(&["--dev", "--mmds-address", "127.0.0.1:1", "--freeze-path", "/mnt/x"]);
+        assert_eq!(explicit.metadata_address(), Some("127.0.0.1:1"));
+        assert_eq!(explicit.freeze_target(), Some(std::path::Path::new("/mnt/x")));
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! that commands run exactly as before the pause.
 
 pub mod paths;
+pub mod state;
 pub mod users;
 
 use std::collections::BTreeMap;

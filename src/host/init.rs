@@ -9,8 +9,12 @@ use std::time::SystemTime;
 
 use serde::Deserialize;
 
+use super::cgroups::Workload;
 use super::clock;
+use super::identity::Identity;
+use super::persist::Persister;
 use crate::auth::{AccessGuard, Secret, sha512_hex};
+use crate::context::state::SavedContext;
 use crate::context::{ContextStore, INTERNAL_ENV_VARS};
 
 /// Why `/init` was refused.
@@ -53,13 +57,12 @@ pub trait TokenHashSource: Send + Sync {
     fn token_hash(&self) -> impl std::future::Future<Output = Option<String>> + Send;
 }
 
-/// No metadata service (`--dev`, tests).
-#[derive(Debug, Clone, Copy)]
-pub struct NoMetadata;
-
-impl TokenHashSource for NoMetadata {
+impl TokenHashSource for Option<Identity> {
     async fn token_hash(&self) -> Option<String> {
-        None
+        match self {
+            Some(identity) => identity.token_hash().await,
+            None => None,
+        }
     }
 }
 
@@ -72,16 +75,57 @@ pub struct Initializer {
     context: ContextStore,
     newest_timestamp: Mutex<Option<SystemTime>>,
     lock: tokio::sync::Mutex<()>,
+    /// Where the exec context is saved, if anywhere.
+    persister: Option<std::sync::Arc<Persister>>,
+    /// Thawed on every authorised `/init`.
+    workload: std::sync::Arc<Workload>,
+    /// The metadata service, if any.
+    identity: Option<Identity>,
 }
 
 impl Initializer {
     /// An initializer over the shared guard and context.
     pub fn new(step_clock: bool, guard: AccessGuard, context: ContextStore) -> Self {
-        Self { step_clock, guard, context, newest_timestamp: Mutex::new(None), lock: Default::default() }
+        Self {
+            step_clock,
+            guard,
+            context,
+            newest_timestamp: Mutex::new(None),
+            lock: Default::default(),
+            persister: None,
+            workload: Default::default(),
+            identity: None,
+        }
+    }
+
+    /// Saves the exec context through `persister` after each change.
+    pub fn with_persister(mut self, persister: std::sync::Arc<Persister>) -> Self {
+        self.persister = Some(persister);
+        self
+    }
+
+    /// Thaws `workload` on every authorised `/init`.
+    pub fn with_workload(mut self, workload: std::sync::Arc<Workload>) -> Self {
+        self.workload = workload;
+        self
+    }
+
+    /// Authorises against, and refreshes identity from, the metadata service.
+    pub fn with_identity(mut self, identity: Identity) -> Self {
+        self.identity = Some(identity);
+        self
     }
 
     /// Handles one `/init` body.
-    pub async fn init(&self, body: &[u8], metadata: &impl TokenHashSource) -> Result<(), InitError> {
+    pub async fn init(&self, body: &[u8]) -> Result<(), InitError> {
+        self.init_with(body, &self.identity).await?;
+        if let Some(identity) = self.identity.clone() {
+            tokio::spawn(identity.refresh());
+        }
+        Ok(())
+    }
+
+    async fn init_with(&self, body: &[u8], metadata: &impl TokenHashSource) -> Result<(), InitError> {
         let body: InitBody<'_> = if body.iter().all(u8::is_ascii_whitespace) {
             InitBody::default()
         } else {
@@ -96,6 +140,11 @@ impl Initializer {
         };
         let _one_at_a_time = self.lock.lock().await;
         self.authorize(body.access_token, metadata).await?;
+        // From here on the workload is thawed, even for a stale request:
+        // this is how a resumed sandbox's processes start running again.
+        if let Err(err) = self.workload.thaw() {
+            tracing::warn!("thawing the workload: {err}");
+        }
         if !self.is_newest(timestamp) {
             tracing::info!("stale /init: nothing applied");
             return Ok(());
@@ -104,7 +153,15 @@ impl Initializer {
             self.sync_clock(timestamp);
         }
         self.apply(body);
+        self.persist().await;
         Ok(())
+    }
+
+    async fn persist(&self) {
+        let Some(persister) = &self.persister else { return };
+        let context = self.context.snapshot();
+        let saved = SavedContext::new(context.default_user, context.default_workdir, context.init_env, self.guard.is_secured());
+        persister.save(saved).await;
     }
 
     /// CONTRACT.md 4.5: the token in memory, else the metadata hash, else
@@ -208,16 +265,16 @@ mod tests {
     #[tokio::test]
     async fn token_rules() {
         let init = initializer();
-        init.init(br#"{"accessToken":"t1"}"#, &NoMetadata).await.unwrap();
+        init.init_with(br#"{"accessToken":"t1"}"#, &None::<Identity>).await.unwrap();
         assert_eq!(init.guard.check(Some(b"t1")), Access::Granted);
         // Another token without the old one or a hash: refused.
-        assert!(matches!(init.init(br#"{"accessToken":"t2"}"#, &NoMetadata).await, Err(InitError::Unauthorized(_))));
-        assert!(matches!(init.init(b"{}", &NoMetadata).await, Err(InitError::Unauthorized("access token reset not authorized"))));
+        assert!(matches!(init.init_with(br#"{"accessToken":"t2"}"#, &None::<Identity>).await, Err(InitError::Unauthorized(_))));
+        assert!(matches!(init.init_with(b"{}", &None::<Identity>).await, Err(InitError::Unauthorized("access token reset not authorized"))));
         // The metadata hash authorises a new token.
-        init.init(br#"{"accessToken":"t2"}"#, &Hash("t2")).await.unwrap();
+        init.init_with(br#"{"accessToken":"t2"}"#, &Hash("t2")).await.unwrap();
         assert_eq!(init.guard.check(Some(b"t2")), Access::Granted);
         // The current token authorises clearing it... only with the hash of "".
-        init.init(b"{}", &Hash("")).await.unwrap();
+        init.init_with(b"{}", &Hash("")).await.unwrap();
         assert_eq!(init.guard.check(None), Access::Open);
     }
 
@@ -225,18 +282,18 @@ mod tests {
     async fn bad_bodies() {
         let init = initializer();
         for body in [&b"{"[..], br#"{"accessToken":""}"#, br#"{"accessToken":"a\u0041"}"#, br#"{"timestamp":"yesterday"}"#] {
-            assert!(matches!(init.init(body, &NoMetadata).await, Err(InitError::BadBody(_))), "{body:?}");
+            assert!(matches!(init.init_with(body, &None::<Identity>).await, Err(InitError::BadBody(_))), "{body:?}");
         }
-        init.init(b"", &NoMetadata).await.unwrap();
+        init.init_with(b"", &None::<Identity>).await.unwrap();
     }
 
     #[tokio::test]
     async fn stale_requests_change_nothing() {
         let init = initializer();
-        init.init(br#"{"defaultUser":"a","timestamp":"2026-01-01T00:00:01Z","envVars":{"X":"1","E2B_SANDBOX":"no"}}"#, &NoMetadata)
+        init.init_with(br#"{"defaultUser":"a","timestamp":"2026-01-01T00:00:01Z","envVars":{"X":"1","E2B_SANDBOX":"no"}}"#, &None::<Identity>)
             .await
             .unwrap();
-        init.init(br#"{"defaultUser":"b","timestamp":"2026-01-01T00:00:01Z"}"#, &NoMetadata).await.unwrap();
+        init.init_with(br#"{"defaultUser":"b","timestamp":"2026-01-01T00:00:01Z"}"#, &None::<Identity>).await.unwrap();
         let context = init.context.snapshot();
         assert_eq!(context.default_user, "a");
         assert_eq!(context.init_env.get("X").map(String::as_str), Some("1"));

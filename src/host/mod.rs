@@ -1,6 +1,12 @@
-//! What comes from or goes to the host: `/init`, metrics, and (with the
-//! lifecycle work) the metadata service and the pause hooks.
+//! What comes from or goes to the host: `/init`, the metadata service,
+//! the persisted exec context, metrics, and the pause hooks.
 
+pub mod cgroups;
 pub mod clock;
+pub mod fsfreeze;
+pub mod identity;
 pub mod init;
 pub mod metrics;
+pub mod mmds;
+pub mod persist;
+pub mod systemd;

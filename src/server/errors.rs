@@ -8,6 +8,7 @@ use connectrpc::{ConnectError, ErrorCode};
 use http::{HeaderMap, HeaderValue, StatusCode, header};
 
 use crate::context::{PathError, UserError};
+use crate::host::fsfreeze::FreezeError;
 use crate::host::init::InitError;
 use crate::process::ProcessError;
 
@@ -77,6 +78,16 @@ impl IntoResponse for HttpError {
         headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json; charset=utf-8"));
         headers.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
         response
+    }
+}
+
+impl From<FreezeError> for HttpError {
+    fn from(err: FreezeError) -> Self {
+        let status = match err {
+            FreezeError::Disabled => StatusCode::CONFLICT,
+            FreezeError::Io { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        HttpError::new(status, err.to_string())
     }
 }
 

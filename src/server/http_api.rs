@@ -9,7 +9,6 @@ use http::{HeaderValue, StatusCode, header};
 
 use super::errors::init_error;
 use super::state::AppState;
-use crate::host::init::NoMetadata;
 
 fn no_store(mut response: Response) -> Response {
     response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
@@ -23,7 +22,7 @@ pub async fn health() -> Response {
 
 /// `POST /init`.
 pub async fn init(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
-    let mut response = match state.initializer.init(&body, &NoMetadata).await {
+    let mut response = match state.initializer.init(&body).await {
         Ok(()) => no_store(StatusCode::NO_CONTENT.into_response()),
         Err(err) => {
             tracing::warn!("/init refused: {err}");

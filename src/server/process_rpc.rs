@@ -10,6 +10,7 @@ use super::errors::unknown_user;
 use super::state::{AppState, NamedUser};
 use super::stream::{keepalive_interval, with_keepalive};
 use crate::context::User;
+use crate::host::cgroups::Slot;
 use crate::process::spawn::StdioMode;
 use crate::process::{self, CommandConfig, EndStatus, Event, Found, Output, Selector, StartSpec, Subscription};
 use crate::proto::process as pb;
@@ -55,7 +56,11 @@ impl ProcessService {
             }
             None => StdioMode::Pipes { stdin: request.stdin.unwrap_or(true) },
         };
-        let _system = request.tag.as_deref() == Some(SYSTEM_TAG);
+        let cgroup_procs = match (request.tag.as_deref(), stdio) {
+            (Some(SYSTEM_TAG), _) => None,
+            (_, StdioMode::Pty { .. }) => self.state.workload.procs_fd(Slot::Ptys),
+            (_, StdioMode::Pipes { .. }) => self.state.workload.procs_fd(Slot::User),
+        };
         Ok(StartSpec {
             config: CommandConfig { cmd: config.cmd, args: config.args, envs: config.envs.into_iter().collect(), cwd: config.cwd },
             tag: request.tag,
@@ -64,7 +69,7 @@ impl ProcessService {
             env,
             stdio,
             deadline: ctx.deadline(),
-            cgroup_procs: None,
+            cgroup_procs,
         })
     }
 }

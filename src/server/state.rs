@@ -5,6 +5,8 @@ use std::sync::Arc;
 use crate::auth::AccessGuard;
 use crate::config::Config;
 use crate::context::{ContextStore, User};
+use crate::host::cgroups::Workload;
+use crate::host::fsfreeze::FsFreezer;
 use crate::host::init::Initializer;
 use crate::host::metrics::MetricsSampler;
 use crate::process::ProcessTable;
@@ -24,6 +26,10 @@ pub struct AppState {
     pub initializer: Initializer,
     /// `/metrics`.
     pub metrics: MetricsSampler,
+    /// The workload cgroups (`/freeze`, placement).
+    pub workload: Arc<Workload>,
+    /// The filesystem pause hook (`/fsfreeze`).
+    pub freezer: Arc<FsFreezer>,
 }
 
 /// The user a request named in `Authorization: Basic`, resolved by the

@@ -1,0 +1,125 @@
+//! The sandbox's identity from the metadata service: env vars for every
+//! process and the files under /run/e2b, as the reference provides them.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::time::Duration;
+
+use super::mmds::{Metadata, MmdsClient};
+use crate::auth::AccessGuard;
+use crate::context::ContextStore;
+
+/// First retry delay of the start-up poll, and its ceiling.
+const FIRST_RETRY: Duration = Duration::from_millis(50);
+const MAX_RETRY: Duration = Duration::from_secs(1);
+/// How long the re-read after an `/init` keeps trying.
+const REFRESH_WINDOW: Duration = Duration::from_secs(60);
+
+/// Applies metadata to the running daemon.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    client: MmdsClient,
+    guard: AccessGuard,
+    context: ContextStore,
+    run_dir: std::path::PathBuf,
+}
+
+impl Identity {
+    /// Identity from the metadata service at `client`.
+    pub fn new(client: MmdsClient, guard: AccessGuard, context: ContextStore, run_dir: &Path) -> Self {
+        Self { client, guard, context, run_dir: run_dir.to_owned() }
+    }
+
+    /// Start-up: poll until the service answers (a cold boot may come up
+    /// before the host's network path), then apply everything including
+    /// the template's default user and workdir.
+    pub async fn poll_at_start(self) {
+        let mut delay = FIRST_RETRY;
+        loop {
+            match self.client.read().await {
+                Ok(metadata) => {
+                    self.apply(&metadata, true);
+                    tracing::info!("sandbox identity read from the metadata service");
+                    return;
+                }
+                Err(err) => tracing::debug!("metadata not available yet: {err}"),
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(MAX_RETRY);
+        }
+    }
+
+    /// After an `/init`: a resumed or forked sandbox learns its new id.
+    pub async fn refresh(self) {
+        let until = tokio::time::Instant::now() + REFRESH_WINDOW;
+        let mut delay = FIRST_RETRY;
+        while tokio::time::Instant::now() < until {
+            if let Ok(metadata) = self.client.read().await {
+                self.apply(&metadata, false);
+                return;
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(MAX_RETRY);
+        }
+        tracing::warn!("metadata service did not answer after /init");
+    }
+
+    /// The token hash the service holds now (one read), for `/init`.
+    pub async fn token_hash(&self) -> Option<String> {
+        let hash = self.client.read().await.ok()?.access_token_hash?;
+        (!hash.trim().is_empty()).then_some(hash)
+    }
+
+    fn apply(&self, metadata: &Metadata, with_defaults: bool) {
+        if let Some(hash) = &metadata.access_token_hash {
+            self.guard.set_token_hash(hash);
+        }
+        self.context.update(|context| {
+            for (name, value) in [("E2B_SANDBOX_ID", &metadata.instance_id), ("E2B_TEMPLATE_ID", &metadata.env_id)] {
+                if let Some(value) = value {
+                    context.internal_env.insert(name.to_owned(), value.clone());
+                }
+            }
+            if with_defaults {
+                if let Some(user) = metadata.default_user.clone().filter(|u| !u.is_empty()) {
+                    context.default_user = user;
+                }
+                if let Some(workdir) = metadata.default_workdir.clone().filter(|w| !w.is_empty()) {
+                    context.default_workdir = Some(workdir);
+                }
+            }
+        });
+        for (file, value) in [(".E2B_SANDBOX_ID", &metadata.instance_id), (".E2B_TEMPLATE_ID", &metadata.env_id)] {
+            if let Some(value) = value {
+                write_identity_file(&self.run_dir, file, value, 0o666);
+            }
+        }
+    }
+}
+
+/// Writes one identity file (best effort: /run is a tmpfs that is never
+/// frozen, but a broken one must not stop envd).
+pub fn write_identity_file(dir: &Path, name: &str, value: &str, mode: u32) {
+    let result = std::fs::create_dir_all(dir)
+        .and_then(|()| std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)))
+        .and_then(|()| {
+            let path = dir.join(name);
+            // Replace a read-only file from a previous start.
+            let _ = std::fs::remove_file(&path);
+            std::fs::write(&path, value)?;
+            let umask = current_umask();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode & !umask))
+        });
+    if let Err(err) = result {
+        tracing::warn!(file = name, "writing identity file: {err}");
+    }
+}
+
+/// The process umask, read without changing it (umask(2) would race with
+/// other threads).
+fn current_umask() -> u32 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| status.lines().find_map(|l| l.strip_prefix("Umask:")).and_then(|v| u32::from_str_radix(v.trim(), 8).ok()))
+        .unwrap_or(0o022)
+}

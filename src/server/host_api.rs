@@ -1,0 +1,63 @@
+//! The orchestrator's pause hooks: `/freeze`, `/unfreeze` (workload
+//! cgroups), `/fsfreeze`, `/fsthaw` (the root filesystem).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Query, State};
+use axum::response::{IntoResponse, Response};
+use http::StatusCode;
+use serde::Deserialize;
+
+use super::errors::HttpError;
+use super::state::AppState;
+use crate::host::cgroups::FreezeMode;
+
+/// Query of `POST /freeze`.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FreezeQuery {
+    mode: Option<String>,
+    max_cgroups: Option<i64>,
+    max_wait_ms: Option<i64>,
+}
+
+/// `POST /freeze`: 204 at once, or 200 with a report after waiting up to
+/// `maxWaitMs` for the kernel to confirm.
+pub async fn freeze(State(state): State<Arc<AppState>>, Query(query): Query<FreezeQuery>) -> Response {
+    let mode = match query.mode.as_deref() {
+        Some("hierarchy") => FreezeMode::Hierarchy,
+        _ => FreezeMode::Legacy,
+    };
+    let wait = query.max_wait_ms.filter(|ms| *ms > 0).map(|ms| Duration::from_millis(ms.unsigned_abs()));
+    let report = state.workload.freeze(mode, query.max_cgroups.unwrap_or(0), wait).await;
+    tracing::info!(requested = report.requested, frozen = report.frozen, failed = report.failed, "workload frozen");
+    match wait {
+        Some(_) => axum::Json(report).into_response(),
+        None => StatusCode::NO_CONTENT.into_response(),
+    }
+}
+
+/// `POST /unfreeze`.
+pub async fn unfreeze(State(state): State<Arc<AppState>>) -> Response {
+    match state.workload.thaw() {
+        Ok(()) => StatusCode::NO_CONTENT.into_response(),
+        Err(err) => HttpError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("thawing the workload: {err}")).into_response(),
+    }
+}
+
+/// `POST /fsfreeze`: returns once the freeze has taken effect.
+pub async fn fsfreeze(State(state): State<Arc<AppState>>) -> Response {
+    match state.freezer.freeze().await {
+        Ok(()) => StatusCode::NO_CONTENT.into_response(),
+        Err(err) => HttpError::from(err).into_response(),
+    }
+}
+
+/// `POST /fsthaw`.
+pub async fn fsthaw(State(state): State<Arc<AppState>>) -> Response {
+    match state.freezer.thaw().await {
+        Ok(()) => StatusCode::NO_CONTENT.into_response(),
+        Err(err) => HttpError::from(err).into_response(),
+    }
+}
