@@ -17,7 +17,7 @@ pub const DEFAULT_PORT: u16 = 49983;
 
 /// envd's flags.
 #[derive(Parser, Debug, Clone)]
-#[command(name = "envd", about = "The sandbox agent: processes, terminals and files over Connect", disable_version_flag = true)]
+#[command(name = "envd", about = "The sandbox agent: processes, terminals and files over Connect", disable_version_flag = true, args_override_self = true)]
 pub struct Config {
     /// Print the version and exit.
     #[arg(long)]

@@ -1,0 +1,438 @@
+//! Pause and resume, tested for real as root: a metadata service that
+//! enforces the MMDS v2 token exchange, a cold boot (envd SIGKILLed and
+//! started afresh on the same state directory), FIFREEZE on a loop-mounted
+//! ext4 image, and workload freezing through cgroup v2.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{Envd, rpc, test_user};
+use serde_json::{Value, json};
+use sha2::{Digest, Sha512};
+
+const TOKEN: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+fn sha512_hex(text: &str) -> String {
+    Sha512::digest(text.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A metadata service on loopback that insists on the v2 session token.
+struct Mmds {
+    port: u16,
+    stop: Arc<AtomicBool>,
+    reads: Arc<AtomicU64>,
+}
+
+impl Mmds {
+    fn start(metadata: Value) -> Mmds {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind metadata service");
+        Mmds::serve(listener, metadata)
+    }
+
+    /// A port nothing listens on yet; `serve_on` brings the service up later.
+    fn reserve_port() -> u16 {
+        TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    }
+
+    fn serve_on(port: u16, metadata: Value) -> Mmds {
+        let listener = TcpListener::bind(("127.0.0.1", port)).expect("rebind metadata port");
+        Mmds::serve(listener, metadata)
+    }
+
+    fn serve(listener: TcpListener, metadata: Value) -> Mmds {
+        let port = listener.local_addr().unwrap().port();
+        listener.set_nonblocking(true).unwrap();
+        let m = Mutex::new(metadata);
+        let stop = Arc::new(AtomicBool::new(false));
+        let reads = Arc::new(AtomicU64::new(0));
+        let (s, r) = (stop.clone(), reads.clone());
+        std::thread::spawn(move || {
+            let tokens = Mutex::new(Vec::<String>::new());
+            while !s.load(Ordering::SeqCst) {
+                match listener.accept() {
+                    Ok((stream, _)) => {
+                        stream.set_nonblocking(false).unwrap();
+                        Mmds::answer(stream, &m, &tokens, &r);
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+        Mmds { port, stop, reads }
+    }
+
+    fn answer(stream: TcpStream, metadata: &Mutex<Value>, tokens: &Mutex<Vec<String>>, reads: &AtomicU64) {
+        let mut reader = BufReader::new(stream.try_clone().unwrap());
+        let mut request_line = String::new();
+        if reader.read_line(&mut request_line).is_err() {
+            return;
+        }
+        let mut headers = Vec::new();
+        loop {
+            let mut line = String::new();
+            if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                break;
+            }
+            if let Some((name, value)) = line.split_once(':') {
+                headers.push((name.trim().to_ascii_lowercase(), value.trim().to_owned()));
+            }
+        }
+        let header = |name: &str| headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.clone());
+        let (status, body) = match request_line.split_whitespace().take(2).collect::<Vec<_>>()[..] {
+            ["PUT", "/latest/api/token"] if header("x-metadata-token-ttl-seconds").is_some() => {
+                let token = format!("session-{}", tokens.lock().unwrap().len());
+                tokens.lock().unwrap().push(token.clone());
+                ("200 OK", token)
+            }
+            ["PUT", "/latest/api/token"] => ("400 Bad Request", String::new()),
+            ["GET", "/"] => match header("x-metadata-token") {
+                Some(token) if tokens.lock().unwrap().contains(&token) => {
+                    reads.fetch_add(1, Ordering::SeqCst);
+                    ("200 OK", metadata.lock().unwrap().to_string())
+                }
+                _ => ("401 Unauthorized", String::new()),
+            },
+            _ => ("404 Not Found", String::new()),
+        };
+        let mut stream = stream;
+        let _ = write!(stream, "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+    }
+
+    fn address(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Mmds {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+fn sandbox_metadata() -> Value {
+    json!({"instanceID": "sbx-cold-1", "envID": "tpl-1", "address": "http://127.0.0.1/logs", "accessTokenHash": sha512_hex(TOKEN)})
+}
+
+/// The exec-context fingerprint of DESIGN.md: what a command sees.
+const FINGERPRINT: &str = "id -u; id -G; whoami; pwd; echo $HOME $USER $PATH; umask; echo $GREETING $E2B_SANDBOX_ID";
+
+async fn fingerprint(client: &common::Client) -> String {
+    let start = json!({"process": {"cmd": "/bin/bash", "args": ["-l", "-c", FINGERPRINT]}, "stdin": false});
+    let run = client.run(&start, &[]).await;
+    assert_eq!(run.end.as_ref().unwrap()["exitCode"], Value::Null, "fingerprint failed: {}", run.stderr_str());
+    run.stdout_str()
+}
+
+/// Waits until the daemon has read the sandbox id from the metadata service.
+async fn wait_for_identity(client: &common::Client) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let envs = client.get("/envs").await;
+        if envs.status == 200 && envs.json()["E2B_SANDBOX_ID"] == "sbx-cold-1" {
+            return;
+        }
+        assert!(Instant::now() < deadline, "sandbox id never arrived: {} {}", envs.status, envs.text());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn scratch_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("envd-lifecycle-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn lifecycle_args(state: &Path, run: &Path, mmds: &str) -> Vec<String> {
+    ["--state-dir", &state.display().to_string(), "--run-dir", &run.display().to_string(), "--mmds-address", mmds]
+        .map(str::to_owned)
+        .to_vec()
+}
+
+#[tokio::test]
+async fn cold_boot_restores_the_exec_context_and_the_token() {
+    let user = test_user();
+    let state = scratch_dir("cold-state");
+    let run_dir = scratch_dir("cold-run");
+    let mmds = Mmds::start(sandbox_metadata());
+    let args = lifecycle_args(&state, &run_dir, &mmds.address());
+
+    let before = {
+        let envd = Envd::options().args(args.clone()).start();
+        let init = json!({"accessToken": TOKEN, "defaultUser": user.name, "defaultWorkdir": user.home, "envVars": {"GREETING": "hello"}});
+        let reply = envd.client().post_json("/init", &init).await;
+        assert_eq!(reply.status, 204, "{}", reply.text());
+        let client = envd.client().with_header("X-Access-Token", TOKEN);
+        wait_for_identity(&client).await;
+        assert_eq!(std::fs::read_to_string(run_dir.join(".E2B_SANDBOX_ID")).unwrap(), "sbx-cold-1");
+        fingerprint(&client).await
+        // envd is SIGKILLed here: no chance to save anything on the way out.
+    };
+    assert!(before.contains(&format!("{}\n", user.uid)) && before.contains(&user.name) && before.contains("hello sbx-cold-1"), "{before}");
+    for entry in std::fs::read_dir(&state).unwrap() {
+        let content = std::fs::read(entry.unwrap().path()).unwrap();
+        assert!(!String::from_utf8_lossy(&content).contains(TOKEN), "the raw token must never reach the disk");
+    }
+
+    let envd = Envd::options().args(args).start();
+    let client = envd.client().with_header("X-Access-Token", TOKEN);
+    wait_for_identity(&client).await;
+    assert_eq!(fingerprint(&client).await, before, "a cold boot must run commands exactly as before");
+    for refused in [envd.client(), envd.client().with_header("X-Access-Token", "wrong")] {
+        let reply = refused.unary(rpc::LIST, &json!({}), &[]).await;
+        assert_eq!(reply.status, 401, "{}", reply.text());
+        assert_eq!(reply.json()["code"], 401);
+    }
+    // Signed URLs need the raw token, which only /init brings back.
+    let signature_only = envd.client().get("/files?path=/etc/hostname&signature=v1_x").await;
+    assert_eq!(signature_only.status, 401, "{}", signature_only.text());
+    let init = json!({"accessToken": TOKEN, "timestamp": "2030-01-01T00:00:00Z"});
+    assert_eq!(envd.client().post_json("/init", &init).await.status, 204);
+    assert_eq!(fingerprint(&client).await, before, "the orchestrator's /init changes nothing");
+    let _ = std::fs::remove_dir_all(&state);
+    let _ = std::fs::remove_dir_all(&run_dir);
+}
+
+#[tokio::test]
+async fn a_secured_sandbox_stays_closed_until_the_metadata_service_answers() {
+    let state = scratch_dir("closed-state");
+    let run_dir = scratch_dir("closed-run");
+    let mmds = Mmds::start(sandbox_metadata());
+    {
+        let envd = Envd::options().args(lifecycle_args(&state, &run_dir, &mmds.address())).start();
+        assert_eq!(envd.client().post_json("/init", &json!({"accessToken": TOKEN})).await.status, 204);
+    }
+    drop(mmds);
+
+    let port = Mmds::reserve_port();
+    let envd = Envd::options().args(lifecycle_args(&state, &run_dir, &format!("127.0.0.1:{port}"))).start();
+    let with_token = envd.client().with_header("X-Access-Token", TOKEN);
+    assert_eq!(envd.client().get("/health").await.status, 204);
+    for client in [&with_token, &envd.client()] {
+        assert_eq!(client.unary(rpc::LIST, &json!({}), &[]).await.status, 401, "fail closed while the hash is unknown");
+    }
+    let mmds = Mmds::serve_on(port, sandbox_metadata());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while with_token.unary(rpc::LIST, &json!({}), &[]).await.status != 200 {
+        assert!(Instant::now() < deadline, "the token was never accepted after the metadata service came up");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(mmds.reads.load(Ordering::SeqCst) >= 1);
+    assert_eq!(envd.client().unary(rpc::LIST, &json!({}), &[]).await.status, 401);
+    let _ = std::fs::remove_dir_all(&state);
+    let _ = std::fs::remove_dir_all(&run_dir);
+}
+
+#[tokio::test]
+async fn a_damaged_state_file_is_reported_and_ignored() {
+    for (name, content) in [("empty", &b""[..]), ("truncated", b"{\"format\":1,\"default_user\":\"envd"), ("garbage", b"\xff\xfe\x00junk")] {
+        let state = scratch_dir(&format!("damaged-{name}"));
+        std::fs::write(state.join("exec-context.json"), content).unwrap();
+        let envd = Envd::options().args(["--state-dir", &state.display().to_string()]).start();
+        let run = envd.client().run(&json!({"process": {"cmd": "whoami"}}), &[]).await;
+        assert_eq!(run.stdout_str(), "root\n", "{name}: defaults apply");
+        assert!(envd.stderr().contains("ignoring the saved exec context"), "{name}: logged: {}", envd.stderr());
+        let _ = std::fs::remove_dir_all(&state);
+    }
+}
+
+#[tokio::test]
+async fn metadata_defaults_apply_on_a_fresh_boot() {
+    let user = test_user();
+    let state = scratch_dir("mmds-defaults");
+    let run_dir = scratch_dir("mmds-defaults-run");
+    let mut metadata = sandbox_metadata();
+    metadata["accessTokenHash"] = json!(sha512_hex(""));
+    metadata["defaultUser"] = json!(user.name);
+    let mmds = Mmds::start(metadata);
+    let envd = Envd::options().args(lifecycle_args(&state, &run_dir, &mmds.address())).start();
+    wait_for_identity(&envd.client()).await;
+    let run = envd.client().run(&json!({"process": {"cmd": "whoami"}}), &[]).await;
+    assert_eq!(run.stdout_str(), format!("{}\n", user.name));
+    let _ = std::fs::remove_dir_all(&state);
+    let _ = std::fs::remove_dir_all(&run_dir);
+}
+
+/// A small ext4 filesystem, loop-mounted for the test and always thawed
+/// and unmounted afterwards.
+struct TestMount {
+    dir: PathBuf,
+    mountpoint: PathBuf,
+}
+
+impl TestMount {
+    fn new(name: &str) -> TestMount {
+        let dir = scratch_dir(name);
+        let image = dir.join("fs.img");
+        let mountpoint = dir.join("mnt");
+        std::fs::create_dir_all(&mountpoint).unwrap();
+        run("truncate", &["-s", "32M", image.to_str().unwrap()]);
+        run("mkfs.ext4", &["-q", "-F", image.to_str().unwrap()]);
+        run("mount", &["-o", "loop", image.to_str().unwrap(), mountpoint.to_str().unwrap()]);
+        TestMount { dir, mountpoint }
+    }
+}
+
+impl Drop for TestMount {
+    fn drop(&mut self) {
+        let mountpoint = self.mountpoint.to_str().unwrap();
+        let _ = Command::new("fsfreeze").args(["-u", mountpoint]).stderr(std::process::Stdio::null()).status();
+        let _ = Command::new("umount").args(["-l", mountpoint]).status();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn run(tool: &str, args: &[&str]) {
+    let status = Command::new(tool).args(args).status().unwrap_or_else(|e| panic!("{tool}: {e}"));
+    assert!(status.success(), "{tool} {args:?}: {status}");
+}
+
+/// A writer outside envd that creates a file and syncs it.
+fn spawn_writer(path: &Path) -> std::process::Child {
+    Command::new("sh").args(["-c", &format!("echo data > '{}' && sync -f '{}'", path.display(), path.display())]).spawn().unwrap()
+}
+
+fn finished_within(child: &mut std::process::Child, wait: Duration) -> bool {
+    let deadline = Instant::now() + wait;
+    while Instant::now() < deadline {
+        if child.try_wait().unwrap().is_some() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+#[tokio::test]
+async fn fsfreeze_blocks_writers_until_thaw_and_envd_keeps_answering() {
+    let mount = TestMount::new("fsfreeze");
+    let envd = Envd::options().args(["--freeze-path", mount.mountpoint.to_str().unwrap(), "--freeze-deadline", "3"]).start();
+    let client = envd.client();
+
+    assert_eq!(client.send(http::Method::POST, "/fsfreeze", &[], "").await.status, 204);
+    assert_eq!(client.send(http::Method::POST, "/fsfreeze", &[], "").await.status, 204, "freezing twice is fine");
+    let mut writer = spawn_writer(&mount.mountpoint.join("blocked"));
+    assert!(!finished_within(&mut writer, Duration::from_millis(700)), "a write went through a frozen filesystem");
+    assert_eq!(client.get("/health").await.status, 204);
+    let run = client.run(&json!({"process": {"cmd": "true"}}), &[]).await;
+    assert!(run.end.is_some(), "RPCs that do not write keep working while frozen");
+    assert_eq!(client.post_json("/init", &json!({"envVars": {"A": "1"}})).await.status, 204, "/init does not block on the frozen disk");
+
+    assert_eq!(client.send(http::Method::POST, "/fsthaw", &[], "").await.status, 204);
+    assert!(finished_within(&mut writer, Duration::from_secs(10)), "the writer stayed blocked after /fsthaw");
+    assert_eq!(client.send(http::Method::POST, "/fsthaw", &[], "").await.status, 204, "thawing twice is fine");
+
+    // Nobody thaws: the deadline does.
+    assert_eq!(client.send(http::Method::POST, "/fsfreeze", &[], "").await.status, 204);
+    let mut writer = spawn_writer(&mount.mountpoint.join("after-deadline"));
+    assert!(!finished_within(&mut writer, Duration::from_millis(500)));
+    assert!(finished_within(&mut writer, Duration::from_secs(10)), "the deadline thaw never came");
+    assert!(envd.stderr().contains("thawing it"), "the deadline thaw is logged: {}", envd.stderr());
+}
+
+#[tokio::test]
+async fn fsfreeze_refuses_in_dev_mode_without_an_explicit_path() {
+    let envd = Envd::start();
+    let reply = envd.client().send(http::Method::POST, "/fsfreeze", &[], "").await;
+    assert_eq!(reply.status, 409);
+    assert!(reply.json()["message"].as_str().unwrap().contains("--freeze-path"), "{}", reply.text());
+}
+
+/// A cgroup v2 directory for one test, removed afterwards.
+struct TestCgroup(PathBuf);
+
+impl TestCgroup {
+    fn new(name: &str) -> TestCgroup {
+        let root = ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"]
+            .iter()
+            .map(PathBuf::from)
+            .find(|p| p.join("cgroup.procs").exists() && p.join("cgroup.subtree_control").exists())
+            .expect("a cgroup v2 hierarchy is needed for the workload freeze tests");
+        let dir = root.join(format!("envd-test-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        TestCgroup(dir)
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        for child in ["user", "ptys"] {
+            let dir = self.0.join(child);
+            let _ = std::fs::write(dir.join("cgroup.freeze"), "0");
+            let _ = std::fs::write(dir.join("cgroup.kill"), "1");
+            std::thread::sleep(Duration::from_millis(100));
+            let _ = std::fs::remove_dir(&dir);
+        }
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+fn cpu_ticks(pid: u32) -> u64 {
+    // Fields after the command name: [11] utime, [12] stime.
+    let stat = common::proc_stat(pid).expect("process is alive");
+    stat[11].parse::<u64>().unwrap() + stat[12].parse::<u64>().unwrap()
+}
+
+async fn start_busy_loop(client: &common::Client, tag: Option<&str>) -> u32 {
+    let mut start = json!({"process": {"cmd": "/bin/sh", "args": ["-c", "while :; do :; done"]}, "stdin": false});
+    if let Some(tag) = tag {
+        start["tag"] = json!(tag);
+    }
+    let mut stream = client.stream(rpc::START, &start, &[]).await;
+    match stream.next_event().await {
+        common::ProcEvent::Start(pid) => pid,
+        other => panic!("expected the start event, got {other:?}"),
+    }
+}
+
+async fn progresses(pid: u32) -> bool {
+    let before = cpu_ticks(pid);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    cpu_ticks(pid) > before
+}
+
+#[tokio::test]
+async fn workload_freeze_stops_user_processes_but_not_system_ones() {
+    let cgroup = TestCgroup::new("freeze");
+    let envd = Envd::options().args(["--cgroup-root", cgroup.0.to_str().unwrap()]).start();
+    let client = envd.client();
+    let busy = start_busy_loop(&client, None).await;
+    let system = start_busy_loop(&client, Some("_system")).await;
+    let in_user = std::fs::read_to_string(cgroup.0.join("user/cgroup.procs")).unwrap();
+    assert!(in_user.lines().any(|l| l == busy.to_string()), "placed in the user cgroup: {in_user}");
+    assert!(!in_user.lines().any(|l| l == system.to_string()), "_system stays out");
+
+    let reply = client.send(http::Method::POST, "/freeze?maxWaitMs=2000", &[], "").await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let report = reply.json();
+    assert!(report["frozen"].as_u64().unwrap() >= 1 && report["notFrozen"] == 0, "{report}");
+    assert!(!progresses(busy).await, "a frozen process kept running");
+    assert!(progresses(system).await, "the _system process must keep running");
+
+    assert_eq!(client.send(http::Method::POST, "/unfreeze", &[], "").await.status, 204);
+    assert!(progresses(busy).await, "thawed by /unfreeze");
+
+    assert_eq!(client.send(http::Method::POST, "/freeze", &[], "").await.status, 204, "no wait budget: 204");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!progresses(busy).await);
+    assert_eq!(client.post_json("/init", &json!({})).await.status, 204);
+    assert!(progresses(busy).await, "every /init thaws the workload");
+    client.kill(busy).await;
+    client.kill(system).await;
+}
+
+#[tokio::test]
+async fn without_cgroups_freezing_is_a_no_op() {
+    let envd = Envd::options().args(["--no-cgroups"]).start();
+    let reply = envd.client().send(http::Method::POST, "/freeze?maxWaitMs=100", &[], "").await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.json()["unobservable"], 1);
+    assert_eq!(envd.client().send(http::Method::POST, "/unfreeze", &[], "").await.status, 204);
+}
