@@ -20,9 +20,15 @@ if [[ -z "${ENVD_BIN:-}" && ! -x "$repo/target/debug/envd" ]]; then
     (cd "$repo" && cargo build --bin envd) || { echo "run.sh: cargo build failed" >&2; exit 1; }
 fi
 
+# Test paths given? Then only those; else the whole suite.
+targets=("$here")
+for arg in "$@"; do
+    if [[ "$arg" != -* && -e "${arg%%::*}" ]]; then targets=(); break; fi
+done
+
 cd "$repo"
 PYTHONDONTWRITEBYTECODE=1 "$venv/bin/python" -m pytest -p no:cacheprovider \
-    -c "$here/pytest.ini" --rootdir "$here" "$here" "$@"
+    -c "$here/pytest.ini" --rootdir "$here" "${targets[@]}" "$@"
 rc=$?
 if [[ $rc -eq 5 ]]; then
     echo "run.sh: pytest collected no tests; treating as failure" >&2

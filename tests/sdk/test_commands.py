@@ -159,6 +159,20 @@ def test_envd_environment_is_not_leaked(sandbox):
         assert required in names
 
 
+def test_e2b_sandbox_env_in_dev_mode(sandbox):
+    # Internal default env var (5.3): "false" outside Firecracker (--dev).
+    assert sandbox.commands.run('echo "$E2B_SANDBOX"').stdout == "false\n"
+
+
+def test_end_waits_for_grandchild_holding_stdout(sandbox):
+    # Reference behaviour (3.2): the end event follows EOF on the pipes, so
+    # output of a backgrounded grandchild is still delivered.
+    start = time.monotonic()
+    res = sandbox.commands.run("(sleep 1.5; echo late) & echo early")
+    assert res.stdout == "early\nlate\n"
+    assert time.monotonic() - start >= 1.4
+
+
 def test_cwd(sandbox):
     assert sandbox.commands.run("pwd", cwd="/tmp").stdout == "/tmp\n"
     assert sandbox.commands.run("pwd", cwd="/").stdout == "/\n"
