@@ -127,3 +127,68 @@ pub fn connect_error_response(request: &HeaderMap, err: ConnectError) -> Respons
     response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     response
 }
+
+// === Filesystem ===
+
+impl From<crate::fs::FsError> for ConnectError {
+    fn from(err: crate::fs::FsError) -> Self {
+        use crate::fs::FsError;
+        let code = match &err {
+            FsError::NotFound(_) => ErrorCode::NotFound,
+            FsError::AlreadyExists(_) => ErrorCode::AlreadyExists,
+            FsError::NotADirectory(_)
+            | FsError::IsADirectory(_)
+            | FsError::NotARegularFile(_)
+            | FsError::NetworkMount(_)
+            | FsError::Conflict(_) => ErrorCode::InvalidArgument,
+            FsError::SymlinkLoop(_) => ErrorCode::FailedPrecondition,
+            // Disk full is not a rate limit (resource_exhausted reads as one in the SDKs).
+            FsError::NoSpace(_) | FsError::ParentIsFile(_) | FsError::WatchOverflow(_) | FsError::Io { .. } => {
+                tracing::warn!("filesystem: {err}");
+                ErrorCode::Internal
+            }
+        };
+        ConnectError::new(code, err.to_string())
+    }
+}
+
+impl From<crate::fs::watchers::WatcherError> for ConnectError {
+    fn from(err: crate::fs::watchers::WatcherError) -> Self {
+        use crate::fs::watchers::WatcherError;
+        let code = match &err {
+            WatcherError::Unknown(_) => ErrorCode::NotFound,
+            WatcherError::Failed(_) => ErrorCode::Internal,
+        };
+        ConnectError::new(code, err.to_string())
+    }
+}
+
+impl From<super::files_http::FilesError> for HttpError {
+    fn from(err: super::files_http::FilesError) -> Self {
+        use super::files_http::FilesError;
+        use crate::fs::FsError;
+        let status = match &err {
+            FilesError::Fs(FsError::NotFound(path)) => {
+                return HttpError::new(StatusCode::NOT_FOUND, format!("path '{}' does not exist", path.display()));
+            }
+            FilesError::Fs(FsError::NoSpace(_)) => {
+                return HttpError::new(StatusCode::INSUFFICIENT_STORAGE, "not enough disk space available");
+            }
+            FilesError::Fs(
+                FsError::IsADirectory(_) | FsError::NotADirectory(_) | FsError::NotARegularFile(_) | FsError::Conflict(_),
+            ) => StatusCode::BAD_REQUEST,
+            FilesError::Fs(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            FilesError::User { source: UserError::Unknown(_), .. } | FilesError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            FilesError::User { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+            FilesError::Path(_) | FilesError::Metadata(_) | FilesError::BadRequest(_) | FilesError::Body(_) => {
+                StatusCode::BAD_REQUEST
+            }
+            FilesError::NotAcceptable => StatusCode::NOT_ACCEPTABLE,
+            FilesError::Idle(_) => StatusCode::REQUEST_TIMEOUT,
+        };
+        if status.is_server_error() {
+            tracing::error!("/files: {err}");
+        }
+        HttpError::new(status, err.to_string())
+    }
+}

@@ -3,6 +3,8 @@
 //! routes, behind the CORS and auth layers.
 
 mod errors;
+mod files_http;
+mod filesystem_rpc;
 mod host_api;
 mod http_api;
 mod middleware;
@@ -167,7 +169,9 @@ async fn serve(config: Config) -> Result<(), ServerError> {
 }
 
 fn router(state: Arc<AppState>) -> axum::Router {
-    let rpc = connectrpc::Router::new().add_service(Arc::new(ProcessService::new(state.clone())));
+    let rpc = connectrpc::Router::new()
+        .add_service(Arc::new(ProcessService::new(state.clone())))
+        .add_service(Arc::new(filesystem_rpc::FilesystemService::new(state.clone())));
     let methods = rpc.methods().map(str::to_owned).collect();
     let rpc = connectrpc::ConnectRpcService::new(rpc)
         .with_limits(Limits::unlimited().with_max_message_size(MAX_MESSAGE_BYTES));
@@ -177,6 +181,8 @@ fn router(state: Arc<AppState>) -> axum::Router {
         .route("/init", post(http_api::init))
         .route("/envs", get(http_api::envs))
         .route("/metrics", get(http_api::metrics))
+        .route("/files", get(files_http::download).post(files_http::upload))
+        .route("/files/compose", post(files_http::compose))
         .route("/freeze", post(host_api::freeze))
         .route("/unfreeze", post(host_api::unfreeze))
         .route("/fsfreeze", post(host_api::fsfreeze))

@@ -1,0 +1,160 @@
+//! Stat, ListDir, MakeDir, Move and Remove (CONTRACT 3.12), on paths the
+//! caller has already resolved for its user. Blocking: run them off the
+//! async workers.
+
+use std::ffi::OsString;
+use std::io::ErrorKind;
+use std::path::Path;
+
+use super::entry::{Entry, Owners, entry_from, entry_info};
+use super::{FsError, Owner, display, ensure_dirs};
+use crate::context::paths::clean;
+
+/// The entry at `path` (the link itself for a symlink).
+pub fn stat(path: &Path) -> Result<Entry, FsError> {
+    entry_info(path, &mut Owners::default())
+}
+
+/// The entries below `path` down to `depth` levels (0 counts as 1), in
+/// pre-order, sorted by name within each directory, not following
+/// symlinks below the root. Paths are reported under `path` as given.
+pub fn list_dir(path: &Path, depth: u32) -> Result<Vec<Entry>, FsError> {
+    let depth = depth.max(1);
+    let resolved = std::fs::canonicalize(path).map_err(|e| FsError::io("resolve", path, e))?;
+    let meta = std::fs::metadata(&resolved).map_err(|e| FsError::io("stat", path, e))?;
+    if !meta.is_dir() {
+        return Err(FsError::NotADirectory(path.to_owned()));
+    }
+    let mut walk = Walk { depth, owners: Owners::default(), out: Vec::new() };
+    walk.dir(&resolved, &display(path), 1)?;
+    Ok(walk.out)
+}
+
+struct Walk {
+    depth: u32,
+    owners: Owners,
+    out: Vec<Entry>,
+}
+
+impl Walk {
+    fn dir(&mut self, fs_dir: &Path, reported_dir: &str, level: u32) -> Result<(), FsError> {
+        let names = match sorted_names(fs_dir) {
+            Ok(names) => names,
+            // Removed while we walked: skip it, like any vanished entry.
+            Err(e) if e.kind() == ErrorKind::NotFound && level > 1 => return Ok(()),
+            Err(e) => return Err(FsError::io_strict("read directory", fs_dir, e)),
+        };
+        for name in names {
+            let fs_child = fs_dir.join(&name);
+            let meta = match std::fs::symlink_metadata(&fs_child) {
+                Ok(meta) => meta,
+                Err(e) if e.kind() == ErrorKind::NotFound => continue,
+                Err(e) => return Err(FsError::io_strict("lstat", &fs_child, e)),
+            };
+            let reported = display(&clean(&Path::new(reported_dir).join(&name)));
+            self.out.push(entry_from(&fs_child, &reported, &meta, &mut self.owners));
+            if meta.is_dir() && level < self.depth {
+                self.dir(&fs_child, &reported, level + 1)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Entry names of a directory in byte order, as Go's directory walk.
+fn sorted_names(dir: &Path) -> std::io::Result<Vec<OsString>> {
+    let mut names = std::fs::read_dir(dir)?.map(|e| e.map(|e| e.file_name())).collect::<Result<Vec<_>, _>>()?;
+    names.sort();
+    Ok(names)
+}
+
+/// Creates `path` and its missing parents for `owner`; an existing
+/// directory is [`FsError::AlreadyExists`].
+pub fn make_dir(path: &Path, owner: Owner) -> Result<Entry, FsError> {
+    match std::fs::metadata(path) {
+        Ok(meta) if meta.is_dir() => return Err(FsError::AlreadyExists(path.to_owned())),
+        Ok(_) => return Err(FsError::NotADirectory(path.to_owned())),
+        Err(e) if e.kind() == ErrorKind::NotFound => {}
+        Err(e) => return Err(FsError::io_strict("stat", path, e)),
+    }
+    ensure_dirs(path, owner)?;
+    stat(path)
+}
+
+/// Renames `source` to `destination`, creating the destination's missing
+/// parents for `owner`. The moved entry keeps its owner.
+pub fn rename(source: &Path, destination: &Path, owner: Owner) -> Result<Entry, FsError> {
+    std::fs::symlink_metadata(source).map_err(|e| FsError::io("lstat", source, e))?;
+    if let Some(parent) = destination.parent() {
+        ensure_dirs(parent, owner)?;
+    }
+    std::fs::rename(source, destination).map_err(|e| FsError::io_strict("rename", source, e))?;
+    stat(destination)
+}
+
+/// Removes `path`, recursively for a directory; a missing path is success.
+pub fn remove(path: &Path) -> Result<(), FsError> {
+    let result = match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.is_dir() => std::fs::remove_dir_all(path),
+        Ok(_) => std::fs::remove_file(path),
+        Err(e) => Err(e),
+    };
+    match result {
+        Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
+        other => other.map_err(|e| FsError::io_strict("remove", path, e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fs::FileKind;
+
+    fn tree() -> std::path::PathBuf {
+        let root = std::env::temp_dir().join(format!("envd-ops-{}-{}", std::process::id(), crate::fs::random::lower_alnum(6)));
+        for dir in ["b/c/d", "a"] {
+            std::fs::create_dir_all(root.join(dir)).unwrap();
+        }
+        std::fs::write(root.join("b/c/file"), b"x").unwrap();
+        std::fs::write(root.join("z.txt"), b"hello").unwrap();
+        std::os::unix::fs::symlink(root.join("b"), root.join("link")).unwrap();
+        root
+    }
+
+    fn names(entries: &[Entry], root: &Path) -> Vec<String> {
+        entries.iter().map(|e| e.path.strip_prefix(&display(root)).unwrap_or(&e.path).to_owned()).collect()
+    }
+
+    #[test]
+    fn listing_follows_depth_and_order() {
+        let root = tree();
+        assert_eq!(names(&list_dir(&root, 0).unwrap(), &root), ["/a", "/b", "/link", "/z.txt"]);
+        assert_eq!(names(&list_dir(&root, 2).unwrap(), &root), ["/a", "/b", "/b/c", "/link", "/z.txt"]);
+        assert_eq!(
+            names(&list_dir(&root, 9).unwrap(), &root),
+            ["/a", "/b", "/b/c", "/b/c/d", "/b/c/file", "/link", "/z.txt"]
+        );
+        // Through a symlinked directory, paths stay under the link.
+        let via_link = list_dir(&root.join("link"), 1).unwrap();
+        assert_eq!(via_link[0].path, display(&root.join("link/c")));
+        assert!(matches!(list_dir(&root.join("z.txt"), 1), Err(FsError::NotADirectory(_))));
+        assert!(matches!(list_dir(&root.join("nope"), 1), Err(FsError::NotFound(_))));
+        remove(&root).unwrap();
+        assert!(!root.exists());
+        remove(&root).unwrap();
+    }
+
+    #[test]
+    fn make_dir_and_rename() {
+        let root = tree();
+        let owner = Owner { uid: 0, gid: 0 };
+        assert!(matches!(make_dir(&root.join("a"), owner), Err(FsError::AlreadyExists(_))));
+        assert!(matches!(make_dir(&root.join("z.txt"), owner), Err(FsError::NotADirectory(_))));
+        assert!(matches!(make_dir(&root.join("z.txt/sub"), owner), Err(FsError::Io { .. })));
+        assert_eq!(make_dir(&root.join("n/m"), owner).unwrap().kind, FileKind::Directory);
+        let moved = rename(&root.join("z.txt"), &root.join("new/dir/z.txt"), owner).unwrap();
+        assert_eq!((moved.kind, moved.size), (FileKind::File, 5));
+        assert!(matches!(rename(&root.join("z.txt"), &root.join("y"), owner), Err(FsError::NotFound(_))));
+        remove(&root).unwrap();
+    }
+}

@@ -1,0 +1,279 @@
+//! Streaming uploads and downloads.
+//!
+//! An upload goes to a temporary file beside its destination and is
+//! renamed over it only once complete, so a failed, cut-off or disk-full
+//! upload never leaves a partial file and never destroys the old content.
+//! Chunks pass through a short bounded queue to one blocking writer, so
+//! memory stays flat whatever the size, and network reads overlap disk
+//! writes. No fsync: pausing the VM syncs and freezes the filesystem, and
+//! ext4 orders a replace-by-rename after the data (auto_da_alloc).
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions, Permissions};
+use std::io::Write;
+use std::os::fd::AsFd;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use super::metadata::Metadata;
+use super::{FsError, Owner, base_name, ensure_dirs, random, xattr};
+use crate::context::paths::clean;
+
+/// Mode of created files, before the umask.
+pub const FILE_MODE: u32 = 0o666;
+/// Chunks queued for the writer; with the server's read sizes this bounds
+/// an upload's buffered bytes to a few MiB.
+const WRITE_QUEUE: usize = 8;
+/// The longest part of the destination name kept in a temporary name, so
+/// that the temporary name stays under NAME_MAX.
+const TEMP_NAME_KEEP: usize = 200;
+
+/// A file written by an upload or compose.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Written {
+    /// The destination as requested.
+    pub path: PathBuf,
+    /// Its base name.
+    pub name: String,
+    /// Its `user.e2b.*` metadata as read back from disk.
+    pub metadata: BTreeMap<String, String>,
+}
+
+/// A temporary file that is removed unless it was renamed into place.
+#[derive(Debug)]
+pub(crate) struct TempPath(Option<PathBuf>);
+
+impl TempPath {
+    fn path(&self) -> &Path {
+        self.0.as_deref().unwrap_or(Path::new(""))
+    }
+
+    /// Renames the file over `target`; from then on it is not removed.
+    pub(crate) fn persist(mut self, target: &Path) -> Result<(), FsError> {
+        let temp = self.0.take().unwrap_or_default();
+        std::fs::rename(&temp, target).map_err(|e| {
+            self.0 = Some(temp);
+            FsError::io_strict("rename", target, e)
+        })
+    }
+}
+
+impl Drop for TempPath {
+    fn drop(&mut self) {
+        if let Some(path) = self.0.take()
+            && let Err(err) = std::fs::remove_file(&path)
+        {
+            tracing::warn!(path = %path.display(), "removing temporary file: {err}");
+        }
+    }
+}
+
+/// Creates a fresh temporary file beside `target`, named from `tag`, mode
+/// [`FILE_MODE`] less the umask, owned by `owner`.
+pub(crate) fn create_temp(target: &Path, tag: &str, owner: Owner) -> Result<(File, TempPath), FsError> {
+    let dir = target.parent().unwrap_or(Path::new("/"));
+    let base = target.file_name().map(OsStrExt::as_bytes).unwrap_or(b"file");
+    let keep = String::from_utf8_lossy(&base[..base.len().min(TEMP_NAME_KEEP)]).into_owned();
+    let temp = dir.join(format!(".{keep}.{tag}.{}.tmp", random::lower_alnum(12)));
+    let file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(FILE_MODE)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(&temp)
+        .map_err(|e| FsError::io_strict("create", &temp, e))?;
+    let guard = TempPath(Some(temp));
+    std::os::unix::fs::fchown(&file, Some(owner.uid), Some(owner.gid))
+        .map_err(|e| FsError::io_strict("chown", guard.path(), e))?;
+    Ok((file, guard))
+}
+
+/// The file an upload to `target` really replaces: a symlink is written
+/// through, as opening it would.
+fn real_target(target: &Path) -> PathBuf {
+    match std::fs::symlink_metadata(target) {
+        Ok(meta) if meta.file_type().is_symlink() => std::fs::canonicalize(target).unwrap_or_else(|_| {
+            // Dangling: the file the link names, one level, like O_CREAT.
+            let link = std::fs::read_link(target).unwrap_or_default();
+            clean(&target.parent().unwrap_or(Path::new("/")).join(link))
+        }),
+        _ => target.to_owned(),
+    }
+}
+
+/// An upload in progress. Dropping it before [`Upload::commit`] removes
+/// the temporary file and leaves the destination as it was.
+#[derive(Debug)]
+pub struct Upload {
+    requested: PathBuf,
+    target: PathBuf,
+    temp: TempPath,
+    queue: Option<mpsc::Sender<Bytes>>,
+    writer: Option<JoinHandle<Result<File, FsError>>>,
+}
+
+impl Upload {
+    /// Prepares an upload to `target` for `owner`: ensures the parents,
+    /// refuses a directory, creates the temporary file. An existing file's
+    /// permission bits and foreign `user.*` attributes carry over.
+    pub async fn begin(target: PathBuf, owner: Owner) -> Result<Self, FsError> {
+        let prepared = tokio::task::spawn_blocking(move || prepare(target, owner)).await;
+        let (requested, real, file, temp) = prepared.map_err(|e| join_error(&e))??;
+        let (tx, rx) = mpsc::channel(WRITE_QUEUE);
+        let writer_path = temp.path().to_owned();
+        let writer = tokio::task::spawn_blocking(move || write_all(file, rx, &writer_path));
+        Ok(Self { requested, target: real, temp, queue: Some(tx), writer: Some(writer) })
+    }
+
+    /// Queues a chunk; fails with the writer's error once it has failed.
+    pub async fn write(&mut self, chunk: Bytes) -> Result<(), FsError> {
+        let Some(queue) = &self.queue else { return self.writer_result().await.map(drop) };
+        if queue.send(chunk).await.is_err() {
+            self.queue = None;
+            return self.writer_result().await.map(drop);
+        }
+        Ok(())
+    }
+
+    /// Finishes the upload: flushes, writes `metadata`, renames into place.
+    pub async fn commit(mut self, metadata: &Metadata) -> Result<Written, FsError> {
+        self.queue = None;
+        let file = self.writer_result().await?;
+        let metadata = metadata.as_map().clone();
+        let Upload { requested, target, temp, .. } = self;
+        let finished = tokio::task::spawn_blocking(move || -> Result<Written, FsError> {
+            xattr::write_e2b(file.as_fd(), &metadata).map_err(|e| FsError::io_strict("set metadata", temp.path(), e))?;
+            let metadata = xattr::read_e2b_fd(file.as_fd());
+            // Close explicitly: some filesystems report write errors only here.
+            nix::unistd::close(file).map_err(|e| FsError::io_strict("close", temp.path(), e.into()))?;
+            temp.persist(&target)?;
+            Ok(Written { name: base_name(&requested), path: requested, metadata })
+        });
+        finished.await.map_err(|e| join_error(&e))?
+    }
+
+    async fn writer_result(&mut self) -> Result<File, FsError> {
+        match self.writer.take() {
+            Some(writer) => writer.await.map_err(|e| join_error(&e))?,
+            None => Err(FsError::Io {
+                op: "write",
+                path: self.temp.path().to_owned(),
+                source: std::io::Error::other("upload writer already finished"),
+            }),
+        }
+    }
+}
+
+type Prepared = (PathBuf, PathBuf, File, TempPath);
+
+fn prepare(requested: PathBuf, owner: Owner) -> Result<Prepared, FsError> {
+    if let Some(parent) = requested.parent() {
+        ensure_dirs(parent, owner)?;
+    }
+    let target = real_target(&requested);
+    let existing = match std::fs::metadata(&target) {
+        Ok(meta) if meta.is_dir() => return Err(FsError::IsADirectory(requested)),
+        Ok(meta) => Some(meta),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(FsError::io_strict("stat", &target, e)),
+    };
+    let (file, temp) = create_temp(&target, "envd-upload", owner)?;
+    if let Some(meta) = existing {
+        // Replacing keeps what an in-place truncate would have kept.
+        file.set_permissions(Permissions::from_mode(meta.mode() & 0o777))
+            .map_err(|e| FsError::io_strict("chmod", temp.path(), e))?;
+        xattr::copy_foreign_user_attrs(&target, file.as_fd());
+    }
+    Ok((requested, target, file, temp))
+}
+
+fn write_all(mut file: File, mut queue: mpsc::Receiver<Bytes>, path: &Path) -> Result<File, FsError> {
+    while let Some(chunk) = queue.blocking_recv() {
+        file.write_all(&chunk).map_err(|e| FsError::io_strict("write", path, e))?;
+    }
+    Ok(file)
+}
+
+fn join_error(err: &tokio::task::JoinError) -> FsError {
+    FsError::Io { op: "run blocking task", path: PathBuf::new(), source: std::io::Error::other(err.to_string()) }
+}
+
+/// A file opened for download.
+#[derive(Debug)]
+pub struct Download {
+    /// The open file.
+    pub file: File,
+    /// Its size in bytes when opened.
+    pub len: u64,
+    /// Its modification time.
+    pub modified: Option<std::time::SystemTime>,
+}
+
+/// Opens `path` (following symlinks) for download; a directory is refused.
+pub fn open_download(path: &Path) -> Result<Download, FsError> {
+    let meta = std::fs::metadata(path).map_err(|e| FsError::io("stat", path, e))?;
+    if meta.is_dir() {
+        return Err(FsError::IsADirectory(path.to_owned()));
+    }
+    let file = File::open(path).map_err(|e| FsError::io("open", path, e))?;
+    Ok(Download { file, len: meta.len(), modified: meta.modified().ok() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dir() -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("envd-transfer-{}-{}", std::process::id(), random::lower_alnum(6)));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    fn entries(dir: &Path) -> Vec<String> {
+        let mut names: Vec<_> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        names.sort();
+        names
+    }
+
+    #[tokio::test]
+    async fn commit_replaces_and_drop_leaves_nothing() {
+        let dir = dir();
+        let target = dir.join("sub/f.txt");
+        let owner = Owner { uid: 0, gid: 0 };
+        let mut upload = Upload::begin(target.clone(), owner).await.unwrap();
+        upload.write(Bytes::from_static(b"hello ")).await.unwrap();
+        upload.write(Bytes::from_static(b"world")).await.unwrap();
+        let written = upload.commit(&Metadata::default()).await.unwrap();
+        assert_eq!((written.name.as_str(), written.path.as_path()), ("f.txt", target.as_path()));
+        assert_eq!(std::fs::read(&target).unwrap(), b"hello world");
+
+        let mut aborted = Upload::begin(target.clone(), owner).await.unwrap();
+        aborted.write(Bytes::from_static(b"partial")).await.unwrap();
+        drop(aborted);
+        assert_eq!(std::fs::read(&target).unwrap(), b"hello world");
+        assert_eq!(entries(&dir.join("sub")), ["f.txt"]);
+
+        assert!(matches!(Upload::begin(dir.clone(), owner).await, Err(FsError::IsADirectory(_))));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn uploads_write_through_symlinks_and_keep_modes() {
+        let dir = dir();
+        std::fs::write(dir.join("real"), b"old").unwrap();
+        std::fs::set_permissions(dir.join("real"), Permissions::from_mode(0o750)).unwrap();
+        std::os::unix::fs::symlink("real", dir.join("link")).unwrap();
+        let mut upload = Upload::begin(dir.join("link"), Owner { uid: 0, gid: 0 }).await.unwrap();
+        upload.write(Bytes::from_static(b"new")).await.unwrap();
+        upload.commit(&Metadata::default()).await.unwrap();
+        assert!(std::fs::symlink_metadata(dir.join("link")).unwrap().file_type().is_symlink());
+        assert_eq!(std::fs::read(dir.join("real")).unwrap(), b"new");
+        assert_eq!(std::fs::metadata(dir.join("real")).unwrap().mode() & 0o777, 0o750);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}

@@ -1,0 +1,264 @@
+//! Polling watchers (CreateWatcher / GetWatcherEvents / RemoveWatcher), for
+//! clients that cannot hold a stream open.
+//!
+//! Unlike the reference, memory is bounded: each watcher queues at most
+//! `max_events` events between two polls. Past that, or when its inotify
+//! queue overflows, the watcher fails: its queue is dropped, its inotify
+//! instance closed, and every later poll returns the failure, so the client
+//! knows events were lost. A watcher that nobody polls for `idle_ttl`
+//! expires and is forgotten (later polls: not found).
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::Duration;
+
+use tokio::task::AbortHandle;
+use tokio::time::Instant;
+
+use super::watch::{FsEvent, WatchOptions, Watcher};
+use super::{FsError, random};
+
+/// Events a polling watcher holds between two polls.
+pub const DEFAULT_MAX_EVENTS: usize = 10_000;
+/// How long a polling watcher lives without being polled.
+pub const DEFAULT_IDLE_TTL: Duration = Duration::from_secs(15 * 60);
+
+/// Why a poll failed.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum WatcherError {
+    /// No such watcher (never created, removed, or expired).
+    #[error("watcher with id '{0}' not found")]
+    Unknown(String),
+    /// The watcher failed; it reports this until removed.
+    #[error("watcher failed: {0}")]
+    Failed(String),
+}
+
+#[derive(Debug)]
+struct Queue {
+    events: Vec<FsEvent>,
+    failure: Option<String>,
+    last_poll: Instant,
+}
+
+#[derive(Debug)]
+struct Polled {
+    queue: Mutex<Queue>,
+    task: Mutex<Option<AbortHandle>>,
+}
+
+impl Polled {
+    fn queue(&self) -> MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn stop(&self) {
+        if let Some(task) = self.task.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            task.abort();
+        }
+    }
+}
+
+type Table = Mutex<HashMap<String, Arc<Polled>>>;
+
+/// The polling watchers of this envd.
+#[derive(Debug)]
+pub struct PollingWatchers {
+    table: Arc<Table>,
+    max_events: usize,
+    idle_ttl: Duration,
+}
+
+impl Default for PollingWatchers {
+    fn default() -> Self {
+        Self::new(DEFAULT_MAX_EVENTS, DEFAULT_IDLE_TTL)
+    }
+}
+
+impl PollingWatchers {
+    /// A registry with these bounds.
+    pub fn new(max_events: usize, idle_ttl: Duration) -> Self {
+        Self { table: Arc::default(), max_events, idle_ttl }
+    }
+
+    fn table(&self) -> MutexGuard<'_, HashMap<String, Arc<Polled>>> {
+        self.table.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Starts watching `root`; returns the new watcher's id (`w` + 20
+    /// characters from `[a-z0-9]`).
+    pub async fn create(&self, root: PathBuf, options: WatchOptions) -> Result<String, FsError> {
+        let started = tokio::task::spawn_blocking(move || Watcher::start(&root, options)).await;
+        let watcher = started.map_err(|e| FsError::Io {
+            op: "start watcher",
+            path: PathBuf::new(),
+            source: std::io::Error::other(e.to_string()),
+        })??;
+        let id = format!("w{}", random::lower_alnum(20));
+        let polled = Arc::new(Polled {
+            queue: Mutex::new(Queue { events: Vec::new(), failure: None, last_poll: Instant::now() }),
+            task: Mutex::new(None),
+        });
+        let pump = Pump { id: id.clone(), polled: polled.clone(), table: Arc::downgrade(&self.table), limits: (self.max_events, self.idle_ttl) };
+        let task = tokio::spawn(pump.run(watcher));
+        *polled.task.lock().unwrap_or_else(|e| e.into_inner()) = Some(task.abort_handle());
+        self.table().insert(id.clone(), polled);
+        Ok(id)
+    }
+
+    /// Takes every event queued since the last poll.
+    pub fn poll(&self, id: &str) -> Result<Vec<FsEvent>, WatcherError> {
+        let polled = self.table().get(id).cloned().ok_or_else(|| WatcherError::Unknown(id.to_owned()))?;
+        let mut queue = polled.queue();
+        queue.last_poll = Instant::now();
+        if let Some(failure) = &queue.failure {
+            return Err(WatcherError::Failed(failure.clone()));
+        }
+        Ok(std::mem::take(&mut queue.events))
+    }
+
+    /// Stops and forgets a watcher.
+    pub fn remove(&self, id: &str) -> Result<(), WatcherError> {
+        let polled = self.table().remove(id).ok_or_else(|| WatcherError::Unknown(id.to_owned()))?;
+        polled.stop();
+        Ok(())
+    }
+
+    /// How many watchers exist.
+    pub fn len(&self) -> usize {
+        self.table().len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl Drop for PollingWatchers {
+    fn drop(&mut self) {
+        for polled in self.table().values() {
+            polled.stop();
+        }
+    }
+}
+
+/// Moves events from one watcher into its queue until it fails or expires.
+struct Pump {
+    id: String,
+    polled: Arc<Polled>,
+    table: Weak<Table>,
+    /// (max queued events, idle time to live)
+    limits: (usize, Duration),
+}
+
+impl Pump {
+    async fn run(self, mut watcher: Watcher) {
+        let (max_events, idle_ttl) = self.limits;
+        let mut check = tokio::time::interval(idle_ttl.min(Duration::from_secs(30)));
+        loop {
+            tokio::select! {
+                event = watcher.next() => {
+                    let failure = match event {
+                        Ok(event) => self.enqueue(event, max_events),
+                        Err(err) => Some(err.to_string()),
+                    };
+                    if let Some(failure) = failure {
+                        let mut queue = self.polled.queue();
+                        queue.events = Vec::new();
+                        queue.failure = Some(failure);
+                        break;
+                    }
+                }
+                _ = check.tick() => if self.expired(idle_ttl) { return self.forget() },
+            }
+        }
+        // Failed: close inotify now, keep reporting the failure until
+        // the client removes the watcher or it expires.
+        drop(watcher);
+        loop {
+            check.tick().await;
+            if self.expired(idle_ttl) {
+                return self.forget();
+            }
+        }
+    }
+
+    fn enqueue(&self, event: FsEvent, max_events: usize) -> Option<String> {
+        let mut queue = self.polled.queue();
+        if queue.events.len() >= max_events {
+            return Some(format!("more than {max_events} events queued since the last poll: events were lost"));
+        }
+        queue.events.push(event);
+        None
+    }
+
+    fn expired(&self, idle_ttl: Duration) -> bool {
+        self.polled.queue().last_poll.elapsed() >= idle_ttl
+    }
+
+    fn forget(&self) {
+        if let Some(table) = self.table.upgrade() {
+            let mut table = table.lock().unwrap_or_else(|e| e.into_inner());
+            // Only if still ours: the id might have been removed already.
+            if table.get(&self.id).is_some_and(|p| Arc::ptr_eq(p, &self.polled)) {
+                table.remove(&self.id);
+                tracing::debug!(watcher = %self.id, "polling watcher expired");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fs::watch::EventKind;
+
+    fn dir(tag: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("envd-watchers-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    async fn settle() {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    #[tokio::test]
+    async fn poll_remove_and_overflow() {
+        let root = dir("poll");
+        let watchers = PollingWatchers::new(3, Duration::from_secs(60));
+        let id = watchers.create(root.clone(), WatchOptions::default()).await.unwrap();
+        assert!(id.starts_with('w') && id.len() == 21);
+        std::fs::write(root.join("a"), b"").unwrap();
+        settle().await;
+        let events = watchers.poll(&id).unwrap();
+        assert_eq!((events[0].name.as_str(), events[0].kind), ("a", EventKind::Create));
+        for i in 0..5 {
+            std::fs::write(root.join(format!("f{i}")), b"").unwrap();
+        }
+        settle().await;
+        assert!(matches!(watchers.poll(&id), Err(WatcherError::Failed(_))));
+        assert!(matches!(watchers.poll(&id), Err(WatcherError::Failed(_))));
+        watchers.remove(&id).unwrap();
+        assert_eq!(watchers.poll(&id), Err(WatcherError::Unknown(id.clone())));
+        assert_eq!(watchers.remove(&id), Err(WatcherError::Unknown(id)));
+        std::fs::remove_dir_all(root).unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_watchers_expire() {
+        let root = dir("idle");
+        let watchers = PollingWatchers::new(10, Duration::from_secs(60));
+        let id = watchers.create(root.clone(), WatchOptions::default()).await.unwrap();
+        tokio::time::sleep(Duration::from_secs(45)).await;
+        assert!(watchers.poll(&id).is_ok());
+        tokio::time::sleep(Duration::from_secs(45)).await;
+        assert!(watchers.poll(&id).is_ok(), "polling keeps it alive");
+        tokio::time::sleep(Duration::from_secs(100)).await;
+        assert!(watchers.is_empty());
+        assert!(matches!(watchers.poll(&id), Err(WatcherError::Unknown(_))));
+        std::fs::remove_dir_all(root).unwrap();
+    }
+}

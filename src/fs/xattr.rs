@@ -1,0 +1,186 @@
+//! Extended attributes: the `user.e2b.*` metadata of uploads. Best effort
+//! on read; on write, filesystems without xattr support are ignored.
+
+use std::collections::BTreeMap;
+use std::ffi::{CStr, CString};
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+
+/// Prefix of the attributes that carry upload metadata.
+pub const E2B_PREFIX: &str = "user.e2b.";
+/// Every user attribute (copied when an upload replaces a file).
+const USER_PREFIX: &str = "user.";
+
+/// What the calls act on: a path (following symlinks) or an open file.
+#[derive(Clone, Copy)]
+enum Target<'a> {
+    Path(&'a CStr),
+    Fd(BorrowedFd<'a>),
+}
+
+fn cstring(bytes: &[u8]) -> io::Result<CString> {
+    CString::new(bytes).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
+}
+
+fn check(ret: isize) -> io::Result<usize> {
+    usize::try_from(ret).map_err(|_| io::Error::last_os_error())
+}
+
+/// Attribute names, NUL-separated as the kernel returns them.
+fn list(target: Target<'_>) -> io::Result<Vec<u8>> {
+    loop {
+        let size = match target {
+            // SAFETY: a null buffer with size 0 asks only for the needed size.
+            Target::Path(p) => check(unsafe { libc::listxattr(p.as_ptr(), std::ptr::null_mut(), 0) })?,
+            // SAFETY: as above, on a valid borrowed fd.
+            Target::Fd(fd) => check(unsafe { libc::flistxattr(fd.as_raw_fd(), std::ptr::null_mut(), 0) })?,
+        };
+        if size == 0 {
+            return Ok(Vec::new());
+        }
+        let mut buf = vec![0u8; size];
+        let got = match target {
+            // SAFETY: buf is valid for writes of buf.len() bytes.
+            Target::Path(p) => unsafe { libc::listxattr(p.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) },
+            // SAFETY: as above.
+            Target::Fd(fd) => unsafe { libc::flistxattr(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) },
+        };
+        match check(got) {
+            Ok(n) => {
+                buf.truncate(n);
+                return Ok(buf);
+            }
+            // The list grew between the two calls: ask again.
+            Err(e) if e.raw_os_error() == Some(libc::ERANGE) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+fn get(target: Target<'_>, name: &CStr) -> io::Result<Vec<u8>> {
+    loop {
+        let size = match target {
+            // SAFETY: a null buffer with size 0 asks only for the needed size.
+            Target::Path(p) => check(unsafe { libc::getxattr(p.as_ptr(), name.as_ptr(), std::ptr::null_mut(), 0) })?,
+            // SAFETY: as above, on a valid borrowed fd.
+            Target::Fd(fd) => check(unsafe { libc::fgetxattr(fd.as_raw_fd(), name.as_ptr(), std::ptr::null_mut(), 0) })?,
+        };
+        let mut buf = vec![0u8; size];
+        let got = match target {
+            // SAFETY: buf is valid for writes of buf.len() bytes.
+            Target::Path(p) => unsafe { libc::getxattr(p.as_ptr(), name.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) },
+            // SAFETY: as above.
+            Target::Fd(fd) => unsafe { libc::fgetxattr(fd.as_raw_fd(), name.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) },
+        };
+        match check(got) {
+            Ok(n) => {
+                buf.truncate(n);
+                return Ok(buf);
+            }
+            Err(e) if e.raw_os_error() == Some(libc::ERANGE) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+fn set(fd: BorrowedFd<'_>, name: &CStr, value: &[u8]) -> io::Result<()> {
+    // SAFETY: name is NUL-terminated; value is valid for value.len() bytes.
+    let ret = unsafe { libc::fsetxattr(fd.as_raw_fd(), name.as_ptr(), value.as_ptr().cast(), value.len(), 0) };
+    if ret == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+}
+
+fn remove(fd: BorrowedFd<'_>, name: &CStr) -> io::Result<()> {
+    // SAFETY: name is NUL-terminated and fd is valid.
+    let ret = unsafe { libc::fremovexattr(fd.as_raw_fd(), name.as_ptr()) };
+    if ret == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+}
+
+fn names_with_prefix<'a>(list: &'a [u8], prefix: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a {
+    list.split(|b| *b == 0).filter(move |n| !n.is_empty() && n.starts_with(prefix.as_bytes()))
+}
+
+/// The `user.e2b.*` attributes of `path` (following symlinks), prefix
+/// removed; names or values that are not UTF-8 are skipped.
+pub fn read_e2b(path: &Path) -> BTreeMap<String, String> {
+    let Ok(path) = cstring(path.as_os_str().as_bytes()) else { return BTreeMap::new() };
+    read_prefixed(Target::Path(&path))
+}
+
+/// Like [`read_e2b`], on an open file.
+pub fn read_e2b_fd(fd: BorrowedFd<'_>) -> BTreeMap<String, String> {
+    read_prefixed(Target::Fd(fd))
+}
+
+fn read_prefixed(target: Target<'_>) -> BTreeMap<String, String> {
+    let Ok(names) = list(target) else { return BTreeMap::new() };
+    let mut out = BTreeMap::new();
+    for name in names_with_prefix(&names, E2B_PREFIX) {
+        let (Ok(cname), Ok(key)) = (cstring(name), std::str::from_utf8(&name[E2B_PREFIX.len()..])) else { continue };
+        let Ok(value) = get(target, &cname) else { continue };
+        if let Ok(value) = String::from_utf8(value) {
+            out.insert(key.to_owned(), value);
+        }
+    }
+    out
+}
+
+/// Makes the `user.e2b.*` attributes of `fd` exactly `metadata`. A
+/// filesystem without xattr support is not an error.
+pub fn write_e2b(fd: BorrowedFd<'_>, metadata: &BTreeMap<String, String>) -> io::Result<()> {
+    let result = (|| -> io::Result<()> {
+        let existing = list(Target::Fd(fd))?;
+        for name in names_with_prefix(&existing, E2B_PREFIX) {
+            let key = &name[E2B_PREFIX.len()..];
+            if !metadata.keys().any(|k| k.as_bytes() == key) {
+                remove(fd, &cstring(name)?)?;
+            }
+        }
+        for (key, value) in metadata {
+            set(fd, &cstring(format!("{E2B_PREFIX}{key}").as_bytes())?, value.as_bytes())?;
+        }
+        Ok(())
+    })();
+    match result {
+        Err(e) if e.raw_os_error() == Some(libc::ENOTSUP) => Ok(()),
+        other => other,
+    }
+}
+
+/// Copies the `user.*` attributes other than `user.e2b.*` from `from` to
+/// `to`, so that replacing a file keeps what other tools stored on it.
+/// Best effort.
+pub fn copy_foreign_user_attrs(from: &Path, to: BorrowedFd<'_>) {
+    let Ok(from) = cstring(from.as_os_str().as_bytes()) else { return };
+    let Ok(names) = list(Target::Path(&from)) else { return };
+    for name in names_with_prefix(&names, USER_PREFIX).filter(|n| !n.starts_with(E2B_PREFIX.as_bytes())) {
+        let Ok(cname) = cstring(name) else { continue };
+        if let Ok(value) = get(Target::Path(&from), &cname) {
+            let _ = set(to, &cname, &value);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsFd;
+
+    #[test]
+    fn metadata_round_trip() {
+        let dir = std::env::temp_dir().join(format!("envd-xattr-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("f");
+        let file = std::fs::File::create(&path).unwrap();
+        let mut md = BTreeMap::new();
+        md.insert("a".to_owned(), "1".to_owned());
+        md.insert("b".to_owned(), "two".to_owned());
+        write_e2b(file.as_fd(), &md).unwrap();
+        assert_eq!(read_e2b(&path), md);
+        md.remove("a");
+        write_e2b(file.as_fd(), &md).unwrap();
+        assert_eq!(read_e2b_fd(file.as_fd()), md);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}

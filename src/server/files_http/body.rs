@@ -1,0 +1,132 @@
+//! Request bodies of uploads as byte streams: an idle timeout on the raw
+//! body, optional gzip decoding, and fairness towards parsers that drain
+//! whatever is ready (multer would otherwise inflate a whole gzip bomb
+//! into its buffer in one poll).
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use async_compression::tokio::bufread::GzipDecoder;
+use axum::body::Body;
+use bytes::Bytes;
+use futures_util::{Stream, StreamExt};
+use tokio_util::io::{ReaderStream, StreamReader};
+
+/// Decoded bytes per chunk of a gzip body.
+const DECODED_CHUNK: usize = 64 * 1024;
+/// Bytes a stream hands out in a row before letting others run.
+const FAIR_SHARE: usize = 256 * 1024;
+
+/// A body as a stream of chunks.
+pub type ByteStream = Pin<Box<dyn Stream<Item = io::Result<Bytes>> + Send>>;
+
+/// The request body's `Content-Encoding`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyEncoding {
+    /// Absent or `identity`.
+    Identity,
+    /// `gzip`.
+    Gzip,
+}
+
+/// `body` with at most `idle` between two chunks (then a `TimedOut`
+/// error), decoded per `encoding`.
+pub fn decoded(body: Body, encoding: BodyEncoding, idle: Duration) -> ByteStream {
+    let raw = idle_limited(body, idle);
+    match encoding {
+        BodyEncoding::Identity => raw,
+        BodyEncoding::Gzip => {
+            let mut decoder = GzipDecoder::new(StreamReader::new(raw));
+            // Go's gzip reader accepts concatenated members.
+            decoder.multiple_members(true);
+            Box::pin(ReaderStream::with_capacity(decoder, DECODED_CHUNK))
+        }
+    }
+}
+
+fn idle_limited(body: Body, idle: Duration) -> ByteStream {
+    let chunks = body.into_data_stream();
+    Box::pin(futures_util::stream::unfold(Some(chunks), move |chunks| async move {
+        let mut chunks = chunks?;
+        match tokio::time::timeout(idle, chunks.next()).await {
+            Ok(Some(Ok(chunk))) => Some((Ok(chunk), Some(chunks))),
+            Ok(Some(Err(err))) => Some((Err(io::Error::other(err)), None)),
+            Ok(None) => None,
+            Err(_elapsed) => Some((Err(io::Error::new(io::ErrorKind::TimedOut, "upload body idle")), None)),
+        }
+    }))
+}
+
+/// Wraps a stream so that it returns `Pending` (and wakes itself at once)
+/// after handing out [`FAIR_SHARE`] bytes in a row.
+pub struct Fair {
+    inner: ByteStream,
+    run: usize,
+}
+
+impl Fair {
+    /// Wraps `inner`.
+    pub fn new(inner: ByteStream) -> Self {
+        Self { inner, run: 0 }
+    }
+}
+
+impl Stream for Fair {
+    type Item = io::Result<Bytes>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if self.run >= FAIR_SHARE {
+            self.run = 0;
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
+        let next = self.inner.as_mut().poll_next(cx);
+        match &next {
+            Poll::Ready(Some(Ok(chunk))) => self.run += chunk.len(),
+            Poll::Pending => self.run = 0,
+            Poll::Ready(_) => {}
+        }
+        next
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use async_compression::tokio::bufread::GzipEncoder;
+    use tokio::io::AsyncReadExt;
+
+    async fn gzip(data: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        GzipEncoder::new(data).read_to_end(&mut out).await.unwrap();
+        out
+    }
+
+    async fn collect(mut stream: ByteStream) -> io::Result<Vec<u8>> {
+        let mut out = Vec::new();
+        while let Some(chunk) = stream.next().await {
+            out.extend_from_slice(&chunk?);
+        }
+        Ok(out)
+    }
+
+    #[tokio::test]
+    async fn gzip_members_concatenate_and_garbage_fails() {
+        let mut body = gzip(b"hello ").await;
+        body.extend(gzip(b"world").await);
+        let stream = decoded(Body::from(body), BodyEncoding::Gzip, Duration::from_secs(5));
+        assert_eq!(collect(stream).await.unwrap(), b"hello world");
+        let stream = decoded(Body::from("not gzip at all"), BodyEncoding::Gzip, Duration::from_secs(5));
+        assert!(collect(stream).await.is_err());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_body_times_out() {
+        let (_tx, rx) = tokio::sync::mpsc::channel::<io::Result<Bytes>>(1);
+        let body = Body::from_stream(futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|c| (c, rx)) }));
+        let err = collect(decoded(body, BodyEncoding::Identity, Duration::from_secs(3))).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+    }
+}
