@@ -101,6 +101,25 @@ pub fn init_error(err: InitError) -> Response {
     (status, err.to_string()).into_response()
 }
 
+/// Most of an unread request body that is read and dropped before an early
+/// answer, so the connection stays usable for the next request (a client
+/// that is still sending would otherwise hit a closed socket).
+const DRAIN_LIMIT: usize = 256 << 10;
+const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Answers `response` after discarding the request's body.
+pub async fn answer_early(request: axum::extract::Request, response: Response) -> Response {
+    use http_body_util::BodyExt;
+    let body = http_body_util::Limited::new(request.into_body(), DRAIN_LIMIT);
+    let drained = tokio::time::timeout(DRAIN_TIMEOUT, body.collect()).await;
+    let mut response = response;
+    if !matches!(drained, Ok(Ok(_))) {
+        // Too large or too slow: tell the client this connection is done.
+        response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    response
+}
+
 /// A Connect error answered outside the Connect library (by the auth and
 /// routing layers): Connect streams get HTTP 200 with an end-of-stream
 /// frame, unary calls the status of the code and a JSON body.

@@ -9,7 +9,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 
-use super::errors::{HttpError, connect_error_response};
+use super::errors::{HttpError, answer_early, connect_error_response};
 use super::state::{AppState, NamedUser};
 use crate::auth::basic_user;
 use crate::auth::token::Access;
@@ -62,7 +62,7 @@ pub async fn authenticate(State(state): State<Arc<AppState>>, mut request: Reque
     if !exempt_from_token(request.method(), request.uri().path()) {
         let token = request.headers().get("x-access-token").map(HeaderValue::as_bytes);
         if state.guard.check(token) == Access::Denied {
-            return HttpError::unauthorized_access().into_response();
+            return answer_early(request, HttpError::unauthorized_access().into_response()).await;
         }
     }
     if let Some(name) = basic_user(request.headers().get(header::AUTHORIZATION).map(HeaderValue::as_bytes)) {
@@ -70,7 +70,10 @@ pub async fn authenticate(State(state): State<Arc<AppState>>, mut request: Reque
             Ok(user) => {
                 request.extensions_mut().insert(NamedUser(user));
             }
-            Err(UserError::Unknown(name)) => return invalid_username(request.headers(), &name),
+            Err(UserError::Unknown(name)) => {
+                let response = invalid_username(request.headers(), &name);
+                return answer_early(request, response).await;
+            }
             Err(err) => {
                 tracing::error!("user database: {err}");
                 return HttpError::new(StatusCode::INTERNAL_SERVER_ERROR, err.to_string()).into_response();

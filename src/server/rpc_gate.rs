@@ -12,6 +12,8 @@ use connectrpc::ConnectRpcService;
 use http::{HeaderValue, Method, StatusCode, header};
 use tower::ServiceExt;
 
+use super::errors::answer_early;
+
 /// Wraps the Connect service with the reference's routing checks.
 pub fn gate(
     rpc: ConnectRpcService,
@@ -22,21 +24,8 @@ pub fn gate(
         let rpc = rpc.clone();
         let methods = methods.clone();
         async move {
-            if !methods.iter().any(|m| Some(m.as_str()) == request.uri().path().strip_prefix('/')) {
-                return Ok((StatusCode::NOT_FOUND, "404 page not found\n").into_response());
-            }
-            if request.method() != Method::POST {
-                let mut response = (StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n").into_response();
-                response.headers_mut().insert(header::ALLOW, HeaderValue::from_static("POST"));
-                return Ok(response);
-            }
-            if let Some(timeout) = request.headers().get("connect-timeout-ms")
-                && !valid_timeout(timeout.as_bytes())
-            {
-                return Ok(super::errors::connect_error_response(
-                    request.headers(),
-                    connectrpc::ConnectError::invalid_argument("invalid Connect-Timeout-Ms: must be 1 to 10 digits"),
-                ));
+            if let Some(response) = refusal(&request, &methods) {
+                return Ok(answer_early(request, response).await);
             }
             let response = match rpc.oneshot(request).await {
                 Ok(response) => response.map(Body::new),
@@ -45,6 +34,25 @@ pub fn gate(
             Ok(response)
         }
     })
+}
+
+/// The reference's answer to a request no handler may see, if any.
+fn refusal(request: &Request, methods: &[String]) -> Option<Response> {
+    if !methods.iter().any(|m| Some(m.as_str()) == request.uri().path().strip_prefix('/')) {
+        return Some((StatusCode::NOT_FOUND, "404 page not found\n").into_response());
+    }
+    if request.method() != Method::POST {
+        let mut response = (StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n").into_response();
+        response.headers_mut().insert(header::ALLOW, HeaderValue::from_static("POST"));
+        return Some(response);
+    }
+    if let Some(timeout) = request.headers().get("connect-timeout-ms")
+        && !valid_timeout(timeout.as_bytes())
+    {
+        let err = connectrpc::ConnectError::invalid_argument("invalid Connect-Timeout-Ms: must be 1 to 10 digits");
+        return Some(super::errors::connect_error_response(request.headers(), err));
+    }
+    None
 }
 
 fn valid_timeout(value: &[u8]) -> bool {
