@@ -32,6 +32,18 @@ pub struct SavedContext {
 }
 
 impl SavedContext {
+    /// Parses a state file's bytes; the error says what is wrong.
+    pub fn parse(bytes: &[u8]) -> Result<SavedContext, String> {
+        let saved: SavedContext = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+        if saved.format != FORMAT {
+            return Err(format!("unknown format {}", saved.format));
+        }
+        if saved.default_user.is_empty() {
+            return Err("empty default user".into());
+        }
+        Ok(saved)
+    }
+
     /// A record in the current layout.
     pub fn new(default_user: String, default_workdir: Option<String>, env_vars: BTreeMap<String, String>, secured: bool) -> Self {
         Self { format: FORMAT, default_user, default_workdir, env_vars, secured }
@@ -79,15 +91,7 @@ impl StateFile {
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(source) => return Err(StateError::Io { path: self.path.clone(), source }),
         };
-        let corrupt = |reason: String| StateError::Corrupt { path: self.path.clone(), reason };
-        let saved: SavedContext = serde_json::from_slice(&bytes).map_err(|e| corrupt(e.to_string()))?;
-        if saved.format != FORMAT {
-            return Err(corrupt(format!("unknown format {}", saved.format)));
-        }
-        if saved.default_user.is_empty() {
-            return Err(corrupt("empty default user".into()));
-        }
-        Ok(Some(saved))
+        SavedContext::parse(&bytes).map(Some).map_err(|reason| StateError::Corrupt { path: self.path.clone(), reason })
     }
 
     /// Replaces the saved context atomically and durably.

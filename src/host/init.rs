@@ -51,6 +51,28 @@ struct InitBody<'a> {
     hyperloop_ip: Option<String>,
 }
 
+/// Parses and validates an `/init` body; an empty body means no fields.
+fn parse_body(body: &[u8]) -> Result<(InitBody<'_>, Option<SystemTime>), InitError> {
+    let body: InitBody<'_> = if body.iter().all(u8::is_ascii_whitespace) {
+        InitBody::default()
+    } else {
+        serde_json::from_slice(body).map_err(|e| InitError::BadBody(e.to_string()))?
+    };
+    if body.access_token == Some("") {
+        return Err(InitError::BadBody("accessToken must not be empty".into()));
+    }
+    let timestamp = match &body.timestamp {
+        Some(text) => Some(clock::parse_rfc3339(text).map_err(|e| InitError::BadBody(e.to_string()))?),
+        None => None,
+    };
+    Ok((body, timestamp))
+}
+
+/// Checks an `/init` body the way `/init` does (for fuzzing).
+pub fn check_body(body: &[u8]) -> Result<(), InitError> {
+    parse_body(body).map(drop)
+}
+
 /// The token hash the metadata service holds, looked up on demand.
 pub trait TokenHashSource: Send + Sync {
     /// The current `accessTokenHash`, or `None` when unreachable or empty.
@@ -126,18 +148,7 @@ impl Initializer {
     }
 
     async fn init_with(&self, body: &[u8], metadata: &impl TokenHashSource) -> Result<(), InitError> {
-        let body: InitBody<'_> = if body.iter().all(u8::is_ascii_whitespace) {
-            InitBody::default()
-        } else {
-            serde_json::from_slice(body).map_err(|e| InitError::BadBody(e.to_string()))?
-        };
-        if body.access_token == Some("") {
-            return Err(InitError::BadBody("accessToken must not be empty".into()));
-        }
-        let timestamp = match &body.timestamp {
-            Some(text) => Some(clock::parse_rfc3339(text).map_err(|e| InitError::BadBody(e.to_string()))?),
-            None => None,
-        };
+        let (body, timestamp) = parse_body(body)?;
         let _one_at_a_time = self.lock.lock().await;
         self.authorize(body.access_token, metadata).await?;
         // From here on the workload is thawed, even for a stale request:

@@ -61,3 +61,10 @@ pub async fn fsthaw(State(state): State<Arc<AppState>>) -> Response {
         Err(err) => HttpError::from(err).into_response(),
     }
 }
+
+/// `POST /upgrade` (live self-upgrade) and `POST /collapse` (hugepage
+/// collapse) are reference features envd does not have: a non-2xx answer
+/// makes the orchestrator keep envd running as it is.
+pub async fn not_supported() -> Response {
+    HttpError::new(StatusCode::NOT_IMPLEMENTED, "not supported by this envd").into_response()
+}
