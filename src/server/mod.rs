@@ -172,7 +172,7 @@ fn router(state: Arc<AppState>) -> axum::Router {
     let rpc = connectrpc::Router::new()
         .add_service(Arc::new(ProcessService::new(state.clone())))
         .add_service(Arc::new(filesystem_rpc::FilesystemService::new(state.clone())));
-    let methods = rpc.methods().map(str::to_owned).collect();
+    let methods = rpc_gate::method_kinds(&rpc);
     let rpc = connectrpc::ConnectRpcService::new(rpc)
         .with_limits(Limits::unlimited().with_max_message_size(MAX_MESSAGE_BYTES));
     let rpc = rpc_gate::gate(rpc, methods);

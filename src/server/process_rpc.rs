@@ -159,6 +159,20 @@ fn end_at_deadline<T: Send + 'static>(stream: ServiceStream<T>, deadline: Option
     }))
 }
 
+/// `Connect`'s deadline bounds only the stream: when it passes, the stream
+/// ends with `deadline_exceeded` and the process keeps running.
+fn close_at_deadline<T: Send + 'static>(stream: ServiceStream<T>, deadline: Option<std::time::Instant>) -> ServiceStream<T> {
+    let Some(deadline) = deadline else { return stream };
+    let expiry = Box::pin(tokio::time::sleep_until(deadline.into()));
+    Box::pin(futures_util::stream::unfold(Some((stream, expiry)), |state| async move {
+        let (mut stream, mut expiry) = state?;
+        tokio::select! {
+            item = stream.next() => item.map(|item| (item, Some((stream, expiry)))),
+            () = &mut expiry => Some((Err(ConnectError::deadline_exceeded("context deadline exceeded")), None)),
+        }
+    }))
+}
+
 fn start_response(event: pb::ProcessEvent) -> pb::StartResponse {
     pb::StartResponse { event: event.into(), ..Default::default() }
 }
@@ -207,7 +221,8 @@ impl pb::Process for ProcessService {
             Found::Ended { pid, end } => (pid, Subscription::Ended(end)),
         };
         let keepalive = || connect_response(keepalive_event());
-        Response::ok(process_stream(pid, subscription, &ctx, connect_response, keepalive))
+        let stream = process_stream(pid, subscription, &ctx, connect_response, keepalive);
+        Response::ok(close_at_deadline(stream, ctx.deadline()))
     }
 
     async fn start(

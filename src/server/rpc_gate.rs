@@ -1,29 +1,45 @@
 //! Checks the reference makes before any RPC handler runs, which the
 //! Connect library answers differently: unknown paths are a plain 404,
-//! other methods than POST a 405 with `Allow: POST`, and a malformed
-//! `Connect-Timeout-Ms` an `invalid_argument`.
+//! other methods than POST a 405 with `Allow: POST`, a Connect content
+//! type of the wrong kind (unary vs stream) a 415, and a malformed
+//! `Connect-Timeout-Ms` an `invalid_argument`. Content types are compared
+//! case-insensitively, as the reference does.
 
 use std::convert::Infallible;
 
 use axum::body::Body;
 use axum::extract::Request;
 use axum::response::{IntoResponse, Response};
-use connectrpc::ConnectRpcService;
+use connectrpc::{ConnectRpcService, Dispatcher, MethodKind};
 use http::{HeaderValue, Method, StatusCode, header};
 use tower::ServiceExt;
 
 use super::errors::answer_early;
 
+/// Types accepted by unary methods (Connect unary, gRPC, gRPC-Web).
+const UNARY_TYPES: &str = "application/grpc, application/grpc+json, application/grpc+proto, application/grpc-web, \
+     application/grpc-web+json, application/grpc-web+proto, application/json, application/proto";
+/// Types accepted by streaming methods.
+const STREAM_TYPES: &str = "application/connect+json, application/connect+proto, application/grpc, \
+     application/grpc+json, application/grpc+proto, application/grpc-web, application/grpc-web+json, \
+     application/grpc-web+proto";
+
+/// Every method path (without the leading slash) and its kind.
+pub fn method_kinds(router: &connectrpc::Router) -> Vec<(String, MethodKind)> {
+    router.methods().filter_map(|path| Some((path.to_owned(), router.lookup(path)?.kind))).collect()
+}
+
 /// Wraps the Connect service with the reference's routing checks.
 pub fn gate(
     rpc: ConnectRpcService,
-    methods: Vec<String>,
+    methods: Vec<(String, MethodKind)>,
 ) -> impl tower::Service<Request, Response = Response, Error = Infallible, Future = impl Send> + Clone + Send + 'static {
     let methods = std::sync::Arc::new(methods);
-    tower::service_fn(move |request: Request| {
+    tower::service_fn(move |mut request: Request| {
         let rpc = rpc.clone();
         let methods = methods.clone();
         async move {
+            lowercase_media_type(&mut request);
             if let Some(response) = refusal(&request, &methods) {
                 return Ok(answer_early(request, response).await);
             }
@@ -37,13 +53,19 @@ pub fn gate(
 }
 
 /// The reference's answer to a request no handler may see, if any.
-fn refusal(request: &Request, methods: &[String]) -> Option<Response> {
-    if !methods.iter().any(|m| Some(m.as_str()) == request.uri().path().strip_prefix('/')) {
+fn refusal(request: &Request, methods: &[(String, MethodKind)]) -> Option<Response> {
+    let path = request.uri().path().strip_prefix('/');
+    let Some(kind) = methods.iter().find(|(m, _)| Some(m.as_str()) == path).map(|(_, kind)| *kind) else {
         return Some((StatusCode::NOT_FOUND, "404 page not found\n").into_response());
-    }
+    };
     if request.method() != Method::POST {
         let mut response = (StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n").into_response();
         response.headers_mut().insert(header::ALLOW, HeaderValue::from_static("POST"));
+        return Some(response);
+    }
+    if let Some(accepted) = wrong_kind_of_type(request, kind) {
+        let mut response = StatusCode::UNSUPPORTED_MEDIA_TYPE.into_response();
+        response.headers_mut().insert("accept-post", HeaderValue::from_static(accepted));
         return Some(response);
     }
     if let Some(timeout) = request.headers().get("connect-timeout-ms")
@@ -53,6 +75,40 @@ fn refusal(request: &Request, methods: &[String]) -> Option<Response> {
         return Some(super::errors::connect_error_response(request.headers(), err));
     }
     None
+}
+
+/// The Connect library compares content types literally, so the media
+/// type is lowercased first (parameters are left as they are).
+fn lowercase_media_type(request: &mut Request) {
+    let Some(value) = request.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()) else { return };
+    let (media, params) = value.split_once(';').map_or((value, None), |(media, params)| (media, Some(params)));
+    if !media.bytes().any(|b| b.is_ascii_uppercase()) {
+        return;
+    }
+    let mut lowered = media.trim().to_ascii_lowercase();
+    if let Some(params) = params {
+        lowered.push(';');
+        lowered.push_str(params);
+    }
+    if let Ok(value) = HeaderValue::from_str(&lowered) {
+        request.headers_mut().insert(header::CONTENT_TYPE, value);
+    }
+}
+
+/// A Connect unary type on a streaming method or a Connect stream type on
+/// a unary one: the types that method accepts instead. Other types are
+/// left to the Connect library.
+fn wrong_kind_of_type(request: &Request, kind: MethodKind) -> Option<&'static str> {
+    let content_type = request.headers().get(header::CONTENT_TYPE)?.to_str().ok()?;
+    let media = content_type.split(';').next().unwrap_or("").trim();
+    let unary_type = matches!(media, "application/json" | "application/proto");
+    let stream_type = matches!(media, "application/connect+json" | "application/connect+proto");
+    match kind {
+        MethodKind::Unary if stream_type => Some(UNARY_TYPES),
+        MethodKind::Unary => None,
+        _ if unary_type => Some(STREAM_TYPES),
+        _ => None,
+    }
 }
 
 fn valid_timeout(value: &[u8]) -> bool {
