@@ -31,10 +31,8 @@ pub enum BodyEncoding {
     Gzip,
 }
 
-/// `body` with at most `idle` between two chunks (then a `TimedOut`
-/// error), decoded per `encoding`.
-pub fn decoded(body: Body, encoding: BodyEncoding, idle: Duration) -> ByteStream {
-    let raw = idle_limited(body, idle);
+/// `raw` decoded per `encoding`.
+pub fn decode(raw: ByteStream, encoding: BodyEncoding) -> ByteStream {
     match encoding {
         BodyEncoding::Identity => raw,
         BodyEncoding::Gzip => {
@@ -46,17 +44,38 @@ pub fn decoded(body: Body, encoding: BodyEncoding, idle: Duration) -> ByteStream
     }
 }
 
-fn idle_limited(body: Body, idle: Duration) -> ByteStream {
-    let chunks = body.into_data_stream();
-    Box::pin(futures_util::stream::unfold(Some(chunks), move |chunks| async move {
-        let mut chunks = chunks?;
-        match tokio::time::timeout(idle, chunks.next()).await {
-            Ok(Some(Ok(chunk))) => Some((Ok(chunk), Some(chunks))),
-            Ok(Some(Err(err))) => Some((Err(io::Error::other(err)), None)),
-            Ok(None) => None,
-            Err(_elapsed) => Some((Err(io::Error::new(io::ErrorKind::TimedOut, "upload body idle")), None)),
+/// Chunks in flight between the body reader and the upload.
+const PUMP_QUEUE: usize = 2;
+
+/// The raw body as a stream with at most `idle` between two chunks (then
+/// a `TimedOut` error), read by its own task. When the consumer
+/// gives up early (a refused or failed upload), the task keeps reading and
+/// discarding the rest, so that a client still sending gets to read the
+/// answer instead of a reset connection.
+pub fn reader(body: Body, idle: Duration) -> ByteStream {
+    let (tx, rx) = tokio::sync::mpsc::channel(PUMP_QUEUE);
+    tokio::spawn(pump(body, tx, idle));
+    Box::pin(futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|chunk| (chunk, rx)) }))
+}
+
+async fn pump(body: Body, tx: tokio::sync::mpsc::Sender<io::Result<Bytes>>, idle: Duration) {
+    let mut chunks = body.into_data_stream();
+    let mut draining = false;
+    loop {
+        let next = match tokio::time::timeout(idle, chunks.next()).await {
+            Ok(Some(Ok(chunk))) => Ok(chunk),
+            Ok(Some(Err(err))) => Err(io::Error::other(err)),
+            Ok(None) => return,
+            Err(_elapsed) => Err(io::Error::new(io::ErrorKind::TimedOut, "upload body idle")),
+        };
+        let failed = next.is_err();
+        if !draining && tx.send(next).await.is_err() {
+            draining = true;
         }
-    }))
+        if failed {
+            return;
+        }
+    }
 }
 
 /// Wraps a stream so that it returns `Pending` (and wakes itself at once)
@@ -116,9 +135,9 @@ mod tests {
     async fn gzip_members_concatenate_and_garbage_fails() {
         let mut body = gzip(b"hello ").await;
         body.extend(gzip(b"world").await);
-        let stream = decoded(Body::from(body), BodyEncoding::Gzip, Duration::from_secs(5));
+        let stream = decode(reader(Body::from(body), Duration::from_secs(5)), BodyEncoding::Gzip);
         assert_eq!(collect(stream).await.unwrap(), b"hello world");
-        let stream = decoded(Body::from("not gzip at all"), BodyEncoding::Gzip, Duration::from_secs(5));
+        let stream = decode(reader(Body::from("not gzip at all"), Duration::from_secs(5)), BodyEncoding::Gzip);
         assert!(collect(stream).await.is_err());
     }
 
@@ -126,7 +145,7 @@ mod tests {
     async fn a_silent_body_times_out() {
         let (_tx, rx) = tokio::sync::mpsc::channel::<io::Result<Bytes>>(1);
         let body = Body::from_stream(futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|c| (c, rx)) }));
-        let err = collect(decoded(body, BodyEncoding::Identity, Duration::from_secs(3))).await.unwrap_err();
+        let err = collect(reader(body, Duration::from_secs(3))).await.unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::TimedOut);
     }
 }

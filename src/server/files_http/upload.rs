@@ -15,7 +15,7 @@ use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt;
 use http::{HeaderMap, header};
 
-use super::body::{BodyEncoding, ByteStream, Fair, decoded};
+use super::body::{BodyEncoding, ByteStream, Fair, decode, reader};
 use super::{FilesError, FilesQuery, authorize, file_user, json_response, parse_query, written_json};
 use crate::auth::signature::Operation;
 use crate::context::{ExecContext, User};
@@ -64,10 +64,13 @@ impl Plan {
 
 async fn receive(state: &AppState, query: &FilesQuery, expiration: Option<i64>, headers: &HeaderMap, body: Body) -> Result<Vec<Written>, FilesError> {
     authorize(&state.guard, headers, query, Operation::Write, expiration)?;
+    let idle = state.config.upload_idle_timeout();
+    // From here on an early error still reads the rest of the body (see
+    // `body::reader`), so the client gets to see the answer.
+    let raw = reader(body, idle);
     let encoding = body_encoding(headers)?;
     let user = file_user(state, query.username.as_deref())?;
     let metadata = metadata(headers)?;
-    let idle = state.config.upload_idle_timeout();
     let plan = Plan { user, context: state.context.snapshot(), metadata, path: query.path.clone(), idle };
     let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
     let media = content_type.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
@@ -77,11 +80,11 @@ async fn receive(state: &AppState, query: &FilesQuery, expiration: Option<i64>, 
                 FilesError::BadRequest("the path query parameter is required for application/octet-stream".into())
             })?;
             let target = plan.target(&path)?;
-            Ok(vec![octet_stream(&plan, target, decoded(body, encoding, idle)).await?])
+            Ok(vec![octet_stream(&plan, target, decode(raw, encoding)).await?])
         }
         "multipart/form-data" | "multipart/mixed" => {
             let boundary = boundary(content_type)?;
-            multipart(&plan, boundary, decoded(body, encoding, idle)).await
+            multipart(&plan, boundary, decode(raw, encoding)).await
         }
         _ => Err(FilesError::BadRequest(format!("unsupported content type '{content_type}'"))),
     }
