@@ -55,10 +55,15 @@ enum Feature {
     /// After a cold boot, before any `/init`: the token is enforced from the
     /// MMDS hash and the exec context comes back from the state file.
     ColdBootContext,
+    /// After a cold boot of a secured sandbox, the token the client holds is
+    /// accepted from the first moment `/health` answers (no 401 window
+    /// while envd has not read the token hash from MMDS yet).
+    TokenAtReady,
 }
 
 impl Feature {
-    const ALL: [Feature; 4] = [Feature::Notify, Feature::Fsfreeze, Feature::Mmds, Feature::ColdBootContext];
+    const ALL: [Feature; 5] =
+        [Feature::Notify, Feature::Fsfreeze, Feature::Mmds, Feature::ColdBootContext, Feature::TokenAtReady];
 
     fn env(self) -> &'static str {
         match self {
@@ -66,6 +71,7 @@ impl Feature {
             Feature::Fsfreeze => "ENVD_VM_EXPECT_FSFREEZE",
             Feature::Mmds => "ENVD_VM_EXPECT_MMDS",
             Feature::ColdBootContext => "ENVD_VM_EXPECT_COLD_BOOT_CONTEXT",
+            Feature::TokenAtReady => "ENVD_VM_EXPECT_TOKEN_AT_READY",
         }
     }
 
@@ -388,6 +394,23 @@ impl Run {
         Ok(guest - host_now_secs())
     }
 
+    /// Polls until a request with the token is answered 200; returns the
+    /// time since qemu started.
+    fn token_accepted(&self, deadline: Duration) -> Result<Duration, String> {
+        let started = self.vm.as_ref().ok_or("no VM")?.started;
+        let envd = self.envd()?;
+        let mut last = String::new();
+        while started.elapsed() < deadline {
+            match envd.get("/envs") {
+                Ok(r) if r.status == 200 => return Ok(started.elapsed()),
+                Ok(r) => last = format!("{} {}", r.status, r.text()),
+                Err(e) => last = e.to_string(),
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Err(format!("a request with the token was not accepted within {deadline:?}: {last}"))
+    }
+
     /// Polls until a command as the default user runs as `user`; returns
     /// the time since qemu started.
     fn first_command_as_user(&self, deadline: Duration) -> Result<Duration, String> {
@@ -609,13 +632,26 @@ fn filesystem_phase(run: &mut Run, facts: &Facts) -> Result<(), String> {
     let reads_before = run.mmds.counters().reads;
     let ready = run.boot("coldboot", None)?;
     run.report.time("cold boot (fs-only resume) -> envd ready", secs(ready));
+    // The client still holds the token: it must work from the first moment.
+    let at_ready = run.envd()?.get("/envs").map(|r| r.status);
+    let accepted = run.token_accepted(BOOT_TIMEOUT);
+    if let Ok(accepted) = &accepted {
+        run.report.time("cold boot -> request with the token accepted", secs(*accepted));
+    }
+    run.report.check(P, "the token is accepted as soon as /health answers", Some(Feature::TokenAtReady),
+        match (&at_ready, &accepted) {
+            (Ok(200), _) => Ok(()),
+            (Ok(status), Ok(after)) => Err(format!("{status} at ready, 200 only {} after boot", secs(*after))),
+            (at_ready, accepted) => Err(format!("{at_ready:?}, then {accepted:?}")),
+        })?;
+    let mmds_read = run.mmds.wait_reads(reads_before + 1, Duration::from_secs(15));
+    run.report.check(P, "envd reads MMDS after the cold boot", Some(Feature::Mmds),
+        if mmds_read { Ok(()) } else { Err(format!("metadata service saw {:?}", run.mmds.counters())) })?;
+    accepted?;
 
     let boot_id = run.root("cat /proc/sys/kernel/random/boot_id")?;
     run.report.check(P, "a new boot: envd started by systemd", None,
         if boot_id != facts.boot_id { Ok(()) } else { Err("same boot_id as before the pause".into()) })?;
-    let mmds_read = run.mmds.wait_reads(reads_before + 1, Duration::from_secs(15));
-    run.report.check(P, "envd reads MMDS after the cold boot", Some(Feature::Mmds),
-        if mmds_read { Ok(()) } else { Err(format!("metadata service saw {:?}", run.mmds.counters())) })?;
 
     // No /init yet: the orchestrator's first /init may come late.
     let gate = Some(Feature::ColdBootContext);

@@ -11,7 +11,8 @@
 # root.img) as the last line on stdout. Needs root and tests/vm/setup.sh.
 #
 # Env: ENVD_BIN  binary for the image's .deb (default: target/debug/envd,
-#                else target/release/envd, else `cargo build --bin envd`)
+#                else target/release/envd, else `cargo build --bin envd`;
+#                target/ is $CARGO_TARGET_DIR when set)
 #      ENVD_VM_REBUILD=1  ignore the cache
 set -euo pipefail
 
@@ -97,8 +98,9 @@ rootfs_enable_unit "$R" vm-net.service
 # ---- 3. envd, as a template gets it: the .deb and the default user
 BIN=${ENVD_BIN:-}
 if [ -z "$BIN" ]; then
-  for BIN in "$REPO/target/debug/envd" "$REPO/target/release/envd" ""; do [ -z "$BIN" ] || [ -x "$BIN" ] && break; done
-  if [ -z "$BIN" ]; then (cd "$REPO" && cargo build --bin envd >&2); BIN=$REPO/target/debug/envd; fi
+  TARGET=${CARGO_TARGET_DIR:-$REPO/target}
+  for BIN in "$TARGET/debug/envd" "$TARGET/release/envd" ""; do [ -z "$BIN" ] || [ -x "$BIN" ] && break; done
+  if [ -z "$BIN" ]; then (cd "$REPO" && cargo build --bin envd >&2); BIN=$TARGET/debug/envd; fi
 fi
 DEB=$("$REPO/packaging/build-deb.sh" --binary "$BIN" --out "$WORK")
 rootfs_install_deb "$R" "$DEB"
