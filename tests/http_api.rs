@@ -198,6 +198,8 @@ async fn access_token_guards_everything_but_health() {
     assert_eq!(open.get("/envs").await.status, StatusCode::OK, "no token before /init");
     let reply = open.post_json("/init", &json!({"accessToken": ""})).await;
     assert_eq!(reply.status, StatusCode::BAD_REQUEST, "an empty token is a decode error");
+    let reply = open.send(Method::POST, "/init", &[], r#"{"accessToken":"a\u0041"}"#).await;
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST, "a token with an escape is a decode error");
     let reply = open.post_json("/init", &json!({"accessToken": TOKEN})).await;
     assert_eq!(reply.status, StatusCode::NO_CONTENT, "{}", reply.text());
 
@@ -288,6 +290,18 @@ async fn routing_errors() {
     }
     let reply = client.unary(rpc::LIST, &json!({}), &[("connect-protocol-version", "2")]).await;
     assert_eq!(reply.json()["code"], "invalid_argument", "Connect-Protocol-Version 2");
+
+    // gzip request bodies are accepted, unknown encodings are unimplemented.
+    let mut gzip = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    std::io::Write::write_all(&mut gzip, b"{}").unwrap();
+    let reply = client.unary(rpc::LIST, &json!({}), &[("content-encoding", "identity")]).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    let reply = client
+        .send(Method::POST, rpc::LIST, &[("content-type", "application/json"), ("content-encoding", "gzip")], gzip.finish().unwrap())
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    let reply = client.unary(rpc::LIST, &json!({}), &[("content-encoding", "br")]).await;
+    assert_eq!((reply.status, reply.json()["code"].as_str()), (StatusCode::NOT_IMPLEMENTED, Some("unimplemented")));
     assert!(health_ok(envd.port()));
 }
 

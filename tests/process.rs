@@ -185,6 +185,21 @@ async fn send_input_and_close_stdin_on_cat() {
 }
 
 #[tokio::test]
+async fn large_input_is_written_in_full() {
+    let envd = Envd::start();
+    let client = envd.client();
+    let mut stream = client.stream(rpc::START, &with_stdin("/usr/bin/wc", &["-c"]), &[]).await;
+    let pid = expect_start(&mut stream).await;
+    let chunk = vec![b'x'; 4 << 20];
+    for _ in 0..2 {
+        client.call(rpc::SEND_INPUT, &json!({"process": {"pid": pid}, "input": {"stdin": b64(&chunk)}})).await;
+    }
+    client.call(rpc::CLOSE_STDIN, &json!({"process": {"pid": pid}})).await;
+    assert_eq!(read_stdout(&mut stream, 8).await, b"8388608\n");
+    assert_eq!(expect_end(&mut stream).await["status"], "exit status 0");
+}
+
+#[tokio::test]
 async fn stream_input_is_handled_as_it_arrives() {
     let envd = Envd::start();
     let client = envd.client();
@@ -302,6 +317,18 @@ async fn connect_sees_every_event_from_its_attach_point() {
     for stream in [&mut starter, &mut by_pid, &mut by_tag] {
         assert_eq!(expect_end(stream).await, json!({"exited": true, "status": "exit status 0"}));
     }
+
+    // Keep-alives on a Connect stream too.
+    let mut sleeper = client.stream(rpc::START, &json!({"process": {"cmd": "/bin/sleep", "args": ["30"]}}), &[]).await;
+    let sleeper_pid = expect_start(&mut sleeper).await;
+    let mut watcher = client
+        .stream(rpc::CONNECT, &json!({"process": {"pid": sleeper_pid}}), &[("keepalive-ping-interval", "1")])
+        .await;
+    assert_eq!(expect_start(&mut watcher).await, sleeper_pid);
+    assert_eq!(watcher.next_event().await, ProcEvent::Keepalive);
+    client.kill(sleeper_pid).await;
+    assert_eq!(expect_end(&mut watcher).await["status"], "signal: killed");
+    expect_end(&mut sleeper).await;
 
     // Shortly after the end, Connect still learns how it ended.
     let run = client.stream(rpc::CONNECT, &json!({"process": {"pid": pid}}), &[]).await.collect().await;
