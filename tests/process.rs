@@ -48,7 +48,7 @@ async fn expect_end(stream: &mut ConnectStream) -> Value {
     let end = loop {
         match stream.next_event().await {
             ProcEvent::End(end) => break end,
-            ProcEvent::Keepalive => {}
+            ProcEvent::Keepalive | ProcEvent::Stdout(_) | ProcEvent::Stderr(_) => {}
             other => panic!("expected the end event, got {other:?}"),
         }
     };
@@ -156,6 +156,16 @@ async fn stdin_absent_is_a_pipe_and_false_is_dev_null() {
     assert_eq!((status, error.code.as_str()), (StatusCode::INTERNAL_SERVER_ERROR, "internal"), "{error:?}");
     // CloseStdin on it is a no-op success.
     client.call(rpc::CLOSE_STDIN, &json!({"process": {"pid": pid}})).await;
+    client.kill(pid).await;
+    expect_end(&mut stream).await;
+
+    // Input after CloseStdin is refused the same way; closing twice is fine.
+    let mut stream = client.stream(rpc::START, &with_stdin("/bin/sleep", &["30"]), &[]).await;
+    let pid = expect_start(&mut stream).await;
+    client.call(rpc::CLOSE_STDIN, &json!({"process": {"pid": pid}})).await;
+    client.call(rpc::CLOSE_STDIN, &json!({"process": {"pid": pid}})).await;
+    let (_, error) = client.call_err(rpc::SEND_INPUT, &json!({"process": {"pid": pid}, "input": {"stdin": b64(b"x")}})).await;
+    assert_eq!(error.code, "internal", "{error:?}");
     client.kill(pid).await;
     expect_end(&mut stream).await;
 }
@@ -283,6 +293,12 @@ async fn keepalives_fill_silence() {
     let run = client.run(&bash("sleep 2.6; echo done"), &[("keepalive-ping-interval", "1")]).await;
     assert!(run.keepalives >= 2, "expected keep-alives every second: {:?}", run.events);
     assert_eq!(run.stdout_str(), "done\n");
+
+    // Output restarts the timer: no keep-alive while data flows.
+    let run = client
+        .run(&bash("for i in 1 2 3 4 5; do echo $i; sleep 0.4; done"), &[("keepalive-ping-interval", "1")])
+        .await;
+    assert_eq!(run.keepalives, 0, "{:?}", run.events);
 
     // 0, negative and garbage mean the default (90 s): nothing crashes.
     for value in ["0", "-1", "abc"] {
@@ -454,6 +470,53 @@ async fn client_disconnect_does_not_kill_the_process() {
     assert!(read_stdout(&mut connected, 5).await.starts_with(b"tick"));
     client.kill(pid).await;
     assert_eq!(expect_end(&mut connected).await["status"], "signal: killed");
+}
+
+#[tokio::test]
+async fn a_gone_watcher_does_not_stall_a_busy_process() {
+    let envd = Envd::start();
+    let client = envd.client();
+    let mut stream = client.stream(rpc::START, &json!({"process": {"cmd": "/usr/bin/yes", "args": ["y"]}}), &[]).await;
+    let pid = expect_start(&mut stream).await;
+    read_stdout(&mut stream, 1 << 20).await;
+    drop(stream);
+    // With no watcher the output is read and dropped: `yes` keeps running
+    // and a new watcher gets fresh output at once.
+    let cpu_ticks = || {
+        let stat = proc_stat(pid).expect("yes still runs");
+        stat[11].parse::<u64>().unwrap() + stat[12].parse::<u64>().unwrap()
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = cpu_ticks();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = cpu_ticks();
+    assert!(after > before, "yes is blocked on a full pipe (utime+stime {before} -> {after})");
+    let mut connected = client.stream(rpc::CONNECT, &json!({"process": {"pid": pid}}), &[]).await;
+    assert_eq!(expect_start(&mut connected).await, pid);
+    assert!(read_stdout(&mut connected, 1 << 16).await.starts_with(b"y\n"));
+    client.kill(pid).await;
+    assert_eq!(expect_end(&mut connected).await["status"], "signal: killed");
+}
+
+#[tokio::test]
+async fn many_concurrent_starts() {
+    let envd = Envd::start();
+    let client = envd.client();
+    let runs = (0..40).map(|i| {
+        let client = client.clone();
+        async move { (i, client.run(&bash(&format!("echo {i}; echo {i} >&2; exit $(({i} % 5))")), &[]).await) }
+    });
+    let pids: HashSet<u32> = futures_util::future::join_all(runs)
+        .await
+        .into_iter()
+        .map(|(i, run)| {
+            assert_eq!(run.stdout_str(), format!("{i}\n"));
+            assert_eq!(run.stderr_str(), format!("{i}\n"));
+            assert_eq!(run.exit_code(), i % 5);
+            run.pid()
+        })
+        .collect();
+    assert_eq!(pids.len(), 40);
 }
 
 #[tokio::test]
