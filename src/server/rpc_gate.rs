@@ -43,6 +43,7 @@ pub fn gate(
             if let Some(response) = refusal(&request, &methods) {
                 return Ok(answer_early(request, response).await);
             }
+            drop_zero_timeout(&mut request);
             let response = match rpc.oneshot(request).await {
                 Ok(response) => response.map(Body::new),
                 Err(never) => match never {},
@@ -108,6 +109,14 @@ fn wrong_kind_of_type(request: &Request, kind: MethodKind) -> Option<&'static st
         MethodKind::Unary => None,
         _ if unary_type => Some(STREAM_TYPES),
         _ => None,
+    }
+}
+
+/// `Connect-Timeout-Ms: 0` means no deadline (for `Start`: a process
+/// without a time limit), not one that has already passed.
+fn drop_zero_timeout(request: &mut Request) {
+    if request.headers().get("connect-timeout-ms").is_some_and(|v| v.as_bytes().iter().all(|b| *b == b'0')) {
+        request.headers_mut().remove("connect-timeout-ms");
     }
 }
 
