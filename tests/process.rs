@@ -542,6 +542,11 @@ async fn connect_timeout_is_the_process_lifetime() {
     assert_eq!(expect_error(&mut stream).await.code, "deadline_exceeded");
     assert!(started.elapsed() < Duration::from_secs(4), "ended after {:?}", started.elapsed());
 
+    // 0 means no deadline.
+    let run = client.run(&bash("sleep 0.3; echo alive"), &[("connect-timeout-ms", "0")]).await;
+    assert_eq!(run.stdout_str(), "alive\n");
+    assert_eq!(run.end()["status"], "exit status 0");
+
     // Connect's deadline bounds only the stream.
     let mut stream = client.stream(rpc::START, &json!({"process": {"cmd": "/bin/sleep", "args": ["30"]}}), &[]).await;
     let pid = expect_start(&mut stream).await;
