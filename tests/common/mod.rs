@@ -16,9 +16,18 @@
 //! ```
 //!
 //! Every test starts its own daemon (`Envd::start`, or `Envd::options()`
-//! for flags, env vars and a `nice` wrapper); it is killed, with every
-//! process it started, when the `Envd` is dropped. It also dies with the
-//! thread that started it, so never keep one in a `static`.
+//! for flags, env vars and a `nice` wrapper) with its own state directory;
+//! it is killed, with every process it started, when the `Envd` is dropped
+//! (processes whose start event a JSON stream saw are found by session even
+//! after their parent died). It also dies with the thread that started it,
+//! so never keep one in a `static`.
+//!
+//! The pieces: [`Client`] (plain requests, Connect unary calls in JSON or
+//! protobuf, server streams as [`ConnectStream`] read envelope by envelope,
+//! client streams as [`InputStream`] fed message by message), [`Run`] (a
+//! process stream collected with its order checked), [`test_user`] (a real
+//! OS user with a supplementary group) and [`pb`] (hand-written prost
+//! messages for binary tests).
 //!
 //! The tests must run as root: envd switches users and resets priorities.
 //! Not being root is a failure, never a silent skip.
@@ -146,7 +155,6 @@ pub struct Envd {
     sessions: Sessions,
     state_dir: PathBuf,
     stderr: Arc<Mutex<Vec<u8>>>,
-    started_at: Instant,
     ready_after: Duration,
 }
 
@@ -205,7 +213,7 @@ impl Envd {
             }
         });
         let mut envd =
-            Envd { child, port, sessions: Sessions::default(), state_dir, stderr, started_at, ready_after: Duration::ZERO };
+            Envd { child, port, sessions: Sessions::default(), state_dir, stderr, ready_after: Duration::ZERO };
         loop {
             if health_ok(port) {
                 envd.ready_after = started_at.elapsed();
