@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Runs every test suite: unit and integration tests (the real binary, real
-# users, a real ext4 image, real cgroups), the real E2B Python SDK against
-# the daemon, and the end-to-end VM test of both resume paths.
+# users, a real ext4 image, real cgroups), the real E2B Python and JS SDKs
+# against the daemon, and the end-to-end VM test of both resume paths.
 #
 # Must run as root. Installs what it needs (Debian packages, a Python
-# virtualenv with the SDK, a cached VM image) on first use.
+# virtualenv with the SDK, the JS SDK from npm, a cached VM image) on first use.
 #
 #   scripts/test.sh            everything
 #   ENVD_SKIP_VM=1 scripts/test.sh   everything but the VM test
@@ -28,6 +28,9 @@ cargo test --no-fail-fast
 
 step "E2B Python SDK against envd"
 bash tests/sdk/run.sh
+
+step "E2B JS SDK against envd"
+bash tests/sdk-js/run.sh
 
 if [[ -z "${ENVD_SKIP_VM:-}" && -x tests/vm/run.sh ]]; then
     step "VM end-to-end: memory resume and cold boot"
