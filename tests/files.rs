@@ -182,13 +182,16 @@ async fn multipart_and_octet_stream_uploads() {
     assert_eq!(dir.names("a"), ["x.bin"], "no temporary files left");
 }
 
+/// Query, headers, body, expected status.
+type RefusalCase<'a> = (String, Vec<(&'a str, &'a str)>, Vec<u8>, StatusCode);
+
 #[tokio::test]
 async fn upload_refusals_write_nothing() {
     let envd = Envd::start();
     let client = envd.client();
     let dir = Scratch::new("refuse");
     let octet = [("content-type", "application/octet-stream")];
-    let cases: Vec<(String, Vec<(&str, &str)>, Vec<u8>, StatusCode)> = vec![
+    let cases: Vec<RefusalCase> = vec![
         (String::new(), octet.to_vec(), b"no path".to_vec(), StatusCode::BAD_REQUEST),
         (format!("path={}", q(&dir.s("t/gz"))), vec![octet[0], ("content-encoding", "gzip")], b"not gzip at all".to_vec(), StatusCode::BAD_REQUEST),
         (format!("path={}", q(&dir.s("t/br"))), vec![octet[0], ("content-encoding", "br")], b"x".to_vec(), StatusCode::BAD_REQUEST),
@@ -433,4 +436,19 @@ async fn a_stalled_upload_is_aborted() {
     let text = String::from_utf8_lossy(&response);
     assert!(text.starts_with("HTTP/1.1 408"), "{text}");
     assert!(eventually(Duration::from_secs(5), || dir.names("").is_empty()).await, "{:?}", dir.names(""));
+}
+
+#[tokio::test]
+async fn special_files_download_without_hanging() {
+    let envd = Envd::start();
+    let client = envd.client();
+    let zero = get(&client, "path=/dev/zero", &[("accept-encoding", "gzip")]).await;
+    assert_eq!(zero.status, StatusCode::OK);
+    assert!(gunzip(&zero.body).is_empty(), "a device is read up to its stat'ed size (0)");
+    let dir = Scratch::new("fifo");
+    let fifo = dir.path("pipe");
+    let status = std::process::Command::new("mkfifo").arg(&fifo).status().unwrap();
+    assert!(status.success());
+    let reply = get(&client, &format!("path={}", q(&dir.s("pipe"))), &[]).await;
+    assert_eq!((reply.status, reply.body.len()), (StatusCode::OK, 0), "opening a fifo does not block");
 }

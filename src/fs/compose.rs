@@ -56,7 +56,7 @@ mod tests {
         let dest = dir.join("out/joined");
         assert!(matches!(compose(&[a.clone(), a.clone()], &a, owner), Err(FsError::Conflict(_))));
         assert!(matches!(compose(&[dir.join("missing")], &dest, owner), Err(FsError::NotFound(_))));
-        assert!(matches!(compose(&[dir.clone()], &dest, owner), Err(FsError::NotARegularFile(_))));
+        assert!(matches!(compose(std::slice::from_ref(&dir), &dest, owner), Err(FsError::NotARegularFile(_))));
         let written = compose(&[a.clone(), b.clone()], &dest, owner).unwrap();
         assert_eq!(written.name, "joined");
         assert_eq!(std::fs::read(&dest).unwrap(), b"one,two");

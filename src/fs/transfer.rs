@@ -220,7 +220,13 @@ pub fn open_download(path: &Path) -> Result<Download, FsError> {
     if meta.is_dir() {
         return Err(FsError::IsADirectory(path.to_owned()));
     }
-    let file = File::open(path).map_err(|e| FsError::io("open", path, e))?;
+    // Non-blocking so that opening a fifo cannot hang a worker; it changes
+    // nothing for regular files.
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|e| FsError::io("open", path, e))?;
     Ok(Download { file, len: meta.len(), modified: meta.modified().ok() })
 }
 

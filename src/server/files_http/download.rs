@@ -67,7 +67,8 @@ async fn serve(state: &AppState, query: &FilesQuery, expiration: Option<i64>, he
 }
 
 fn gzipped(path: &Path, opened: Download) -> Response {
-    let file = tokio::fs::File::from_std(opened.file);
+    // At most the stat'ed size: a device such as /dev/zero never ends.
+    let file = tokio::fs::File::from_std(opened.file).take(opened.len);
     // Fastest level: SDK downloads ask for gzip by default, and envd must
     // not become the bottleneck of a copy.
     let encoder = GzipEncoder::with_quality(BufReader::with_capacity(CHUNK, file), Level::Fastest);
@@ -104,6 +105,8 @@ async fn identity(path: &Path, opened: Download, headers: &HeaderMap) -> Result<
     }
     let content_type = match type_by_extension(path) {
         Some(known) => known,
+        // Nothing to look at (and devices or fifos cannot be read at 0).
+        None if len == 0 => sniff(&[]),
         None => sniff_type(&file, path.to_owned()).await?,
     };
     let (start, count) = match span {

@@ -41,7 +41,7 @@ pub async fn upload(
     match receive(&state, &query, expiration, &headers, body).await {
         Ok(written) => json_response(&serde_json::Value::Array(written.iter().map(written_json).collect())),
         Err(err) => {
-            tracing::info!("upload refused: {err}");
+            tracing::debug!("upload refused: {err}");
             err.into_response()
         }
     }
