@@ -58,10 +58,21 @@ rootfs_install_deb() {
 # (what /init's defaultUser names): home /home/NAME, login shell bash.
 rootfs_add_default_user() {
   local root=$1 name=${2:-user} uid=${3:-1000}
-  if chroot "$root" getent passwd "$name" >/dev/null; then
+  if grep -q "^$name:" "$root/etc/passwd" 2>/dev/null; then
     return 0
   fi
-  chroot "$root" useradd --create-home --home-dir "/home/$name" --shell /bin/bash --uid "$uid" --user-group "$name"
+  if [ -x "$root/usr/sbin/useradd" ]; then
+    chroot "$root" /usr/sbin/useradd --create-home --home-dir "/home/$name" --shell /bin/bash --uid "$uid" --user-group "$name"
+    return
+  fi
+  # A root without the shadow tools: the same entries by hand.
+  mkdir -p "$root/etc" "$root/home/$name"
+  echo "$name:x:$uid:$uid::/home/$name:/bin/bash" >> "$root/etc/passwd"
+  echo "$name:x:$uid:" >> "$root/etc/group"
+  [ ! -f "$root/etc/shadow" ] || echo "$name:!:$(( $(date +%s) / 86400 )):0:99999:7:::" >> "$root/etc/shadow"
+  [ ! -d "$root/etc/skel" ] || cp -a "$root/etc/skel/." "$root/home/$name/"
+  chown -R "$uid:$uid" "$root/home/$name"
+  chmod 0750 "$root/home/$name"
 }
 
 # rootfs_slim DIR: drops package caches, docs and manuals (debootstrap

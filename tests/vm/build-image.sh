@@ -10,7 +10,9 @@
 # rebuilds the image. Prints the image directory (vmlinuz, initrd.cpio,
 # root.img) as the last line on stdout. Needs root and tests/vm/setup.sh.
 #
-# Env: ENVD_BIN  binary for the image's .deb (default: target/debug/envd,
+# Env: ENVD_VM_CACHE  cache directory (default $REPO/.cache/vm; point it
+#                outside the work tree to share it between clones)
+#      ENVD_BIN  binary for the image's .deb (default: target/debug/envd,
 #                else target/release/envd, else `cargo build --bin envd`;
 #                target/ is $CARGO_TARGET_DIR when set)
 #      ENVD_VM_REBUILD=1  ignore the cache
@@ -19,7 +21,7 @@ set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 # shellcheck source=../../packaging/lib/rootfs.sh
 . "$REPO/packaging/lib/rootfs.sh"
-CACHE=$REPO/.cache/vm
+CACHE=${ENVD_VM_CACHE:-$REPO/.cache/vm}
 log() { echo "build-image: $*" >&2; }
 
 # Debian removes superseded kernel ABIs from the mirror: ask, never hard-code.
