@@ -452,3 +452,32 @@ async fn special_files_download_without_hanging() {
     let reply = get(&client, &format!("path={}", q(&dir.s("pipe"))), &[]).await;
     assert_eq!((reply.status, reply.body.len()), (StatusCode::OK, 0), "opening a fifo does not block");
 }
+
+#[tokio::test]
+async fn a_gzip_bomb_streams_with_flat_memory() {
+    let envd = Envd::start();
+    let client = envd.client();
+    let dir = Scratch::new("bomb");
+    let target = dir.s("inflated.bin");
+    let inflated: u64 = 256 << 20;
+    // A multipart body holding 256 MiB of zeros deflates to well under
+    // 1 MiB; the whole body is gzipped, as Content-Encoding says.
+    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    let head = format!("--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{target}\"\r\n\r\n");
+    encoder.write_all(head.as_bytes()).unwrap();
+    let zeros = vec![0u8; 1 << 20];
+    for _ in 0..inflated >> 20 {
+        encoder.write_all(&zeros).unwrap();
+    }
+    encoder.write_all(format!("\r\n--{BOUNDARY}--\r\n").as_bytes()).unwrap();
+    let compressed = encoder.finish().unwrap();
+    assert!(compressed.len() < 1 << 20);
+    let before = envd.status_kib("VmRSS");
+    let headers = [("content-type", MULTIPART), ("content-encoding", "gzip")];
+    let reply = post(&client, "", &headers, compressed).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_eq!(std::fs::metadata(dir.path("inflated.bin")).unwrap().len(), inflated);
+    let peak = envd.status_kib("VmHWM");
+    eprintln!("envd RSS {before} KiB before, peak {peak} KiB");
+    assert!(peak < before + 64 * 1024, "peak RSS {peak} KiB (from {before} KiB) while inflating {inflated} bytes");
+}

@@ -277,6 +277,13 @@ mod tests {
         assert_eq!(got, [Create, Rename, Chmod, Write, Remove]);
     }
 
+    #[test]
+    fn local_filesystems_are_not_network_mounts() {
+        for path in ["/", "/tmp", "/proc", "/dev"] {
+            assert!(!is_network_mount(Path::new(path)).unwrap(), "{path}");
+        }
+    }
+
     #[tokio::test]
     async fn recursive_watch_sees_new_subdirectories() {
         let root = std::env::temp_dir().join(format!("envd-watch-{}", std::process::id()));
