@@ -90,8 +90,9 @@ async fn a_terminal_session_end_to_end() {
     session.wait_ready(&client).await;
 
     let mark = session.screen.len();
-    session.type_text(&client, b"tty; stty size; echo $TERM $LANG $LC_ALL; whoami\n").await;
-    let shown = session.wait_for(&user.name, mark).await;
+    session.type_text(&client, b"tty; stty size; echo $TERM $LANG $LC_ALL; echo who=$(whoami)\n").await;
+    // The typed line shows `who=$(whoami)`; only the output has the name.
+    let shown = session.wait_for(&format!("who={}", user.name), mark).await;
     assert!(shown.contains("/dev/pts/"), "tty is a pseudo-terminal: {shown}");
     assert!(shown.contains("24 80"), "stty size is the requested size: {shown}");
     assert!(shown.contains("xterm-256color C.UTF-8 C.UTF-8"), "{shown}");
