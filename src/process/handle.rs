@@ -137,8 +137,12 @@ impl ProcessHandle {
     pub(super) async fn broadcast(&self, output: Output, data: Bytes) {
         let subscribers = self.fanout().subscribers.clone();
         let mut lost = false;
-        for subscriber in &subscribers {
-            lost |= subscriber.send(Event::Data(output, data.clone())).await.is_err();
+        if let Some((last, others)) = subscribers.split_last() {
+            for subscriber in others {
+                lost |= subscriber.send(Event::Data(output, data.clone())).await.is_err();
+            }
+            // The last one gets the original, so a lone subscriber owns it.
+            lost |= last.send(Event::Data(output, data)).await.is_err();
         }
         if lost {
             self.fanout().subscribers.retain(|s| !s.is_closed());

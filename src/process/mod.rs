@@ -167,23 +167,29 @@ pub fn start(table: &Arc<ProcessTable>, spec: StartSpec) -> Result<Started, Proc
     Ok(Started { pid, events })
 }
 
+/// Each chunk is read into its own buffer and handed on without a copy:
+/// with one subscriber (the usual case) the same allocation ends up in the
+/// encoded message.
 async fn pump<R: AsyncRead + Unpin>(handle: Arc<ProcessHandle>, mut reader: R, output: Output) {
-    let mut buf = vec![0u8; PIPE_CHUNK];
     loop {
-        match reader.read(&mut buf).await {
+        let mut chunk = Vec::with_capacity(PIPE_CHUNK);
+        match reader.read_buf(&mut chunk).await {
             Ok(0) | Err(_) => return,
-            Ok(n) => handle.broadcast(output, Bytes::copy_from_slice(&buf[..n])).await,
+            Ok(_) => handle.broadcast(output, Bytes::from(chunk)).await,
         }
     }
 }
 
 async fn pump_pty(handle: Arc<ProcessHandle>) {
-    let mut buf = vec![0u8; PTY_CHUNK];
+    let Some(pty) = handle.pty() else { return };
     loop {
-        let Some(pty) = handle.pty() else { return };
-        match pty.read(&mut buf).await {
+        let mut chunk = vec![0u8; PTY_CHUNK];
+        match pty.read(&mut chunk).await {
             Ok(0) | Err(_) => return,
-            Ok(n) => handle.broadcast(Output::Pty, Bytes::copy_from_slice(&buf[..n])).await,
+            Ok(n) => {
+                chunk.truncate(n);
+                handle.broadcast(Output::Pty, Bytes::from(chunk)).await;
+            }
         }
     }
 }

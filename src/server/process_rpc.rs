@@ -111,7 +111,8 @@ fn end_event(end: EndStatus) -> pb::ProcessEvent {
 fn to_pb(item: Event) -> pb::ProcessEvent {
     match item {
         Event::Data(output, data) => {
-            let data = data.to_vec();
+            // Zero-copy when this subscriber holds the only reference.
+            let data = Vec::from(data);
             let output = match output {
                 Output::Stdout => PbOutput::Stdout(data),
                 Output::Stderr => PbOutput::Stderr(data),
