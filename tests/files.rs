@@ -481,3 +481,14 @@ async fn a_gzip_bomb_streams_with_flat_memory() {
     eprintln!("envd RSS {before} KiB before, peak {peak} KiB");
     assert!(peak < before + 64 * 1024, "peak RSS {peak} KiB (from {before} KiB) while inflating {inflated} bytes");
 }
+
+#[tokio::test]
+async fn a_refused_large_upload_still_gets_its_answer() {
+    let envd = Envd::start();
+    let client = envd.client();
+    assert_eq!(client.post_json("/init", &json!({"accessToken": TOKEN})).await.status, StatusCode::NO_CONTENT);
+    let dir = Scratch::new("refusedbig");
+    let reply = post(&client, &format!("path={}", q(&dir.s("x"))), &[("content-type", "application/octet-stream")], vec![b'x'; 8 << 20]).await;
+    assert_eq!(reply.status, StatusCode::UNAUTHORIZED, "the client reads the 401, not a reset");
+    assert!(!dir.path("x").exists());
+}

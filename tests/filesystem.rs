@@ -349,3 +349,22 @@ async fn legacy_python_sdk_gets_the_old_schema() {
     let current = envd.client().unary(STAT, &json!({"path": "/tmp"}), &[]).await;
     assert_eq!(current.header("x-e2b-legacy-sdk"), "");
 }
+
+#[tokio::test]
+async fn uploads_look_like_in_place_writes_to_watchers() {
+    let envd = Envd::start();
+    let client = envd.client();
+    let dir = Scratch::new("watchupload");
+    let mut stream = client.stream(WATCH, &json!({"path": dir.s("")}), &[]).await;
+    stream.next_frame().await.unwrap();
+    let query = format!("/files?path={}", dir.s("up.txt"));
+    let reply = client.send(http::Method::POST, &query, &[("content-type", "application/octet-stream")], "data").await;
+    assert_eq!(reply.status, StatusCode::OK);
+    let first = next_fs_event(&mut stream).await;
+    let second = next_fs_event(&mut stream).await;
+    assert_eq!((first["name"].as_str(), first["type"].as_str()), (Some("up.txt"), Some("EVENT_TYPE_CREATE")));
+    assert_eq!((second["name"].as_str(), second["type"].as_str()), (Some("up.txt"), Some("EVENT_TYPE_WRITE")));
+    std::fs::write(dir.path("marker"), b"").unwrap();
+    let next = next_fs_event(&mut stream).await;
+    assert_eq!(next["name"], "marker", "no events of the upload's temporary file");
+}

@@ -25,7 +25,7 @@ pub fn compose(sources: &[PathBuf], destination: &Path, owner: Owner) -> Result<
     if std::fs::metadata(destination).is_ok_and(|m| m.is_dir()) {
         return Err(FsError::IsADirectory(destination.to_owned()));
     }
-    let (mut out, temp) = create_temp(destination, "e2b-compose", owner)?;
+    let (mut out, temp) = create_temp(destination, super::transfer::COMPOSE_TAG, owner)?;
     for source in sources {
         let mut input = File::open(source).map_err(|e| FsError::io("open", source, e))?;
         // std::io::copy between files uses copy_file_range: no user-space buffer.

@@ -32,6 +32,8 @@ pub struct RawEvent {
     pub wd: i32,
     /// `IN_*` bits.
     pub mask: u32,
+    /// Pairs the two halves of a rename.
+    pub cookie: u32,
     /// The entry's name inside the watched directory, if any.
     pub name: Option<OsString>,
 }
@@ -98,12 +100,13 @@ fn parse(mut buf: &[u8]) -> Vec<RawEvent> {
         let word = |i: usize| [buf[i], buf[i + 1], buf[i + 2], buf[i + 3]];
         let wd = i32::from_ne_bytes(word(0));
         let mask = u32::from_ne_bytes(word(4));
+        let cookie = u32::from_ne_bytes(word(8));
         let len = usize::try_from(u32::from_ne_bytes(word(12))).unwrap_or(usize::MAX);
         let Some(record) = buf.get(..HEADER.saturating_add(len)) else { break };
         let name = &record[HEADER..];
         let name = &name[..name.iter().position(|b| *b == 0).unwrap_or(name.len())];
         let name = (!name.is_empty()).then(|| OsString::from_vec(name.to_vec()));
-        events.push(RawEvent { wd, mask, name });
+        events.push(RawEvent { wd, mask, cookie, name });
         buf = &buf[record.len()..];
     }
     events
@@ -132,7 +135,7 @@ mod tests {
         buf.extend(&record(3, libc::IN_MODIFY, b"cut", 16)[..20]);
         let events = parse(&buf);
         assert_eq!(events.len(), 2);
-        assert_eq!(events[0], RawEvent { wd: 1, mask: libc::IN_CREATE, name: Some("a.txt".into()) });
+        assert_eq!(events[0], RawEvent { wd: 1, mask: libc::IN_CREATE, cookie: 0, name: Some("a.txt".into()) });
         assert_eq!(events[1].name, None);
     }
 

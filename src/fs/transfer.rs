@@ -33,6 +33,22 @@ const WRITE_QUEUE: usize = 8;
 /// that the temporary name stays under NAME_MAX.
 const TEMP_NAME_KEEP: usize = 200;
 
+/// Tag in the names of upload temporaries.
+pub(crate) const UPLOAD_TAG: &str = "envd-upload";
+/// Tag in the names of compose temporaries.
+pub(crate) const COMPOSE_TAG: &str = "e2b-compose";
+
+/// Whether `name` is one of envd's transfer temporaries
+/// (`.<name>.<tag>.<random>.tmp`); watchers hide them.
+pub fn is_temp_name(name: &std::ffi::OsStr) -> bool {
+    let name = name.as_bytes();
+    let tagged = |tag: &str| {
+        let dotted = format!(".{tag}.");
+        name.windows(dotted.len()).any(|w| w == dotted.as_bytes())
+    };
+    name.starts_with(b".") && name.ends_with(b".tmp") && (tagged(UPLOAD_TAG) || tagged(COMPOSE_TAG))
+}
+
 /// A file written by an upload or compose.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Written {
@@ -182,7 +198,7 @@ fn prepare(requested: PathBuf, owner: Owner) -> Result<Prepared, FsError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
         Err(e) => return Err(FsError::io_strict("stat", &target, e)),
     };
-    let (file, temp) = create_temp(&target, "envd-upload", owner)?;
+    let (file, temp) = create_temp(&target, UPLOAD_TAG, owner)?;
     if let Some(meta) = existing {
         // Replacing keeps what an in-place truncate would have kept.
         file.set_permissions(Permissions::from_mode(meta.mode() & 0o777))
@@ -265,6 +281,8 @@ mod tests {
         assert_eq!(entries(&dir.join("sub")), ["f.txt"]);
 
         assert!(matches!(Upload::begin(dir.clone(), owner).await, Err(FsError::IsADirectory(_))));
+        assert!(is_temp_name(".f.txt.envd-upload.abc123def456.tmp".as_ref()));
+        assert!(!is_temp_name("f.txt.envd-upload.tmp".as_ref()));
         std::fs::remove_dir_all(dir).unwrap();
     }
 

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 
 use super::entry::{Entry, Owners, entry_info};
 use super::inotify::{Inotify, RawEvent};
+use super::transfer::is_temp_name;
 use super::{FsError, display};
 
 /// Filesystem magics refused unless the caller allows network mounts:
@@ -18,6 +19,8 @@ use super::{FsError, display};
 const NETWORK_MAGICS: [u64; 5] = [0x6969, 0xFF53_4D42, 0x517B, 0xFE53_4D42, 0x6573_5546];
 /// Bound on remembered synthesized creates (see [`Watcher::handle`]).
 const MAX_SYNTHESIZED: usize = 4096;
+/// Bound on remembered renames of transfer temporaries.
+const MAX_TEMP_RENAMES: usize = 256;
 
 /// How to watch.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -71,6 +74,9 @@ pub struct Watcher {
     /// Creates reported from a directory scan; inotify may report the
     /// same creation again, which is then dropped.
     synthesized: HashSet<PathBuf>,
+    /// Cookies of renames away from an upload's temporary file: the
+    /// matching arrival is the finished upload.
+    temp_renames: VecDeque<u32>,
 }
 
 impl Watcher {
@@ -97,6 +103,7 @@ impl Watcher {
             pending: VecDeque::new(),
             owners: Owners::default(),
             synthesized: HashSet::new(),
+            temp_renames: VecDeque::new(),
         };
         if options.recursive {
             watcher.watch_children(Path::new(""), false)?;
@@ -123,6 +130,9 @@ impl Watcher {
         }
         if raw.mask & libc::IN_IGNORED != 0 {
             self.dirs.remove(&raw.wd);
+            return Ok(());
+        }
+        if self.hide_transfer_temp(&raw) {
             return Ok(());
         }
         let Some(dir) = self.dirs.get(&raw.wd) else { return Ok(()) };
@@ -152,6 +162,33 @@ impl Watcher {
         }
         self.push(&relative, kinds(raw.mask));
         Ok(())
+    }
+
+    /// Uploads write a hidden temporary file and rename it into place.
+    /// Watchers see what an in-place write shows instead: the temporary's
+    /// events are dropped, and its arrival under the real name reports a
+    /// create followed by a write.
+    fn hide_transfer_temp(&mut self, raw: &RawEvent) -> bool {
+        if raw.name.as_deref().is_some_and(is_temp_name) {
+            if raw.mask & libc::IN_MOVED_FROM != 0 {
+                if self.temp_renames.len() >= MAX_TEMP_RENAMES {
+                    self.temp_renames.pop_front();
+                }
+                self.temp_renames.push_back(raw.cookie);
+            }
+            return true;
+        }
+        if raw.mask & libc::IN_MOVED_TO != 0
+            && let Some(at) = self.temp_renames.iter().position(|c| *c == raw.cookie)
+        {
+            self.temp_renames.remove(at);
+            if let (Some(dir), Some(name)) = (self.dirs.get(&raw.wd), &raw.name) {
+                let relative = dir.join(name);
+                self.push(&relative, [EventKind::Create, EventKind::Write].into_iter());
+            }
+            return true;
+        }
+        false
     }
 
     fn push(&mut self, relative: &Path, kinds: impl Iterator<Item = EventKind>) {

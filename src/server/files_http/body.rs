@@ -58,6 +58,22 @@ pub fn reader(body: Body, idle: Duration) -> ByteStream {
     Box::pin(futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|chunk| (chunk, rx)) }))
 }
 
+/// Reads and drops up to `limit` bytes of a refused request's body in the
+/// background, so that a client still sending reads the refusal instead
+/// of a reset connection; past the limit the connection is dropped.
+pub fn discard(body: Body, idle: Duration, limit: usize) {
+    tokio::spawn(async move {
+        let mut chunks = body.into_data_stream();
+        let mut seen = 0usize;
+        while let Ok(Some(Ok(chunk))) = tokio::time::timeout(idle, chunks.next()).await {
+            seen = seen.saturating_add(chunk.len());
+            if seen > limit {
+                return;
+            }
+        }
+    });
+}
+
 async fn pump(body: Body, tx: tokio::sync::mpsc::Sender<io::Result<Bytes>>, idle: Duration) {
     let mut chunks = body.into_data_stream();
     let mut draining = false;

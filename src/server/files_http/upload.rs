@@ -15,7 +15,7 @@ use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt;
 use http::{HeaderMap, header};
 
-use super::body::{BodyEncoding, ByteStream, Fair, decode, reader};
+use super::body::{BodyEncoding, ByteStream, Fair, decode, discard, reader};
 use super::{FilesError, FilesQuery, authorize, file_user, json_response, parse_query, written_json};
 use crate::auth::signature::Operation;
 use crate::context::{ExecContext, User};
@@ -34,11 +34,19 @@ pub async fn upload(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
+    let idle = state.config.upload_idle_timeout();
     let (query, expiration) = match parse_query(query) {
         Ok(parsed) => parsed,
-        Err(error) => return error.into_response(),
+        Err(error) => {
+            discard(body, idle, REFUSED_BODY_DRAIN);
+            return error.into_response();
+        }
     };
-    match receive(&state, &query, expiration, &headers, body).await {
+    if let Err(error) = authorize(&state.guard, &headers, &query, Operation::Write, expiration) {
+        discard(body, idle, REFUSED_BODY_DRAIN);
+        return error.into_response();
+    }
+    match receive(&state, &query, &headers, body).await {
         Ok(written) => json_response(&serde_json::Value::Array(written.iter().map(written_json).collect())),
         Err(err) => {
             tracing::debug!("upload refused: {err}");
@@ -62,8 +70,11 @@ impl Plan {
     }
 }
 
-async fn receive(state: &AppState, query: &FilesQuery, expiration: Option<i64>, headers: &HeaderMap, body: Body) -> Result<Vec<Written>, FilesError> {
-    authorize(&state.guard, headers, query, Operation::Write, expiration)?;
+/// The body of an upload refused before it was authorised is read only
+/// this far (an authorised one is read to its end, see `body::reader`).
+const REFUSED_BODY_DRAIN: usize = 16 << 20;
+
+async fn receive(state: &AppState, query: &FilesQuery, headers: &HeaderMap, body: Body) -> Result<Vec<Written>, FilesError> {
     let idle = state.config.upload_idle_timeout();
     // From here on an early error still reads the rest of the body (see
     // `body::reader`), so the client gets to see the answer.
