@@ -31,8 +31,10 @@ pub fn compose(sources: &[PathBuf], destination: &Path, owner: Owner) -> Result<
         // std::io::copy between files uses copy_file_range: no user-space buffer.
         std::io::copy(&mut input, &mut out).map_err(|e| FsError::io_strict("write", destination, e))?;
     }
+    out.sync_all().map_err(|e| FsError::io_strict("fsync", destination, e))?;
     nix::unistd::close(out).map_err(|e| FsError::io_strict("close", destination, e.into()))?;
     temp.persist(destination)?;
+    super::transfer::sync_parent(destination)?;
     for source in sources {
         if let Err(err) = std::fs::remove_file(source) {
             tracing::warn!(path = %source.display(), "compose: removing source: {err}");

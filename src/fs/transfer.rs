@@ -5,8 +5,9 @@
 //! upload never leaves a partial file and never destroys the old content.
 //! Chunks pass through a short bounded queue to one blocking writer, so
 //! memory stays flat whatever the size, and network reads overlap disk
-//! writes. No fsync: pausing the VM syncs and freezes the filesystem, and
-//! ext4 orders a replace-by-rename after the data (auto_da_alloc).
+//! writes. An upload is acknowledged only once durable: the file is
+//! fsync'd before the rename and its directory after it, so a crash or a
+//! hard stop right after the answer loses nothing.
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions, Permissions};
@@ -165,9 +166,11 @@ impl Upload {
         let finished = tokio::task::spawn_blocking(move || -> Result<Written, FsError> {
             xattr::write_e2b(file.as_fd(), &metadata).map_err(|e| FsError::io_strict("set metadata", temp.path(), e))?;
             let metadata = xattr::read_e2b_fd(file.as_fd());
+            file.sync_all().map_err(|e| FsError::io_strict("fsync", temp.path(), e))?;
             // Close explicitly: some filesystems report write errors only here.
             nix::unistd::close(file).map_err(|e| FsError::io_strict("close", temp.path(), e.into()))?;
             temp.persist(&target)?;
+            sync_parent(&target)?;
             Ok(Written { name: base_name(&requested), path: requested, metadata })
         });
         finished.await.map_err(|e| join_error(&e))?
@@ -183,6 +186,12 @@ impl Upload {
             }),
         }
     }
+}
+
+/// Makes a rename into `path`'s directory durable.
+pub(crate) fn sync_parent(path: &Path) -> Result<(), FsError> {
+    let parent = path.parent().unwrap_or(Path::new("/"));
+    File::open(parent).and_then(|dir| dir.sync_all()).map_err(|e| FsError::io_strict("fsync", parent, e))
 }
 
 type Prepared = (PathBuf, PathBuf, File, TempPath);
