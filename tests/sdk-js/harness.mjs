@@ -315,7 +315,8 @@ export async function rejectsWith(promise, Klass, messageRe) {
   }
   if (!err) throw new Error(`expected ${Klass.name}, but the call succeeded`)
   if (!(err instanceof Klass)) {
-    throw new Error(`expected ${Klass.name}, got ${err?.constructor?.name}: ${err?.message}`, { cause: err })
+    const cause = err?.cause ? ` (cause: ${err.cause.code ?? err.cause.message})` : ''
+    throw new Error(`expected ${Klass.name}, got ${err?.constructor?.name}: ${err?.message}${cause}`, { cause: err })
   }
   if (messageRe && !messageRe.test(err.message)) {
     throw new Error(`${Klass.name} message ${JSON.stringify(err.message)} does not match ${messageRe}`)
