@@ -40,9 +40,17 @@ struct State {
 }
 
 /// Decides whether a request's `X-Access-Token` lets it through.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct AccessGuard {
     state: Arc<RwLock<State>>,
+    /// Bumped whenever the token or its hash changes.
+    changes: Arc<tokio::sync::watch::Sender<u64>>,
+}
+
+impl Default for AccessGuard {
+    fn default() -> Self {
+        Self { state: Arc::default(), changes: Arc::new(tokio::sync::watch::channel(0).0) }
+    }
 }
 
 /// The outcome of checking a request's token header.
@@ -84,6 +92,25 @@ impl AccessGuard {
         if state.fail_closed { Access::Denied } else { Access::Open }
     }
 
+    /// Checks a header, first waiting up to `patience` for the token hash
+    /// when envd is closed only because it has not read the hash yet (the
+    /// first moments after a cold boot): a client holding the right token
+    /// is then let in instead of refused.
+    pub async fn check_patiently(&self, header: Option<&[u8]>, patience: std::time::Duration) -> Access {
+        let mut changes = self.changes.subscribe();
+        let access = self.check(header);
+        if access != Access::Denied || !self.awaiting_hash() {
+            return access;
+        }
+        let _ = tokio::time::timeout(patience, changes.wait_for(|_| !self.awaiting_hash())).await;
+        self.check(header)
+    }
+
+    fn awaiting_hash(&self) -> bool {
+        let state = self.read();
+        state.fail_closed && state.token.is_none() && state.token_hash.is_none()
+    }
+
     /// The raw token, when known (needed to verify signed URLs).
     pub fn token(&self) -> Option<Secret> {
         self.read().token.clone()
@@ -107,6 +134,8 @@ impl AccessGuard {
         state.token = token;
         state.token_hash = None;
         state.fail_closed = false;
+        drop(state);
+        self.changes.send_modify(|n| *n += 1);
     }
 
     /// Records the token hash from the metadata service. The hash of the
@@ -120,13 +149,10 @@ impl AccessGuard {
         if hash.is_empty() {
             return;
         }
-        if hash == sha512_hex("") {
-            state.token_hash = None;
-            state.fail_closed = false;
-        } else {
-            state.token_hash = Some(hash);
-            state.fail_closed = false;
-        }
+        state.token_hash = (hash != sha512_hex("")).then_some(hash);
+        state.fail_closed = false;
+        drop(state);
+        self.changes.send_modify(|n| *n += 1);
     }
 
     /// Refuse token-protected requests until the token or its hash is known.
@@ -172,6 +198,28 @@ mod tests {
         assert_eq!(guard.check(Some(b"anything")), Access::Denied);
         guard.set_token_hash(&sha512_hex("secret"));
         assert_eq!(guard.check(Some(b"secret")), Access::Granted);
+    }
+
+    #[tokio::test]
+    async fn a_closed_guard_waits_briefly_for_the_hash() {
+        let guard = AccessGuard::default();
+        guard.close_until_known();
+        let later = guard.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            later.set_token_hash(&sha512_hex("secret"));
+        });
+        let patience = std::time::Duration::from_secs(5);
+        assert_eq!(guard.check_patiently(Some(b"secret"), patience).await, Access::Granted);
+        assert_eq!(guard.check_patiently(Some(b"wrong"), patience).await, Access::Denied);
+    }
+
+    #[tokio::test]
+    async fn patience_ends() {
+        let guard = AccessGuard::default();
+        guard.close_until_known();
+        let patience = std::time::Duration::from_millis(50);
+        assert_eq!(guard.check_patiently(Some(b"secret"), patience).await, Access::Denied);
     }
 
     #[test]

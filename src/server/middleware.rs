@@ -15,6 +15,10 @@ use crate::auth::basic_user;
 use crate::auth::token::Access;
 use crate::context::{UserError, users};
 
+/// How long a request waits for the token hash right after a cold boot
+/// before it is refused.
+const HASH_PATIENCE: std::time::Duration = std::time::Duration::from_secs(3);
+
 const EXPOSED_HEADERS: &str =
     "Grpc-Status, Grpc-Message, Grpc-Status-Details-Bin, Location, Cache-Control, X-Content-Type-Options";
 const ALLOWED_METHODS: &str = "HEAD, GET, POST, PUT, PATCH, DELETE";
@@ -61,7 +65,7 @@ fn exempt_from_token(method: &Method, path: &str) -> bool {
 pub async fn authenticate(State(state): State<Arc<AppState>>, mut request: Request, next: Next) -> Response {
     if !exempt_from_token(request.method(), request.uri().path()) {
         let token = request.headers().get("x-access-token").map(HeaderValue::as_bytes);
-        if state.guard.check(token) == Access::Denied {
+        if state.guard.check_patiently(token, HASH_PATIENCE).await == Access::Denied {
             return answer_early(request, HttpError::unauthorized_access().into_response()).await;
         }
     }
