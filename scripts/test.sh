@@ -34,5 +34,6 @@ bash tests/sdk-js/run.sh
 
 if [[ -z "${ENVD_SKIP_VM:-}" && -x tests/vm/run.sh ]]; then
     step "VM end-to-end: memory resume and cold boot"
-    bash tests/vm/run.sh
+    # The image is cached outside the clone so fresh clones reuse it.
+    ENVD_VM_CACHE="${ENVD_VM_CACHE:-/var/cache/envd-vm}" bash tests/vm/run.sh
 fi
