@@ -8,8 +8,7 @@ use std::sync::Arc;
 use connectrpc::{ConnectError, RequestContext, Response, ServiceRequest, ServiceResult, ServiceStream};
 use futures_util::StreamExt;
 
-use super::errors::unknown_user;
-use super::state::{AppState, NamedUser};
+use super::state::AppState;
 use super::stream::{keepalive_interval, with_keepalive};
 use crate::context::User;
 use crate::fs::watch::{EventKind, FsEvent, WatchOptions, Watcher};
@@ -35,16 +34,9 @@ impl FilesystemService {
         Self { state, watchers: PollingWatchers::default() }
     }
 
-    fn caller(&self, ctx: &RequestContext) -> Result<User, ConnectError> {
-        match ctx.extensions().get::<NamedUser>() {
-            Some(NamedUser(user)) => Ok(user.clone()),
-            None => self.state.context.user(None).map_err(unknown_user),
-        }
-    }
-
     /// The caller and `path` resolved for it.
     fn resolve(&self, ctx: &RequestContext, path: &str) -> Result<(User, PathBuf), ConnectError> {
-        let user = self.caller(ctx)?;
+        let user = self.state.caller(ctx)?;
         let resolved = self.state.context.snapshot().resolve_path(path, &user)?;
         Ok((user, resolved))
     }

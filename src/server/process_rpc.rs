@@ -6,10 +6,8 @@ use std::sync::Arc;
 use connectrpc::{ConnectError, ErrorCode, RequestContext, Response, ServiceRequest, ServiceResult, ServiceStream};
 use futures_util::StreamExt;
 
-use super::errors::unknown_user;
-use super::state::{AppState, NamedUser};
+use super::state::AppState;
 use super::stream::{keepalive_interval, with_keepalive};
-use crate::context::User;
 use crate::host::cgroups::Slot;
 use crate::process::spawn::StdioMode;
 use crate::process::{self, CommandConfig, EndStatus, Event, Found, Output, Selector, StartSpec, Subscription};
@@ -35,16 +33,8 @@ impl ProcessService {
         Self { state }
     }
 
-    /// The user a call runs as: the Basic-header user, else the default.
-    fn caller(&self, ctx: &RequestContext) -> Result<User, ConnectError> {
-        match ctx.extensions().get::<NamedUser>() {
-            Some(NamedUser(user)) => Ok(user.clone()),
-            None => self.state.context.user(None).map_err(unknown_user),
-        }
-    }
-
     fn start_spec(&self, ctx: &RequestContext, request: pb::StartRequest) -> Result<StartSpec, ConnectError> {
-        let user = self.caller(ctx)?;
+        let user = self.state.caller(ctx)?;
         let config = request.process.into_option().unwrap_or_default();
         let context = self.state.context.snapshot();
         let cwd = context.resolve_path(config.cwd.as_deref().unwrap_or(""), &user)?;

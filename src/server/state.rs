@@ -36,3 +36,13 @@ pub struct AppState {
 /// auth layer; absent when it named none.
 #[derive(Debug, Clone)]
 pub struct NamedUser(pub User);
+
+impl AppState {
+    /// The user an RPC runs as: the Basic-header user, else the default.
+    pub fn caller(&self, ctx: &connectrpc::RequestContext) -> Result<User, connectrpc::ConnectError> {
+        match ctx.extensions().get::<NamedUser>() {
+            Some(NamedUser(user)) => Ok(user.clone()),
+            None => self.context.user(None).map_err(super::errors::unknown_user),
+        }
+    }
+}
