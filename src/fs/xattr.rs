@@ -30,51 +30,34 @@ fn check(ret: isize) -> io::Result<usize> {
 
 /// Attribute names, NUL-separated as the kernel returns them.
 fn list(target: Target<'_>) -> io::Result<Vec<u8>> {
+    read_sized(|buf, len| match target {
+        // SAFETY: `buf` is null with `len` 0 (a size query) or valid for
+        // writes of `len` bytes; the path is NUL-terminated, the fd open.
+        Target::Path(p) => unsafe { libc::listxattr(p.as_ptr(), buf.cast(), len) },
+        // SAFETY: as above.
+        Target::Fd(fd) => unsafe { libc::flistxattr(fd.as_raw_fd(), buf.cast(), len) },
+    })
+}
+
+fn get(target: Target<'_>, name: &CStr) -> io::Result<Vec<u8>> {
+    read_sized(|buf, len| match target {
+        // SAFETY: as in `list`; `name` is NUL-terminated.
+        Target::Path(p) => unsafe { libc::getxattr(p.as_ptr(), name.as_ptr(), buf.cast(), len) },
+        // SAFETY: as above.
+        Target::Fd(fd) => unsafe { libc::fgetxattr(fd.as_raw_fd(), name.as_ptr(), buf.cast(), len) },
+    })
+}
+
+/// The xattr calls' size query, then the read, asked again when the value
+/// grew in between (ERANGE). `call(null, 0)` returns the size needed.
+fn read_sized(call: impl Fn(*mut u8, usize) -> isize) -> io::Result<Vec<u8>> {
     loop {
-        let size = match target {
-            // SAFETY: a null buffer with size 0 asks only for the needed size.
-            Target::Path(p) => check(unsafe { libc::listxattr(p.as_ptr(), std::ptr::null_mut(), 0) })?,
-            // SAFETY: as above, on a valid borrowed fd.
-            Target::Fd(fd) => check(unsafe { libc::flistxattr(fd.as_raw_fd(), std::ptr::null_mut(), 0) })?,
-        };
+        let size = check(call(std::ptr::null_mut(), 0))?;
         if size == 0 {
             return Ok(Vec::new());
         }
         let mut buf = vec![0u8; size];
-        let got = match target {
-            // SAFETY: buf is valid for writes of buf.len() bytes.
-            Target::Path(p) => unsafe { libc::listxattr(p.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) },
-            // SAFETY: as above.
-            Target::Fd(fd) => unsafe { libc::flistxattr(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) },
-        };
-        match check(got) {
-            Ok(n) => {
-                buf.truncate(n);
-                return Ok(buf);
-            }
-            // The list grew between the two calls: ask again.
-            Err(e) if e.raw_os_error() == Some(libc::ERANGE) => continue,
-            Err(e) => return Err(e),
-        }
-    }
-}
-
-fn get(target: Target<'_>, name: &CStr) -> io::Result<Vec<u8>> {
-    loop {
-        let size = match target {
-            // SAFETY: a null buffer with size 0 asks only for the needed size.
-            Target::Path(p) => check(unsafe { libc::getxattr(p.as_ptr(), name.as_ptr(), std::ptr::null_mut(), 0) })?,
-            // SAFETY: as above, on a valid borrowed fd.
-            Target::Fd(fd) => check(unsafe { libc::fgetxattr(fd.as_raw_fd(), name.as_ptr(), std::ptr::null_mut(), 0) })?,
-        };
-        let mut buf = vec![0u8; size];
-        let got = match target {
-            // SAFETY: buf is valid for writes of buf.len() bytes.
-            Target::Path(p) => unsafe { libc::getxattr(p.as_ptr(), name.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) },
-            // SAFETY: as above.
-            Target::Fd(fd) => unsafe { libc::fgetxattr(fd.as_raw_fd(), name.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) },
-        };
-        match check(got) {
+        match check(call(buf.as_mut_ptr(), buf.len())) {
             Ok(n) => {
                 buf.truncate(n);
                 return Ok(buf);
