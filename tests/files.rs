@@ -22,40 +22,6 @@ use sha2::{Digest, Sha256};
 const TOKEN: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
 const BOUNDARY: &str = "envd-test-boundary-7MA4YWxkTrZu0gW";
 
-/// A directory for one test, removed when dropped.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(name: &str) -> Scratch {
-        let dir = std::env::temp_dir().join(format!("envd-files-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        Scratch(dir)
-    }
-
-    fn path(&self, rel: &str) -> PathBuf {
-        self.0.join(rel)
-    }
-
-    fn s(&self, rel: &str) -> String {
-        self.path(rel).display().to_string()
-    }
-
-    /// Names in a directory, sorted (temporary files would show here).
-    fn names(&self, rel: &str) -> Vec<String> {
-        let mut names: Vec<String> =
-            std::fs::read_dir(self.path(rel)).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
-        names.sort();
-        names
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// A size-limited tmpfs, unmounted when dropped.
 struct SmallFs(PathBuf);
 

@@ -5,7 +5,7 @@
 mod common;
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use common::*;
@@ -21,32 +21,6 @@ const WATCH: &str = "/filesystem.Filesystem/WatchDir";
 const CREATE_WATCHER: &str = "/filesystem.Filesystem/CreateWatcher";
 const GET_EVENTS: &str = "/filesystem.Filesystem/GetWatcherEvents";
 const REMOVE_WATCHER: &str = "/filesystem.Filesystem/RemoveWatcher";
-
-/// A directory for one test, removed when dropped.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(name: &str) -> Scratch {
-        let dir = std::env::temp_dir().join(format!("envd-fs-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        Scratch(dir)
-    }
-
-    fn path(&self, rel: &str) -> PathBuf {
-        self.0.join(rel)
-    }
-
-    fn s(&self, rel: &str) -> String {
-        self.path(rel).display().to_string()
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 fn set_xattr(path: &Path, name: &str, value: &str) {
     let status = std::process::Command::new("setfattr").args(["-n", name, "-v", value]).arg(path).status();
@@ -122,7 +96,7 @@ async fn stat_errors_and_path_resolution() {
     let (status, err) = client.call_err(STAT, &json!({"path": "~root/x"})).await;
     assert_eq!((status, err.code.as_str()), (StatusCode::BAD_REQUEST, "invalid_argument"));
 
-    let as_user = envd.client().as_user(&user.name);
+    let as_user = envd.client().with_user(&user.name);
     assert_eq!(entry(&as_user, "").await["path"], user.home.display().to_string(), "empty path is the home");
     assert_eq!(entry(&as_user, "~").await["path"], user.home.display().to_string());
     std::fs::write(user.home.join(".envd-fs-probe"), b"x").unwrap();
@@ -132,7 +106,7 @@ async fn stat_errors_and_path_resolution() {
     std::fs::remove_file(user.home.join(".envd-fs-probe")).unwrap();
     assert_eq!(entry(&client, "").await["path"], "/root", "no Basic header: the default user, root");
 
-    let ghost = envd.client().as_user("no-such-user-xyz").unary(STAT, &json!({"path": "/"}), &[]).await;
+    let ghost = envd.client().with_user("no-such-user-xyz").unary(STAT, &json!({"path": "/"}), &[]).await;
     assert_eq!(ghost.status, StatusCode::UNAUTHORIZED);
     assert_eq!(ghost.json()["code"], "unauthenticated");
 }
@@ -180,7 +154,7 @@ async fn list_dir_walks_in_order_to_depth() {
 async fn make_dir_move_and_remove_own_what_they_create() {
     let envd = Envd::start();
     let user = test_user();
-    let client = envd.client().as_user(&user.name);
+    let client = envd.client().with_user(&user.name);
     let dir = Scratch::new("mkdir");
     let made = client.call(MKDIR, &json!({"path": dir.s("x/y/z")})).await;
     assert_eq!(made["entry"]["type"], "FILE_TYPE_DIRECTORY");

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{Envd, rpc, test_user};
+use common::{Envd, Scratch, rpc, test_user};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha512};
 
@@ -143,13 +143,6 @@ async fn wait_for_identity(client: &common::Client) {
     }
 }
 
-fn scratch_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("envd-lifecycle-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
 fn lifecycle_args(state: &Path, run: &Path, mmds: &str) -> Vec<String> {
     ["--state-dir", &state.display().to_string(), "--run-dir", &run.display().to_string(), "--mmds-address", mmds]
         .map(str::to_owned)
@@ -159,10 +152,12 @@ fn lifecycle_args(state: &Path, run: &Path, mmds: &str) -> Vec<String> {
 #[tokio::test]
 async fn cold_boot_restores_the_exec_context_and_the_token() {
     let user = test_user();
-    let state = scratch_dir("cold-state");
-    let run_dir = scratch_dir("cold-run");
+    let state_scratch = Scratch::new("cold-state");
+        let state = &state_scratch.0;
+    let run_dir_scratch = Scratch::new("cold-run");
+    let run_dir = &run_dir_scratch.0;
     let mmds = Mmds::start(sandbox_metadata());
-    let args = lifecycle_args(&state, &run_dir, &mmds.address());
+    let args = lifecycle_args(state, run_dir, &mmds.address());
 
     let before = {
         let envd = Envd::options().args(args.clone()).start();
@@ -176,7 +171,7 @@ async fn cold_boot_restores_the_exec_context_and_the_token() {
         // envd is SIGKILLed here: no chance to save anything on the way out.
     };
     assert!(before.contains(&format!("{}\n", user.uid)) && before.contains(&user.name) && before.contains("hello sbx-cold-1"), "{before}");
-    for entry in std::fs::read_dir(&state).unwrap() {
+    for entry in std::fs::read_dir(state).unwrap() {
         let content = std::fs::read(entry.unwrap().path()).unwrap();
         assert!(!String::from_utf8_lossy(&content).contains(TOKEN), "the raw token must never reach the disk");
     }
@@ -196,23 +191,23 @@ async fn cold_boot_restores_the_exec_context_and_the_token() {
     let init = json!({"accessToken": TOKEN, "timestamp": "2030-01-01T00:00:00Z"});
     assert_eq!(envd.client().post_json("/init", &init).await.status, 204);
     assert_eq!(fingerprint(&client).await, before, "the orchestrator's /init changes nothing");
-    let _ = std::fs::remove_dir_all(&state);
-    let _ = std::fs::remove_dir_all(&run_dir);
 }
 
 #[tokio::test]
 async fn a_secured_sandbox_stays_closed_until_the_metadata_service_answers() {
-    let state = scratch_dir("closed-state");
-    let run_dir = scratch_dir("closed-run");
+    let state_scratch = Scratch::new("closed-state");
+        let state = &state_scratch.0;
+    let run_dir_scratch = Scratch::new("closed-run");
+    let run_dir = &run_dir_scratch.0;
     let mmds = Mmds::start(sandbox_metadata());
     {
-        let envd = Envd::options().args(lifecycle_args(&state, &run_dir, &mmds.address())).start();
+        let envd = Envd::options().args(lifecycle_args(state, run_dir, &mmds.address())).start();
         assert_eq!(envd.client().post_json("/init", &json!({"accessToken": TOKEN})).await.status, 204);
     }
     drop(mmds);
 
     let port = Mmds::reserve_port();
-    let envd = Envd::options().args(lifecycle_args(&state, &run_dir, &format!("127.0.0.1:{port}"))).start();
+    let envd = Envd::options().args(lifecycle_args(state, run_dir, &format!("127.0.0.1:{port}"))).start();
     let with_token = envd.client().with_header("X-Access-Token", TOKEN);
     assert_eq!(envd.client().get("/health").await.status, 204);
     for client in [&with_token, &envd.client()] {
@@ -226,57 +221,56 @@ async fn a_secured_sandbox_stays_closed_until_the_metadata_service_answers() {
     }
     assert!(mmds.reads.load(Ordering::SeqCst) >= 1);
     assert_eq!(envd.client().unary(rpc::LIST, &json!({}), &[]).await.status, 401);
-    let _ = std::fs::remove_dir_all(&state);
-    let _ = std::fs::remove_dir_all(&run_dir);
 }
 
 #[tokio::test]
 async fn a_damaged_state_file_is_reported_and_ignored() {
     for (name, content) in [("empty", &b""[..]), ("truncated", b"{\"format\":1,\"default_user\":\"envd"), ("garbage", b"\xff\xfe\x00junk")] {
-        let state = scratch_dir(&format!("damaged-{name}"));
+        let state_scratch = Scratch::new(&format!("damaged-{name}"));
+        let state = &state_scratch.0;
         std::fs::write(state.join("exec-context.json"), content).unwrap();
         let envd = Envd::options().args(["--state-dir", &state.display().to_string()]).start();
         let run = envd.client().run(&json!({"process": {"cmd": "whoami"}}), &[]).await;
         assert_eq!(run.stdout_str(), "root\n", "{name}: defaults apply");
         assert!(envd.stderr().contains("ignoring the saved exec context"), "{name}: logged: {}", envd.stderr());
-        let _ = std::fs::remove_dir_all(&state);
     }
 }
 
 #[tokio::test]
 async fn metadata_defaults_apply_on_a_fresh_boot() {
     let user = test_user();
-    let state = scratch_dir("mmds-defaults");
-    let run_dir = scratch_dir("mmds-defaults-run");
+    let state_scratch = Scratch::new("mmds-defaults");
+        let state = &state_scratch.0;
+    let run_dir_scratch = Scratch::new("mmds-defaults-run");
+    let run_dir = &run_dir_scratch.0;
     let mut metadata = sandbox_metadata();
     metadata["accessTokenHash"] = json!(sha512_hex(""));
     metadata["defaultUser"] = json!(user.name);
     let mmds = Mmds::start(metadata);
-    let envd = Envd::options().args(lifecycle_args(&state, &run_dir, &mmds.address())).start();
+    let envd = Envd::options().args(lifecycle_args(state, run_dir, &mmds.address())).start();
     wait_for_identity(&envd.client()).await;
     let run = envd.client().run(&json!({"process": {"cmd": "whoami"}}), &[]).await;
     assert_eq!(run.stdout_str(), format!("{}\n", user.name));
-    let _ = std::fs::remove_dir_all(&state);
-    let _ = std::fs::remove_dir_all(&run_dir);
 }
 
 /// A small ext4 filesystem, loop-mounted for the test and always thawed
 /// and unmounted afterwards.
 struct TestMount {
-    dir: PathBuf,
     mountpoint: PathBuf,
+    /// Removed after the unmount (fields drop after `Drop::drop`).
+    _dir: Scratch,
 }
 
 impl TestMount {
     fn new(name: &str) -> TestMount {
-        let dir = scratch_dir(name);
-        let image = dir.join("fs.img");
-        let mountpoint = dir.join("mnt");
+        let dir = Scratch::new(name);
+        let image = dir.path("fs.img");
+        let mountpoint = dir.path("mnt");
         std::fs::create_dir_all(&mountpoint).unwrap();
         run("truncate", &["-s", "32M", image.to_str().unwrap()]);
         run("mkfs.ext4", &["-q", "-F", image.to_str().unwrap()]);
         run("mount", &["-o", "loop", image.to_str().unwrap(), mountpoint.to_str().unwrap()]);
-        TestMount { dir, mountpoint }
+        TestMount { mountpoint, _dir: dir }
     }
 }
 
@@ -285,7 +279,6 @@ impl Drop for TestMount {
         let mountpoint = self.mountpoint.to_str().unwrap();
         let _ = Command::new("fsfreeze").args(["-u", mountpoint]).stderr(std::process::Stdio::null()).status();
         let _ = Command::new("umount").args(["-l", mountpoint]).status();
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 

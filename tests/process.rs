@@ -627,7 +627,7 @@ async fn hundred_megabytes_arrive_byte_exact() {
 async fn commands_run_as_the_basic_user_with_its_groups() {
     let user = test_user();
     let envd = Envd::start();
-    let run = envd.client().as_user(&user.name).run(&bash("id -u; id -g; id -G; whoami; pwd"), &[]).await;
+    let run = envd.client().with_user(&user.name).run(&bash("id -u; id -g; id -G; whoami; pwd"), &[]).await;
     let out = run.stdout_str();
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(lines.len(), 5, "{out}");
@@ -673,7 +673,7 @@ async fn environment_precedence() {
         "process": {"cmd": "/usr/bin/env", "envs": {"V_BOTH": "request", "V_REQ": "request", "LOGNAME": "from-request"}},
         "stdin": false,
     });
-    let run = client.as_user(&user.name).run(&start, &[]).await;
+    let run = client.with_user(&user.name).run(&start, &[]).await;
     let env: BTreeMap<String, String> = run
         .stdout_str()
         .lines()
@@ -709,7 +709,7 @@ async fn working_directory_rules() {
 
     let envd = Envd::options().args(["--default-workdir", workdir.to_str().unwrap()]).start();
     let client = envd.client();
-    let as_user = client.clone().as_user(&user.name);
+    let as_user = client.clone().with_user(&user.name);
     let pwd = |cwd: Option<&str>| match cwd {
         Some(cwd) => json!({"process": {"cmd": "/bin/pwd", "cwd": cwd}, "stdin": false}),
         None => json!({"process": {"cmd": "/bin/pwd"}, "stdin": false}),
@@ -740,7 +740,7 @@ async fn working_directory_rules() {
 #[tokio::test]
 async fn unknown_basic_user_is_unauthenticated() {
     let envd = Envd::start();
-    let ghost = envd.client().as_user("envd-no-such-user");
+    let ghost = envd.client().with_user("envd-no-such-user");
     let expected = RpcError { code: "unauthenticated".into(), message: "invalid username: 'envd-no-such-user'".into() };
     let mut stream = ghost.stream(rpc::START, &bash("echo never"), &[]).await;
     assert_eq!(stream.header("content-type"), "application/connect+json");
@@ -772,7 +772,7 @@ async fn non_root_children_have_no_capabilities() {
     let user = test_user();
     let envd = Envd::start();
     let start = json!({"process": {"cmd": "/bin/cat", "args": ["/proc/self/status"]}, "stdin": false});
-    let caps = capabilities(&envd.client().as_user(&user.name).run(&start, &[]).await.stdout_str());
+    let caps = capabilities(&envd.client().with_user(&user.name).run(&start, &[]).await.stdout_str());
     for set in ["CapPrm", "CapEff", "CapInh", "CapAmb"] {
         assert_eq!(caps.get(set).map(String::as_str), Some("0000000000000000"), "{set} of a non-root child: {caps:?}");
     }
@@ -787,7 +787,7 @@ async fn children_get_normal_priorities_in_their_own_session() {
     let envd = Envd::options().wrapper(["nice", "-n", "-5"]).start();
     let envd_stat = proc_stat(envd.pid()).unwrap();
     assert_eq!(envd_stat[16], "-5", "envd itself runs at nice -5");
-    for client in [envd.client(), envd.client().as_user(&user.name)] {
+    for client in [envd.client(), envd.client().with_user(&user.name)] {
         let mut stream = client.stream(rpc::START, &json!({"process": {"cmd": "/bin/sleep", "args": ["30"]}}), &[]).await;
         let pid = expect_start(&mut stream).await;
         let stat = proc_stat(pid).unwrap();

@@ -440,7 +440,7 @@ impl Client {
     }
 
     /// This client as the user `name` (`Authorization: Basic`).
-    pub fn as_user(self, name: &str) -> Client {
+    pub fn with_user(self, name: &str) -> Client {
         self.with_header("authorization", &basic(name))
     }
 
@@ -987,4 +987,38 @@ fn group_entry(name: &str) -> Option<(u32, Vec<String>)> {
         let members = f.get(3).map_or(Vec::new(), |m| m.split(',').filter(|s| !s.is_empty()).map(str::to_owned).collect());
         Some((f[2].parse().ok()?, members))
     })
+}
+
+/// A directory for one test, removed when dropped.
+pub struct Scratch(pub PathBuf);
+
+impl Scratch {
+    pub fn new(name: &str) -> Scratch {
+        let dir = std::env::temp_dir().join(format!("envd-test-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Scratch(dir)
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.0.join(rel)
+    }
+
+    pub fn s(&self, rel: &str) -> String {
+        self.path(rel).display().to_string()
+    }
+
+    /// Names in a directory, sorted (temporary files would show here).
+    pub fn names(&self, rel: &str) -> Vec<String> {
+        let mut names: Vec<String> =
+            std::fs::read_dir(self.path(rel)).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        names.sort();
+        names
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
