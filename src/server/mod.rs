@@ -21,18 +21,7 @@ use connectrpc::Limits;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 
-use crate::auth::AccessGuard;
 use crate::config::Config;
-use crate::context::{ContextStore, ExecContext};
-use crate::context::state::{SavedContext, StateFile};
-use crate::host::cgroups::Workload;
-use crate::host::fsfreeze::FsFreezer;
-use crate::host::identity::{self, Identity};
-use crate::host::init::Initializer;
-use crate::host::mmds::MmdsClient;
-use crate::host::persist::Persister;
-use crate::host::metrics::MetricsSampler;
-use crate::process::ProcessTable;
 pub use errors::HttpError;
 use process_rpc::ProcessService;
 use state::AppState;
@@ -74,76 +63,9 @@ pub fn run(config: Config) -> Result<(), ServerError> {
     runtime.block_on(serve(config))
 }
 
-/// The exec context at start-up, by precedence: built-in defaults <
-/// flags < the state file (MMDS values and `/init` come later).
-fn initial_context(config: &Config, saved: Option<&SavedContext>) -> ExecContext {
-    let mut internal_env = std::collections::BTreeMap::new();
-    internal_env.insert("E2B_SANDBOX".to_owned(), (!config.dev).to_string());
-    let mut context = ExecContext {
-        default_user: config.default_user.clone().unwrap_or_else(|| "root".to_owned()),
-        default_workdir: config.default_workdir.clone(),
-        init_env: Default::default(),
-        internal_env,
-    };
-    if let Some(saved) = saved {
-        context.default_user = saved.default_user.clone();
-        context.default_workdir = saved.default_workdir.clone().or(context.default_workdir);
-        context.init_env = saved.env_vars.clone();
-    }
-    context
-}
-
-/// Reads the state file; a damaged one is reported and ignored.
-fn load_saved_context(file: &StateFile) -> Option<SavedContext> {
-    match file.load() {
-        Ok(saved) => saved,
-        Err(err) => {
-            tracing::warn!("ignoring the saved exec context: {err}");
-            None
-        }
-    }
-}
-
-/// Builds the daemon's state: the saved exec context is loaded before the
-/// listener answers, the metadata service is polled in the background.
-fn build_state(config: Config) -> Arc<AppState> {
-    let state_file = StateFile::new(&config.state_dir);
-    let saved = load_saved_context(&state_file);
-    let guard = AccessGuard::default();
-    if saved.as_ref().is_some_and(|s| s.secured) {
-        // Secured before a cold boot: closed until the token or its hash is known.
-        guard.close_until_known();
-    }
-    let context = ContextStore::new(initial_context(&config, saved.as_ref()));
-    let freezer = FsFreezer::new(config.freeze_target().map(Into::into), Duration::from_secs(config.freeze_deadline));
-    let workload = Arc::new(if config.no_cgroups { Workload::default() } else { Workload::setup(&config.cgroup_root) });
-    let persister = Persister::new(state_file, freezer.clone(), saved);
-    let mut initializer = Initializer::new(!config.dev, guard.clone(), context.clone())
-        .with_persister(persister)
-        .with_workload(workload.clone());
-    if !config.dev {
-        identity::write_identity_file(&config.run_dir, ".E2B_SANDBOX", "true", 0o444);
-    }
-    if let Some(address) = config.metadata_address() {
-        let identity = Identity::new(MmdsClient::new(address), guard.clone(), context.clone(), &config.run_dir);
-        tokio::spawn(identity.clone().poll_at_start());
-        initializer = initializer.with_identity(identity);
-    }
-    Arc::new(AppState {
-        initializer,
-        config,
-        guard,
-        context,
-        processes: Arc::new(ProcessTable::default()),
-        metrics: MetricsSampler::default(),
-        workload,
-        freezer,
-    })
-}
-
 async fn serve(config: Config) -> Result<(), ServerError> {
     let addr = config.listen_addr();
-    let state = build_state(config);
+    let state = AppState::build(config);
     let listener = TcpListener::bind(addr).await.map_err(|source| ServerError::Bind { addr, source })?;
     if let Err(err) = crate::host::systemd::notify_ready() {
         tracing::warn!("telling systemd we are ready: {err}");
