@@ -9,9 +9,6 @@
 #                debug binary cargo builds for the test
 #   --stress N   instead of the end-to-end flow, N filesystem-only cycles
 #                (write, freeze, kill, cold boot, verify); reports lost writes
-#
-# Checks needing daemon features are enforced with ENVD_VM_EXPECT_ALL=1 or
-# ENVD_VM_EXPECT_{NOTIFY,FSFREEZE,MMDS,COLD_BOOT_CONTEXT}=1 (see README.md).
 set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 cd "$REPO"
@@ -21,7 +18,7 @@ while [ $# -gt 0 ]; do
     --release) RELEASE=1; shift ;;
     --stress) STRESS=$2; shift 2 ;;
     --) shift; break ;;
-    -h|--help) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "run.sh: unknown argument '$1'" >&2; exit 64 ;;
   esac
 done

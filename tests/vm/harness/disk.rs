@@ -1,6 +1,6 @@
-//! The test's private copy of the root image: envd and unit drop-ins are
-//! written into it with debugfs (no mount, no rebuild of the cached image),
-//! and after a hard stop the host checks the filesystem with e2fsprogs.
+//! The test's private copy of the root image: envd is written into it with
+//! debugfs (no mount, no rebuild of the cached image), and after a hard stop
+//! the host checks the filesystem with e2fsprogs.
 //! Only this regular file is ever inspected: nothing on the host is frozen.
 
 use std::fs;
@@ -24,46 +24,24 @@ pub fn copy_image(image: &Path, disk: &Path) -> Result<(), String> {
     if ok { Ok(()) } else { Err(format!("copying {}: {text}", image.display())) }
 }
 
-/// A file to put into the image: (host source, guest path, mode).
-pub struct Put<'a> {
-    /// File on the host.
-    pub source: &'a Path,
-    /// Absolute path in the guest.
-    pub target: &'a str,
-    /// Octal permission bits, e.g. 0o755.
-    pub mode: u32,
-}
-
-/// Writes files into the ext4 image with `debugfs -w` (root-owned),
-/// replacing existing ones and creating missing parent directories.
-pub fn put_files(disk: &Path, files: &[Put<'_>]) -> Result<(), String> {
-    let mut script = String::new();
-    for file in files {
-        let parent = Path::new(file.target).parent().and_then(Path::to_str).unwrap_or("/");
-        let mut dir = String::new();
-        for part in parent.split('/').filter(|p| !p.is_empty()) {
-            dir.push('/');
-            dir.push_str(part);
-            // debugfs reports an existing directory and goes on.
-            script.push_str(&format!("mkdir {dir}\n"));
-        }
-        script.push_str(&format!("rm {}\n", file.target));
-        script.push_str(&format!("write {} {}\n", file.source.display(), file.target));
-        script.push_str(&format!("set_inode_field {} uid 0\n", file.target));
-        script.push_str(&format!("set_inode_field {} gid 0\n", file.target));
-        script.push_str(&format!("set_inode_field {} mode 0100{:o}\n", file.target, file.mode));
-    }
+/// Writes `source` into the ext4 image as `target` (root-owned, `mode`)
+/// with `debugfs -w`, replacing an existing file; the directory must exist.
+pub fn put_file(disk: &Path, source: &Path, target: &str, mode: u32) -> Result<(), String> {
+    let script = format!(
+        "rm {target}\nwrite {} {target}\nset_inode_field {target} uid 0\nset_inode_field {target} gid 0\n\
+         set_inode_field {target} mode 0100{mode:o}\n",
+        source.display()
+    );
     let commands = disk.with_extension("debugfs");
     fs::write(&commands, script).map_err(|e| format!("{}: {e}", commands.display()))?;
-    let (ok, text) = run("debugfs", &["-w", "-f", &commands.display().to_string(), &disk.display().to_string()], &[])?;
+    let disk = disk.display().to_string();
+    let (ok, text) = run("debugfs", &["-w", "-f", &commands.display().to_string(), &disk], &[])?;
     if !ok {
-        return Err(format!("debugfs on {}: {text}", disk.display()));
+        return Err(format!("debugfs on {disk}: {text}"));
     }
-    for file in files {
-        let (_, stat) = run("debugfs", &["-R", &format!("stat {}", file.target), &disk.display().to_string()], &[])?;
-        if !stat.contains("Type: regular") {
-            return Err(format!("debugfs did not write {}: {text}", file.target));
-        }
+    let (_, stat) = run("debugfs", &["-R", &format!("stat {target}"), &disk], &[])?;
+    if !stat.contains("Type: regular") {
+        return Err(format!("debugfs did not write {target}: {text}"));
     }
     Ok(())
 }
