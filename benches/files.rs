@@ -54,8 +54,7 @@ fn main() {
     let _ = std::fs::remove_file(dir.join("up.bin"));
     let (multipart, multipart_rss) = measured(&envd, || upload_multipart(&envd, &source, &dir.join("mp.bin")));
     let _ = std::fs::remove_file(dir.join("mp.bin"));
-    let (download, download_rss) =
-        measured(&envd, || runtime.block_on(download_all(&client, &source, None, SIZE)));
+    let (download, download_rss) = measured(&envd, || runtime.block_on(download_all(&client, &source, None, SIZE)));
     let (gzip, gzip_rss) =
         measured(&envd, || runtime.block_on(download_all(&client, &source, Some("gzip"), GZIP_SIZE)));
 
@@ -74,7 +73,11 @@ fn main() {
     println!("| measurement | throughput | vs std::fs::copy | envd peak RSS (VmHWM) |");
     println!("|---|---|---|---|");
     println!("| raw copy, std::fs::copy (copy_file_range), 1 GiB | {raw:.0} MiB/s | 100% | |");
-    println!("| raw copy, read/write 256 KiB buffer, 1 GiB | {:.0} MiB/s | {:.0}% | |", rate(SIZE, user_copy), pct(rate(SIZE, user_copy), raw));
+    println!(
+        "| raw copy, read/write 256 KiB buffer, 1 GiB | {:.0} MiB/s | {:.0}% | |",
+        rate(SIZE, user_copy),
+        pct(rate(SIZE, user_copy), raw)
+    );
     for (name, bytes, took, rss) in [
         ("upload, application/octet-stream, 1 GiB", SIZE, upload, upload_rss),
         ("upload, multipart/form-data, 1 GiB", SIZE, multipart, multipart_rss),
@@ -88,7 +91,10 @@ fn main() {
     println!("| operation | rate |");
     println!("|---|---|");
     println!("| Stat (one keep-alive connection, {STAT_CALLS} calls) | {stat_rate:.0} ops/s |");
-    println!("| ListDir of {LIST_ENTRIES} entries ({LIST_CALLS} calls) | {list_rate:.1} ops/s ({:.0} entries/s) |", list_rate * LIST_ENTRIES as f64);
+    println!(
+        "| ListDir of {LIST_ENTRIES} entries ({LIST_CALLS} calls) | {list_rate:.1} ops/s ({:.0} entries/s) |",
+        list_rate * LIST_ENTRIES as f64
+    );
     println!("| envd RSS idle before the transfers | {} |", fmt_kib(idle_rss));
 }
 
@@ -163,7 +169,9 @@ fn post_raw(envd: &Envd, query: &str, content_type: &str, head: &[u8], source: &
     let len = std::fs::metadata(source).unwrap().len() + (head.len() + tail.len()) as u64;
     let mut stream = TcpStream::connect(envd.addr()).unwrap();
     stream.set_nodelay(true).unwrap();
-    let request = format!("POST /files?{query} HTTP/1.1\r\nHost: bench\r\nContent-Type: {content_type}\r\nContent-Length: {len}\r\n\r\n");
+    let request = format!(
+        "POST /files?{query} HTTP/1.1\r\nHost: bench\r\nContent-Type: {content_type}\r\nContent-Length: {len}\r\n\r\n"
+    );
     stream.write_all(request.as_bytes()).unwrap();
     stream.write_all(head).unwrap();
     let mut file = std::fs::File::open(source).unwrap();
@@ -187,7 +195,10 @@ fn upload_octet(envd: &Envd, source: &Path, target: &Path) {
 
 fn upload_multipart(envd: &Envd, source: &Path, target: &Path) {
     let boundary = "benchboundary0123456789";
-    let head = format!("--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{}\"\r\n\r\n", target.display());
+    let head = format!(
+        "--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{}\"\r\n\r\n",
+        target.display()
+    );
     let tail = format!("\r\n--{boundary}--\r\n");
     let content_type = format!("multipart/form-data; boundary={boundary}");
     post_raw(envd, "", &content_type, head.as_bytes(), source, tail.as_bytes());

@@ -73,7 +73,11 @@ fn main() {
         100.0 * envd_throughput / raw_throughput
     );
     println!("| RSS idle (VmRSS / VmHWM) | {} / {} | | | ≤ 4 MiB |", fmt_kib(idle_rss), fmt_kib(idle_hwm));
-    println!("| RSS after {ROUND_TRIPS} runs (VmRSS / VmHWM) | {} / {} | | | |", fmt_kib(after_rss), fmt_kib(after_hwm));
+    println!(
+        "| RSS after {ROUND_TRIPS} runs (VmRSS / VmHWM) | {} / {} | | | |",
+        fmt_kib(after_rss),
+        fmt_kib(after_hwm)
+    );
     println!(
         "| exec → /health 204, median of {READY_SAMPLES} (min–max) | {} ({}–{}) | | | ≤ 20 ms |",
         fmt_duration(ready[ready.len() / 2]),

@@ -17,7 +17,12 @@ pub const DEFAULT_PORT: u16 = 49983;
 
 /// envd's flags.
 #[derive(Parser, Debug, Clone)]
-#[command(name = "envd", about = "The sandbox agent: processes, terminals and files over Connect", disable_version_flag = true, args_override_self = true)]
+#[command(
+    name = "envd",
+    about = "The sandbox agent: processes, terminals and files over Connect",
+    disable_version_flag = true,
+    args_override_self = true
+)]
 pub struct Config {
     /// Print the version and exit.
     #[arg(long)]
@@ -72,9 +77,24 @@ pub struct Config {
 
 /// Flags the Go reference spells with one dash.
 const LONG_FLAGS: &[&str] = &[
-    "version", "commit", "port", "bind", "dev", "isnotfc", "default-user", "default-workdir",
-    "state-dir", "mmds-address", "run-dir", "cgroup-root", "no-cgroups", "freeze-path", "freeze-deadline",
-    "upload-idle-timeout", "verbose", "help",
+    "version",
+    "commit",
+    "port",
+    "bind",
+    "dev",
+    "isnotfc",
+    "default-user",
+    "default-workdir",
+    "state-dir",
+    "mmds-address",
+    "run-dir",
+    "cgroup-root",
+    "no-cgroups",
+    "freeze-path",
+    "freeze-deadline",
+    "upload-idle-timeout",
+    "verbose",
+    "help",
 ];
 
 impl Config {
@@ -122,22 +142,14 @@ fn widen_single_dash(arg: OsString) -> OsString {
         return arg;
     }
     let name = rest.split('=').next().unwrap_or(rest);
-    if LONG_FLAGS.contains(&name) {
-        OsString::from(format!("-{text}"))
-    } else {
-        arg
-    }
+    if LONG_FLAGS.contains(&name) { OsString::from(format!("-{text}")) } else { arg }
 }
 
 /// Logs go to stderr (the journal under systemd), never to a file: a file
 /// on the root filesystem would block while it is frozen.
 pub fn init_logging(verbose: bool) {
     let level = if verbose { tracing::Level::DEBUG } else { tracing::Level::INFO };
-    tracing_subscriber::fmt()
-        .with_max_level(level)
-        .with_writer(std::io::stderr)
-        .with_ansi(false)
-        .init();
+    tracing_subscriber::fmt().with_max_level(level).with_writer(std::io::stderr).with_ansi(false).init();
 }
 
 #[cfg(test)]

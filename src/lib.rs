@@ -14,10 +14,10 @@ pub mod context;
 pub mod fs;
 /// What comes from or goes to the host: /init, metrics, pause hooks.
 pub mod host;
-/// Generated protobuf messages and Connect service traits.
-pub mod proto;
 /// Spawning processes as users, the process table, output fan-out.
 pub mod process;
+/// Generated protobuf messages and Connect service traits.
+pub mod proto;
 /// One listener, one router: Connect services, HTTP routes, auth, CORS.
 pub mod server;
 

@@ -101,7 +101,10 @@ fn sign(path: &str, op: &str, user: &str, expiration: Option<i64>) -> String {
 }
 
 fn xattr(path: &Path, name: &str) -> Option<String> {
-    let script = format!("import os,sys\ntry: sys.stdout.write(os.getxattr({:?}, {name:?}).decode())\nexcept OSError: sys.exit(3)", path.display().to_string());
+    let script = format!(
+        "import os,sys\ntry: sys.stdout.write(os.getxattr({:?}, {name:?}).decode())\nexcept OSError: sys.exit(3)",
+        path.display().to_string()
+    );
     let out = std::process::Command::new("python3").args(["-c", &script]).output().unwrap();
     out.status.success().then(|| String::from_utf8(out.stdout).unwrap())
 }
@@ -115,7 +118,9 @@ async fn multipart_and_octet_stream_uploads() {
 
     let target = dir.s("new/dirs/one.txt");
     let body = multipart(&[("file", "ignored-name", b"first")]);
-    let reply = post(&client, &format!("path={}&username={}", q(&target), user.name), &[("content-type", MULTIPART)], body).await;
+    let reply =
+        post(&client, &format!("path={}&username={}", q(&target), user.name), &[("content-type", MULTIPART)], body)
+            .await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
     assert_eq!(reply.header("content-type"), "application/json");
     assert_eq!(reply.json(), json!([{"path": target, "name": "one.txt", "type": "file"}]));
@@ -126,7 +131,8 @@ async fn multipart_and_octet_stream_uploads() {
     assert_eq!(std::fs::metadata(dir.path("new/dirs/one.txt")).unwrap().mode() & 0o777, 0o644);
 
     // Several files: each part's filename is a full path; no path query.
-    let body = multipart(&[("file", &dir.s("a/x.bin"), b"xx"), ("other", "skip", b"zz"), ("file", &dir.s("b/y.bin"), b"yyy")]);
+    let body =
+        multipart(&[("file", &dir.s("a/x.bin"), b"xx"), ("other", "skip", b"zz"), ("file", &dir.s("b/y.bin"), b"yyy")]);
     let reply = post(&client, "", &[("content-type", MULTIPART)], body).await;
     let json = reply.json();
     let names: Vec<&str> = json.as_array().unwrap().iter().map(|e| e["name"].as_str().unwrap()).collect();
@@ -134,7 +140,13 @@ async fn multipart_and_octet_stream_uploads() {
     assert_eq!(std::fs::read(dir.path("b/y.bin")).unwrap(), b"yyy");
 
     // Relative paths resolve against the user's home.
-    let reply = post(&client, &format!("path=envd-files-probe.txt&username={}", user.name), &[("content-type", "application/octet-stream")], "raw").await;
+    let reply = post(
+        &client,
+        &format!("path=envd-files-probe.txt&username={}", user.name),
+        &[("content-type", "application/octet-stream")],
+        "raw",
+    )
+    .await;
     assert_eq!(reply.json()[0]["path"], user.home.join("envd-files-probe.txt").display().to_string());
     std::fs::remove_file(user.home.join("envd-files-probe.txt")).unwrap();
 
@@ -159,13 +171,38 @@ async fn upload_refusals_write_nothing() {
     let octet = [("content-type", "application/octet-stream")];
     let cases: Vec<RefusalCase> = vec![
         (String::new(), octet.to_vec(), b"no path".to_vec(), StatusCode::BAD_REQUEST),
-        (format!("path={}", q(&dir.s("t/gz"))), vec![octet[0], ("content-encoding", "gzip")], b"not gzip at all".to_vec(), StatusCode::BAD_REQUEST),
-        (format!("path={}", q(&dir.s("t/br"))), vec![octet[0], ("content-encoding", "br")], b"x".to_vec(), StatusCode::BAD_REQUEST),
-        (format!("path={}", q(&dir.s("t/ct"))), vec![("content-type", "text/plain")], b"x".to_vec(), StatusCode::BAD_REQUEST),
+        (
+            format!("path={}", q(&dir.s("t/gz"))),
+            vec![octet[0], ("content-encoding", "gzip")],
+            b"not gzip at all".to_vec(),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            format!("path={}", q(&dir.s("t/br"))),
+            vec![octet[0], ("content-encoding", "br")],
+            b"x".to_vec(),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            format!("path={}", q(&dir.s("t/ct"))),
+            vec![("content-type", "text/plain")],
+            b"x".to_vec(),
+            StatusCode::BAD_REQUEST,
+        ),
         (format!("path={}", q(&dir.s(""))), octet.to_vec(), b"x".to_vec(), StatusCode::BAD_REQUEST),
         ("path=~other/x".to_owned(), octet.to_vec(), b"x".to_vec(), StatusCode::BAD_REQUEST),
-        (format!("path={}&username=no-such-user-xyz", q(&dir.s("t/u"))), octet.to_vec(), b"x".to_vec(), StatusCode::UNAUTHORIZED),
-        (format!("path={}&signature_expiration=soon", q(&dir.s("t/e"))), octet.to_vec(), b"x".to_vec(), StatusCode::BAD_REQUEST),
+        (
+            format!("path={}&username=no-such-user-xyz", q(&dir.s("t/u"))),
+            octet.to_vec(),
+            b"x".to_vec(),
+            StatusCode::UNAUTHORIZED,
+        ),
+        (
+            format!("path={}&signature_expiration=soon", q(&dir.s("t/e"))),
+            octet.to_vec(),
+            b"x".to_vec(),
+            StatusCode::BAD_REQUEST,
+        ),
     ];
     for (query, headers, body, status) in cases {
         let reply = post(&client, &query, &headers, body).await;
@@ -191,14 +228,16 @@ async fn metadata_headers_become_xattrs() {
     let client = envd.client();
     let dir = Scratch::new("meta");
     let target = dir.s("m.txt");
-    let headers = [("content-type", "application/octet-stream"), ("x-metadata-Owner", "Alice Smith"), ("x-metadata-k2", "v2")];
+    let headers =
+        [("content-type", "application/octet-stream"), ("x-metadata-Owner", "Alice Smith"), ("x-metadata-k2", "v2")];
     let reply = post(&client, &format!("path={}", q(&target)), &headers, "x").await;
     assert_eq!(reply.json()[0]["metadata"], json!({"owner": "Alice Smith", "k2": "v2"}));
     assert_eq!(xattr(&dir.path("m.txt"), "user.e2b.owner").as_deref(), Some("Alice Smith"));
     let stat = client.call("/filesystem.Filesystem/Stat", &json!({"path": target})).await;
     assert_eq!(stat["entry"]["metadata"], json!({"owner": "Alice Smith", "k2": "v2"}));
 
-    let reply = post(&client, &format!("path={}", q(&target)), &[("content-type", "application/octet-stream")], "y").await;
+    let reply =
+        post(&client, &format!("path={}", q(&target)), &[("content-type", "application/octet-stream")], "y").await;
     assert!(reply.json()[0].get("metadata").is_none(), "an upload without metadata clears it");
     assert_eq!(xattr(&dir.path("m.txt"), "user.e2b.owner"), None);
 }
@@ -266,7 +305,10 @@ async fn downloads_negotiate_and_serve_ranges() {
 async fn signed_urls_and_header_token() {
     // The test's own signer must reproduce the contract's vectors first.
     assert_eq!(sign("/home/user/hello.txt", "read", "", None), "v1_Q1oODJQwZxJOp+Cv9RJhuccjbZgB7bld8m4C4Z73S4w");
-    assert_eq!(sign("hello.txt", "write", "user", Some(1_767_225_600)), "v1_kH/H0n8zpp/wjL23NrRZ9+YGgmMA6V1wp+dDgd8riZw");
+    assert_eq!(
+        sign("hello.txt", "write", "user", Some(1_767_225_600)),
+        "v1_kH/H0n8zpp/wjL23NrRZ9+YGgmMA6V1wp+dDgd8riZw"
+    );
 
     let envd = Envd::start();
     let client = envd.client();
@@ -281,14 +323,26 @@ async fn signed_urls_and_header_token() {
     let signed = get(&client, &format!("path={}&signature={}", q(&path), q(&sign(&path, "read", "", None))), &[]).await;
     assert_eq!(signed.body.as_ref(), b"secret");
     // The contract's first vector is accepted (404: past the check, no such file here).
-    let vector = get(&client, &format!("path=/home/user/hello.txt&signature={}", q("v1_Q1oODJQwZxJOp+Cv9RJhuccjbZgB7bld8m4C4Z73S4w")), &[]).await;
+    let vector = get(
+        &client,
+        &format!("path=/home/user/hello.txt&signature={}", q("v1_Q1oODJQwZxJOp+Cv9RJhuccjbZgB7bld8m4C4Z73S4w")),
+        &[],
+    )
+    .await;
     assert_ne!(vector.status, StatusCode::UNAUTHORIZED, "{}", vector.text());
     // The second has expired (2026-01-01).
-    let expired_query = format!("path=hello.txt&username=user&signature_expiration=1767225600&signature={}", q("v1_kH/H0n8zpp/wjL23NrRZ9+YGgmMA6V1wp+dDgd8riZw"));
+    let expired_query = format!(
+        "path=hello.txt&username=user&signature_expiration=1767225600&signature={}",
+        q("v1_kH/H0n8zpp/wjL23NrRZ9+YGgmMA6V1wp+dDgd8riZw")
+    );
     let expired = post(&client, &expired_query, &[("content-type", "application/octet-stream")], "x").await;
     assert_eq!(expired.json()["message"], "signature is already expired");
     let future = 4_102_444_800i64;
-    let good = format!("path={}&signature_expiration={future}&signature={}", q(&path), q(&sign(&path, "read", "", Some(future))));
+    let good = format!(
+        "path={}&signature_expiration={future}&signature={}",
+        q(&path),
+        q(&sign(&path, "read", "", Some(future)))
+    );
     assert_eq!(get(&client, &good, &[]).await.status, StatusCode::OK);
     let wrong = format!("path={}&signature={}", q(&path), q(&sign(&path, "write", "", None)));
     assert_eq!(get(&client, &wrong, &[]).await.json()["message"], "invalid signature");
@@ -303,7 +357,8 @@ async fn signed_urls_and_header_token() {
     assert_eq!(header_bad.json()["message"], "access token present in header but does not match");
 
     let compose = json!({"source_paths": [path], "destination": dir.s("c.txt")});
-    let refused = client.send(Method::POST, "/files/compose", &[("content-type", "application/json")], compose.to_string()).await;
+    let refused =
+        client.send(Method::POST, "/files/compose", &[("content-type", "application/json")], compose.to_string()).await;
     assert_eq!(refused.status, StatusCode::UNAUTHORIZED, "compose needs the token");
 }
 
@@ -317,10 +372,13 @@ async fn compose_concatenates_and_removes_sources() {
     std::fs::write(dir.path("p2"), b"part two").unwrap();
     let compose = |body: Value| {
         let client = client.clone();
-        async move { client.send(Method::POST, "/files/compose", &[("content-type", "application/json")], body.to_string()).await }
+        async move {
+            client.send(Method::POST, "/files/compose", &[("content-type", "application/json")], body.to_string()).await
+        }
     };
     let dest = dir.s("out/all.txt");
-    let reply = compose(json!({"source_paths": [dir.s("p1"), dir.s("p2")], "destination": dest, "username": user.name})).await;
+    let reply =
+        compose(json!({"source_paths": [dir.s("p1"), dir.s("p2")], "destination": dest, "username": user.name})).await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
     assert_eq!(reply.json(), json!({"path": dest, "name": "all.txt", "type": "file"}));
     assert_eq!(std::fs::read(dir.path("out/all.txt")).unwrap(), b"part one,part two");
@@ -332,7 +390,10 @@ async fn compose_concatenates_and_removes_sources() {
         (json!({"source_paths": [dir.s("nope")], "destination": dest}), StatusCode::NOT_FOUND),
         (json!({"source_paths": [dest], "destination": dest}), StatusCode::BAD_REQUEST),
         (json!({"source_paths": [dir.s("out")], "destination": dir.s("x")}), StatusCode::BAD_REQUEST),
-        (json!({"source_paths": [dest], "destination": dir.s("y"), "username": "no-such-user-xyz"}), StatusCode::UNAUTHORIZED),
+        (
+            json!({"source_paths": [dest], "destination": dir.s("y"), "username": "no-such-user-xyz"}),
+            StatusCode::UNAUTHORIZED,
+        ),
     ] {
         assert_eq!(compose(body.clone()).await.status, status, "{body}");
     }
@@ -349,7 +410,8 @@ async fn disk_full_is_507_and_keeps_the_old_file() {
     std::fs::write(dir.path("mnt/keep.txt"), b"previous content").unwrap();
     let big = vec![b'x'; 3 << 20];
     let target = q(&dir.s("mnt/keep.txt"));
-    let reply = post(&client, &format!("path={target}"), &[("content-type", "application/octet-stream")], big.clone()).await;
+    let reply =
+        post(&client, &format!("path={target}"), &[("content-type", "application/octet-stream")], big.clone()).await;
     assert_eq!(reply.status, StatusCode::INSUFFICIENT_STORAGE, "{}", reply.text());
     assert_eq!(reply.json(), json!({"code": 507, "message": "not enough disk space available"}));
     assert_eq!(std::fs::read(dir.path("mnt/keep.txt")).unwrap(), b"previous content");
@@ -382,7 +444,11 @@ async fn a_client_killed_mid_upload_changes_nothing() {
     // The temporary file appears beside the target while the body flows.
     assert!(eventually(Duration::from_secs(5), || dir.names("").len() == 2).await, "{:?}", dir.names(""));
     drop(stream);
-    assert!(eventually(Duration::from_secs(5), || dir.names("") == ["target"]).await, "temp file not removed: {:?}", dir.names(""));
+    assert!(
+        eventually(Duration::from_secs(5), || dir.names("") == ["target"]).await,
+        "temp file not removed: {:?}",
+        dir.names("")
+    );
     assert_eq!(std::fs::read(dir.path("target")).unwrap(), b"old");
 }
 
@@ -454,7 +520,13 @@ async fn a_refused_large_upload_still_gets_its_answer() {
     let client = envd.client();
     assert_eq!(client.post_json("/init", &json!({"accessToken": TOKEN})).await.status, StatusCode::NO_CONTENT);
     let dir = Scratch::new("refusedbig");
-    let reply = post(&client, &format!("path={}", q(&dir.s("x"))), &[("content-type", "application/octet-stream")], vec![b'x'; 8 << 20]).await;
+    let reply = post(
+        &client,
+        &format!("path={}", q(&dir.s("x"))),
+        &[("content-type", "application/octet-stream")],
+        vec![b'x'; 8 << 20],
+    )
+    .await;
     assert_eq!(reply.status, StatusCode::UNAUTHORIZED, "the client reads the 401, not a reset");
     assert!(!dir.path("x").exists());
 }

@@ -81,7 +81,10 @@ async fn stat_builds_entry_info_like_the_reference() {
     let null = entry(&client, "/dev/null").await;
     assert_eq!(null["permissions"], "Dcrw-rw-rw-");
     let sticky = entry(&client, "/tmp").await;
-    assert_eq!((sticky["type"].as_str(), sticky["permissions"].as_str()), (Some("FILE_TYPE_DIRECTORY"), Some("dtrwxrwxrwx")));
+    assert_eq!(
+        (sticky["type"].as_str(), sticky["permissions"].as_str()),
+        (Some("FILE_TYPE_DIRECTORY"), Some("dtrwxrwxrwx"))
+    );
     assert_eq!(entry(&client, "/").await["name"], "/");
 }
 
@@ -174,7 +177,11 @@ async fn make_dir_move_and_remove_own_what_they_create() {
 
     let moved = client.call(MOVE, &json!({"source": dir.s("file"), "destination": dir.s("new/parent/renamed")})).await;
     assert_eq!((moved["entry"]["name"].as_str(), moved["entry"]["size"].as_str()), (Some("renamed"), Some("1")));
-    assert_eq!(std::fs::metadata(dir.path("new/parent")).unwrap().uid(), user.uid, "created parents belong to the user");
+    assert_eq!(
+        std::fs::metadata(dir.path("new/parent")).unwrap().uid(),
+        user.uid,
+        "created parents belong to the user"
+    );
     assert_eq!(std::fs::metadata(dir.path("new/parent/renamed")).unwrap().uid(), 0, "the moved file keeps its owner");
     std::fs::write(dir.path("other"), b"2").unwrap();
     client.call(MOVE, &json!({"source": dir.s("other"), "destination": dir.s("new/parent/renamed")})).await;
@@ -254,7 +261,9 @@ async fn watch_dir_refuses_bad_targets() {
     let client = envd.client();
     let dir = Scratch::new("watchbad");
     std::fs::write(dir.path("f"), b"").unwrap();
-    for (path, code) in [(dir.s("f"), "invalid_argument"), (dir.s("missing"), "not_found"), ("~x/y".to_owned(), "invalid_argument")] {
+    for (path, code) in
+        [(dir.s("f"), "invalid_argument"), (dir.s("missing"), "not_found"), ("~x/y".to_owned(), "invalid_argument")]
+    {
         let mut stream = client.stream(WATCH, &json!({"path": path}), &[]).await;
         assert_eq!(stream.status, StatusCode::OK, "stream errors are HTTP 200");
         let end = stream.next_frame().await.unwrap();
@@ -277,7 +286,10 @@ async fn polling_watchers_queue_until_polled() {
     let dir = Scratch::new("poll");
     let created = client.call(CREATE_WATCHER, &json!({"path": dir.s(""), "includeEntry": true})).await;
     let id = created["watcherId"].as_str().unwrap().to_owned();
-    assert!(id.len() == 21 && id.starts_with('w') && id[1..].bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()), "{id}");
+    assert!(
+        id.len() == 21 && id.starts_with('w') && id[1..].bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()),
+        "{id}"
+    );
     std::fs::write(dir.path("one"), b"1").unwrap();
     let events = poll_until(&client, &id, "EVENT_TYPE_WRITE").await;
     let kinds: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();

@@ -35,13 +35,12 @@ async fn start(
 ) -> (u32, Vec<u8>, Vec<u8>, pb::process_event::EndEvent) {
     grpc.ready().await.unwrap();
     let codec: ProstCodec<pb::StartRequest, pb::StartResponse> = ProstCodec::default();
-    let response = grpc
-        .server_streaming(request, PathAndQuery::from_static(rpc::START), codec)
-        .await
-        .expect("Start over gRPC");
+    let response =
+        grpc.server_streaming(request, PathAndQuery::from_static(rpc::START), codec).await.expect("Start over gRPC");
     let mut stream = response.into_inner();
     let (mut pid, mut stdout, mut stderr, mut end) = (None, Vec::new(), Vec::new(), None);
-    while let Some(message) = tokio::time::timeout(PATIENCE, stream.message()).await.expect("a gRPC message in time").unwrap()
+    while let Some(message) =
+        tokio::time::timeout(PATIENCE, stream.message()).await.expect("a gRPC message in time").unwrap()
     {
         let event = message.event.and_then(|e| e.event).expect("an event");
         match event {

@@ -16,7 +16,8 @@ use prost::Message;
 use serde_json::{Value, json};
 
 const TOKEN: &str = "5f0d1c1e4b7a4c8e9d2b3a6f7e8d9c0b1a2f3e4d5c6b7a8f9e0d1c2b3a4f5e6d";
-const UNAUTHORIZED_MESSAGE: &str = "unauthorized access, please provide a valid access token or method signing if supported";
+const UNAUTHORIZED_MESSAGE: &str =
+    "unauthorized access, please provide a valid access token or method signing if supported";
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
@@ -216,9 +217,7 @@ async fn access_token_guards_everything_but_health() {
         expect_401(client.unary(rpc::LIST, &json!({}), &[]).await, "List");
         let start = bash("echo never").to_string();
         let body = envelope(0, start.as_bytes());
-        let reply = client
-            .send(Method::POST, rpc::START, &[("content-type", "application/connect+json")], body)
-            .await;
+        let reply = client.send(Method::POST, rpc::START, &[("content-type", "application/connect+json")], body).await;
         expect_401(reply, "Start (a stream, still plain 401 JSON)");
         assert_eq!(client.get("/health").await.status, StatusCode::NO_CONTENT);
     }
@@ -256,12 +255,14 @@ async fn routing_errors() {
     let reply = client.send(Method::POST, rpc::LIST, &[("content-type", "text/plain")], "{}").await;
     assert_eq!(reply.status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
     let accepted = reply.header("accept-post").to_owned();
-    assert!(accepted.contains("application/json") && accepted.contains("application/proto"), "Accept-Post: {accepted:?}");
+    assert!(
+        accepted.contains("application/json") && accepted.contains("application/proto"),
+        "Accept-Post: {accepted:?}"
+    );
     let reply = client.send(Method::POST, rpc::START, &json_type, bash("true").to_string()).await;
     assert_eq!(reply.status, StatusCode::UNSUPPORTED_MEDIA_TYPE, "a unary type on a stream method");
-    let reply = client
-        .send(Method::POST, rpc::LIST, &[("content-type", "application/connect+json")], envelope(0, b"{}"))
-        .await;
+    let reply =
+        client.send(Method::POST, rpc::LIST, &[("content-type", "application/connect+json")], envelope(0, b"{}")).await;
     assert_eq!(reply.status, StatusCode::UNSUPPORTED_MEDIA_TYPE, "a stream type on a unary method");
 
     let (status, error) = client.call_err(rpc::LIST, &json!("not an object")).await;
@@ -297,7 +298,12 @@ async fn routing_errors() {
     let reply = client.unary(rpc::LIST, &json!({}), &[("content-encoding", "identity")]).await;
     assert_eq!(reply.status, StatusCode::OK);
     let reply = client
-        .send(Method::POST, rpc::LIST, &[("content-type", "application/json"), ("content-encoding", "gzip")], gzip.finish().unwrap())
+        .send(
+            Method::POST,
+            rpc::LIST,
+            &[("content-type", "application/json"), ("content-encoding", "gzip")],
+            gzip.finish().unwrap(),
+        )
         .await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
     let reply = client.unary(rpc::LIST, &json!({}), &[("content-encoding", "br")]).await;
@@ -346,8 +352,14 @@ async fn cors_preflight_needs_no_token() {
     assert_eq!(reply.status, StatusCode::UNAUTHORIZED);
     assert_eq!(reply.header("access-control-allow-origin"), "*");
     let exposed = reply.header("access-control-expose-headers").to_owned();
-    for name in ["Grpc-Status", "Grpc-Message", "Grpc-Status-Details-Bin", "Location", "Cache-Control", "X-Content-Type-Options"]
-    {
+    for name in [
+        "Grpc-Status",
+        "Grpc-Message",
+        "Grpc-Status-Details-Bin",
+        "Location",
+        "Cache-Control",
+        "X-Content-Type-Options",
+    ] {
         assert!(exposed.contains(name), "{name} not exposed: {exposed}");
     }
     assert!(reply.headers.get_all("vary").iter().any(|v| v.to_str().unwrap().contains("Origin")));
@@ -359,7 +371,9 @@ async fn cors_preflight_needs_no_token() {
 async fn stream_responses_are_chunked_with_exact_content_types() {
     let envd = Envd::start();
     let client = envd.client();
-    for request_type in ["application/connect+json", "application/connect+json; charset=utf-8", "Application/Connect+JSON"] {
+    for request_type in
+        ["application/connect+json", "application/connect+json; charset=utf-8", "Application/Connect+JSON"]
+    {
         let stream = client
             .stream(
                 rpc::START,

@@ -102,7 +102,8 @@ impl Mmds {
             _ => ("404 Not Found", String::new()),
         };
         let mut stream = stream;
-        let _ = write!(stream, "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+        let _ =
+            write!(stream, "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
     }
 
     fn address(&self) -> String {
@@ -153,7 +154,7 @@ fn lifecycle_args(state: &Path, run: &Path, mmds: &str) -> Vec<String> {
 async fn cold_boot_restores_the_exec_context_and_the_token() {
     let user = test_user();
     let state_scratch = Scratch::new("cold-state");
-        let state = &state_scratch.0;
+    let state = &state_scratch.0;
     let run_dir_scratch = Scratch::new("cold-run");
     let run_dir = &run_dir_scratch.0;
     let mmds = Mmds::start(sandbox_metadata());
@@ -170,7 +171,12 @@ async fn cold_boot_restores_the_exec_context_and_the_token() {
         fingerprint(&client).await
         // envd is SIGKILLed here: no chance to save anything on the way out.
     };
-    assert!(before.contains(&format!("{}\n", user.uid)) && before.contains(&user.name) && before.contains("hello sbx-cold-1"), "{before}");
+    assert!(
+        before.contains(&format!("{}\n", user.uid))
+            && before.contains(&user.name)
+            && before.contains("hello sbx-cold-1"),
+        "{before}"
+    );
     for entry in std::fs::read_dir(state).unwrap() {
         let content = std::fs::read(entry.unwrap().path()).unwrap();
         assert!(!String::from_utf8_lossy(&content).contains(TOKEN), "the raw token must never reach the disk");
@@ -196,7 +202,7 @@ async fn cold_boot_restores_the_exec_context_and_the_token() {
 #[tokio::test]
 async fn a_secured_sandbox_stays_closed_until_the_metadata_service_answers() {
     let state_scratch = Scratch::new("closed-state");
-        let state = &state_scratch.0;
+    let state = &state_scratch.0;
     let run_dir_scratch = Scratch::new("closed-run");
     let run_dir = &run_dir_scratch.0;
     let mmds = Mmds::start(sandbox_metadata());
@@ -225,7 +231,9 @@ async fn a_secured_sandbox_stays_closed_until_the_metadata_service_answers() {
 
 #[tokio::test]
 async fn a_damaged_state_file_is_reported_and_ignored() {
-    for (name, content) in [("empty", &b""[..]), ("truncated", b"{\"format\":1,\"default_user\":\"envd"), ("garbage", b"\xff\xfe\x00junk")] {
+    for (name, content) in
+        [("empty", &b""[..]), ("truncated", b"{\"format\":1,\"default_user\":\"envd"), ("garbage", b"\xff\xfe\x00junk")]
+    {
         let state_scratch = Scratch::new(&format!("damaged-{name}"));
         let state = &state_scratch.0;
         std::fs::write(state.join("exec-context.json"), content).unwrap();
@@ -240,7 +248,7 @@ async fn a_damaged_state_file_is_reported_and_ignored() {
 async fn metadata_defaults_apply_on_a_fresh_boot() {
     let user = test_user();
     let state_scratch = Scratch::new("mmds-defaults");
-        let state = &state_scratch.0;
+    let state = &state_scratch.0;
     let run_dir_scratch = Scratch::new("mmds-defaults-run");
     let run_dir = &run_dir_scratch.0;
     let mut metadata = sandbox_metadata();
@@ -289,7 +297,10 @@ fn run(tool: &str, args: &[&str]) {
 
 /// A writer outside envd that creates a file and syncs it.
 fn spawn_writer(path: &Path) -> std::process::Child {
-    Command::new("sh").args(["-c", &format!("echo data > '{}' && sync -f '{}'", path.display(), path.display())]).spawn().unwrap()
+    Command::new("sh")
+        .args(["-c", &format!("echo data > '{}' && sync -f '{}'", path.display(), path.display())])
+        .spawn()
+        .unwrap()
 }
 
 fn finished_within(child: &mut std::process::Child, wait: Duration) -> bool {
@@ -306,7 +317,8 @@ fn finished_within(child: &mut std::process::Child, wait: Duration) -> bool {
 #[tokio::test]
 async fn fsfreeze_blocks_writers_until_thaw_and_envd_keeps_answering() {
     let mount = TestMount::new("fsfreeze");
-    let envd = Envd::options().args(["--freeze-path", mount.mountpoint.to_str().unwrap(), "--freeze-deadline", "3"]).start();
+    let envd =
+        Envd::options().args(["--freeze-path", mount.mountpoint.to_str().unwrap(), "--freeze-deadline", "3"]).start();
     let client = envd.client();
 
     assert_eq!(client.send(http::Method::POST, "/fsfreeze", &[], "").await.status, 204);
@@ -316,7 +328,11 @@ async fn fsfreeze_blocks_writers_until_thaw_and_envd_keeps_answering() {
     assert_eq!(client.get("/health").await.status, 204);
     let run = client.run(&json!({"process": {"cmd": "true"}}), &[]).await;
     assert!(run.end.is_some(), "RPCs that do not write keep working while frozen");
-    assert_eq!(client.post_json("/init", &json!({"envVars": {"A": "1"}})).await.status, 204, "/init does not block on the frozen disk");
+    assert_eq!(
+        client.post_json("/init", &json!({"envVars": {"A": "1"}})).await.status,
+        204,
+        "/init does not block on the frozen disk"
+    );
 
     assert_eq!(client.send(http::Method::POST, "/fsthaw", &[], "").await.status, 204);
     assert!(finished_within(&mut writer, Duration::from_secs(10)), "the writer stayed blocked after /fsthaw");

@@ -106,7 +106,8 @@ async fn sigkill_and_sigterm_end_with_signal_status() {
         (json!(15), "signal: terminated"),
     ];
     for (signal, text) in signals {
-        let mut stream = client.stream(rpc::START, &json!({"process": {"cmd": "/bin/sleep", "args": ["30"]}}), &[]).await;
+        let mut stream =
+            client.stream(rpc::START, &json!({"process": {"cmd": "/bin/sleep", "args": ["30"]}}), &[]).await;
         let pid = expect_start(&mut stream).await;
         let sent = Instant::now();
         let reply = client.call(rpc::SEND_SIGNAL, &json!({"process": {"pid": pid}, "signal": signal})).await;
@@ -150,9 +151,12 @@ async fn stdin_absent_is_a_pipe_and_false_is_dev_null() {
     assert_eq!(run.stdout_str(), "/dev/null\n");
 
     // Input for a process without stdin is refused.
-    let mut stream = client.stream(rpc::START, &json!({"process": {"cmd": "/bin/sleep", "args": ["30"]}, "stdin": false}), &[]).await;
+    let mut stream = client
+        .stream(rpc::START, &json!({"process": {"cmd": "/bin/sleep", "args": ["30"]}, "stdin": false}), &[])
+        .await;
     let pid = expect_start(&mut stream).await;
-    let (status, error) = client.call_err(rpc::SEND_INPUT, &json!({"process": {"pid": pid}, "input": {"stdin": b64(b"x")}})).await;
+    let (status, error) =
+        client.call_err(rpc::SEND_INPUT, &json!({"process": {"pid": pid}, "input": {"stdin": b64(b"x")}})).await;
     assert_eq!((status, error.code.as_str()), (StatusCode::INTERNAL_SERVER_ERROR, "internal"), "{error:?}");
     // CloseStdin on it is a no-op success.
     client.call(rpc::CLOSE_STDIN, &json!({"process": {"pid": pid}})).await;
@@ -164,7 +168,8 @@ async fn stdin_absent_is_a_pipe_and_false_is_dev_null() {
     let pid = expect_start(&mut stream).await;
     client.call(rpc::CLOSE_STDIN, &json!({"process": {"pid": pid}})).await;
     client.call(rpc::CLOSE_STDIN, &json!({"process": {"pid": pid}})).await;
-    let (_, error) = client.call_err(rpc::SEND_INPUT, &json!({"process": {"pid": pid}, "input": {"stdin": b64(b"x")}})).await;
+    let (_, error) =
+        client.call_err(rpc::SEND_INPUT, &json!({"process": {"pid": pid}, "input": {"stdin": b64(b"x")}})).await;
     assert_eq!(error.code, "internal", "{error:?}");
     client.kill(pid).await;
     expect_end(&mut stream).await;
@@ -295,9 +300,8 @@ async fn keepalives_fill_silence() {
     assert_eq!(run.stdout_str(), "done\n");
 
     // Output restarts the timer: no keep-alive while data flows.
-    let run = client
-        .run(&bash("for i in 1 2 3 4 5; do echo $i; sleep 0.4; done"), &[("keepalive-ping-interval", "1")])
-        .await;
+    let run =
+        client.run(&bash("for i in 1 2 3 4 5; do echo $i; sleep 0.4; done"), &[("keepalive-ping-interval", "1")]).await;
     assert_eq!(run.keepalives, 0, "{:?}", run.events);
 
     // 0, negative and garbage mean the default (90 s): nothing crashes.
@@ -395,8 +399,9 @@ async fn tag_selector_finds_the_right_process_among_several() {
     let client = envd.client();
     let mut streams = Vec::new();
     for tag in ["t1", "t2", "t3", "t4"] {
-        let mut stream =
-            client.stream(rpc::START, &json!({"process": {"cmd": "/bin/sleep", "args": ["30"]}, "tag": tag}), &[]).await;
+        let mut stream = client
+            .stream(rpc::START, &json!({"process": {"cmd": "/bin/sleep", "args": ["30"]}, "tag": tag}), &[])
+            .await;
         let pid = expect_start(&mut stream).await;
         streams.push((tag, pid, stream));
     }
@@ -415,7 +420,9 @@ async fn unknown_pid_or_tag_is_not_found() {
     let client = envd.client();
     let by_pid = json!({"pid": 999_999_999u32});
     let by_tag = json!({"tag": "nope"});
-    for (selector, message) in [(&by_pid, "process with pid 999999999 not found"), (&by_tag, "process with tag nope not found")] {
+    for (selector, message) in
+        [(&by_pid, "process with pid 999999999 not found"), (&by_tag, "process with tag nope not found")]
+    {
         for (rpc, body) in [
             (rpc::SEND_INPUT, json!({"process": selector, "input": {"stdin": "eA=="}})),
             (rpc::SEND_SIGNAL, json!({"process": selector, "signal": "SIGNAL_SIGKILL"})),
@@ -439,7 +446,8 @@ async fn unsupported_signal_and_empty_selector_are_unimplemented() {
     let mut stream = client.stream(rpc::START, &json!({"process": {"cmd": "/bin/sleep", "args": ["30"]}}), &[]).await;
     let pid = expect_start(&mut stream).await;
     for signal in [json!("SIGNAL_UNSPECIFIED"), json!(2), Value::Null] {
-        let (status, error) = client.call_err(rpc::SEND_SIGNAL, &json!({"process": {"pid": pid}, "signal": signal})).await;
+        let (status, error) =
+            client.call_err(rpc::SEND_SIGNAL, &json!({"process": {"pid": pid}, "signal": signal})).await;
         assert_eq!((status, error.code.as_str()), (StatusCode::NOT_IMPLEMENTED, "unimplemented"), "signal {signal}");
     }
     let (_, error) = client.call_err(rpc::SEND_SIGNAL, &json!({"process": {}, "signal": "SIGNAL_SIGKILL"})).await;
@@ -525,7 +533,11 @@ async fn connect_timeout_is_the_process_lifetime() {
     let client = envd.client();
     let started = Instant::now();
     let mut stream = client
-        .stream(rpc::START, &json!({"process": {"cmd": "/bin/sleep", "args": ["30"]}}), &[("connect-timeout-ms", "1500")])
+        .stream(
+            rpc::START,
+            &json!({"process": {"cmd": "/bin/sleep", "args": ["30"]}}),
+            &[("connect-timeout-ms", "1500")],
+        )
         .await;
     let pid = expect_start(&mut stream).await;
     let error = expect_error(&mut stream).await;
@@ -664,9 +676,8 @@ async fn environment_precedence() {
     let path = "/usr/local/bin:/usr/bin:/bin:/opt/envd-test-path";
     let envd = Envd::options().env("PATH", path).env("ENVD_TEST_NOT_PASSED", "1").start();
     let client = envd.client();
-    let init = client
-        .post_json("/init", &json!({"envVars": {"V_INIT": "init", "V_BOTH": "init", "USER": "from-init"}}))
-        .await;
+    let init =
+        client.post_json("/init", &json!({"envVars": {"V_INIT": "init", "V_BOTH": "init", "USER": "from-init"}})).await;
     assert_eq!(init.status, StatusCode::NO_CONTENT, "{}", init.text());
 
     let start = json!({
@@ -752,7 +763,10 @@ async fn unknown_basic_user_is_unauthenticated() {
     for path in ["/health", "/envs"] {
         let reply = ghost.get(path).await;
         assert_eq!(reply.status, StatusCode::UNAUTHORIZED, "{path}");
-        assert_eq!(reply.json(), json!({"code": "unauthenticated", "message": "invalid username: 'envd-no-such-user'"}));
+        assert_eq!(
+            reply.json(),
+            json!({"code": "unauthenticated", "message": "invalid username: 'envd-no-such-user'"})
+        );
     }
 }
 
@@ -788,7 +802,8 @@ async fn children_get_normal_priorities_in_their_own_session() {
     let envd_stat = proc_stat(envd.pid()).unwrap();
     assert_eq!(envd_stat[16], "-5", "envd itself runs at nice -5");
     for client in [envd.client(), envd.client().with_user(&user.name)] {
-        let mut stream = client.stream(rpc::START, &json!({"process": {"cmd": "/bin/sleep", "args": ["30"]}}), &[]).await;
+        let mut stream =
+            client.stream(rpc::START, &json!({"process": {"cmd": "/bin/sleep", "args": ["30"]}}), &[]).await;
         let pid = expect_start(&mut stream).await;
         let stat = proc_stat(pid).unwrap();
         assert_eq!(stat[16], "0", "nice of the child");

@@ -57,12 +57,18 @@ impl Session {
                 return text;
             }
             assert!(Instant::now() < deadline, "'{needle}' never appeared; screen:\n{text}");
-            match tokio::time::timeout(Duration::from_secs(20), self.stream.next_event()).await.expect("terminal output") {
+            match tokio::time::timeout(Duration::from_secs(20), self.stream.next_event())
+                .await
+                .expect("terminal output")
+            {
                 ProcEvent::Pty(data) => self.screen.extend_from_slice(&data),
                 ProcEvent::Keepalive => {}
                 ProcEvent::End(end) => {
                     self.end = Some(end);
-                    panic!("the terminal ended while waiting for '{needle}': {}", String::from_utf8_lossy(&self.screen));
+                    panic!(
+                        "the terminal ended while waiting for '{needle}': {}",
+                        String::from_utf8_lossy(&self.screen)
+                    );
                 }
                 other => panic!("unexpected event on a terminal: {other:?}"),
             }
@@ -97,7 +103,9 @@ async fn a_terminal_session_end_to_end() {
     assert!(shown.contains("24 80"), "stty size is the requested size: {shown}");
     assert!(shown.contains("xterm-256color C.UTF-8 C.UTF-8"), "{shown}");
 
-    client.call(rpc::UPDATE, &json!({"process": {"pid": session.pid}, "pty": {"size": {"cols": 120, "rows": 40}}})).await;
+    client
+        .call(rpc::UPDATE, &json!({"process": {"pid": session.pid}, "pty": {"size": {"cols": 120, "rows": 40}}}))
+        .await;
     let mark = session.screen.len();
     session.type_text(&client, b"stty size\n").await;
     session.wait_for("40 120", mark).await;
@@ -159,26 +167,35 @@ async fn a_second_client_attaches_and_ctrl_d_ends_the_shell() {
 async fn terminal_misuse_is_refused_clearly() {
     let envd = Envd::start();
     let client = envd.client();
-    let (status, err) = client.call_err(rpc::UPDATE, &json!({"process": {"pid": 999_999}, "pty": {"size": {"cols": 10, "rows": 10}}})).await;
+    let (status, err) = client
+        .call_err(rpc::UPDATE, &json!({"process": {"pid": 999_999}, "pty": {"size": {"cols": 10, "rows": 10}}}))
+        .await;
     assert_eq!((status.as_u16(), err.code.as_str()), (404, "not_found"));
 
     let mut session = Session::open(&client, 80, 24, &[]).await;
-    let (_, err) = client.call_err(rpc::UPDATE, &json!({"process": {"pid": session.pid}, "pty": {"size": {"cols": 0, "rows": 10}}})).await;
+    let (_, err) = client
+        .call_err(rpc::UPDATE, &json!({"process": {"pid": session.pid}, "pty": {"size": {"cols": 0, "rows": 10}}}))
+        .await;
     assert_eq!(err.code, "invalid_argument");
     assert!(err.message.contains("rows and cols"), "{}", err.message);
-    let (_, err) = client.call_err(rpc::SEND_INPUT, &json!({"process": {"pid": session.pid}, "input": {"stdin": b64(b"x")}})).await;
+    let (_, err) = client
+        .call_err(rpc::SEND_INPUT, &json!({"process": {"pid": session.pid}, "input": {"stdin": b64(b"x")}}))
+        .await;
     assert_eq!(err.code, "internal");
     let (_, err) = client.call_err(rpc::CLOSE_STDIN, &json!({"process": {"pid": session.pid}})).await;
     assert_eq!(err.code, "unknown");
 
     let started = client.stream(rpc::START, &json!({"process": {"cmd": "true"}}), &[]).await.collect().await;
-    let (_, err) = client.call_err(rpc::UPDATE, &json!({"process": {"pid": started.pid()}, "pty": {"size": {"cols": 10, "rows": 10}}})).await;
+    let (_, err) = client
+        .call_err(rpc::UPDATE, &json!({"process": {"pid": started.pid()}, "pty": {"size": {"cols": 10, "rows": 10}}}))
+        .await;
     assert_eq!(err.code, "not_found", "an ended process");
 
     client.kill(session.pid).await;
     let end = session.until_end().await;
     assert_eq!(end["status"], "signal: killed");
-    let (_, err) = client.call_err(rpc::SEND_INPUT, &json!({"process": {"pid": session.pid}, "input": {"pty": b64(b"x")}})).await;
+    let (_, err) =
+        client.call_err(rpc::SEND_INPUT, &json!({"process": {"pid": session.pid}, "input": {"pty": b64(b"x")}})).await;
     assert_eq!(err.code, "not_found", "input to an ended process");
 }
 

@@ -148,12 +148,8 @@ fn same_fingerprint(what: &str, got: &str, want: &str) -> Result<(), String> {
     if got == want {
         return Ok(());
     }
-    let diff: Vec<String> = want
-        .lines()
-        .zip(got.lines())
-        .filter(|(w, g)| w != g)
-        .map(|(w, g)| format!("{w:?} -> {g:?}"))
-        .collect();
+    let diff: Vec<String> =
+        want.lines().zip(got.lines()).filter(|(w, g)| w != g).map(|(w, g)| format!("{w:?} -> {g:?}")).collect();
     Err(format!("{what} differs: {}", diff.join("; ")))
 }
 
@@ -187,7 +183,8 @@ impl Run {
             "accessTokenHash": sha512_hex(&token),
         });
         let mmds = Mmds::start(metadata.clone()).map_err(|e| format!("metadata service: {e}"))?;
-        let env_or = |name: &str, default: u32| std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default);
+        let env_or =
+            |name: &str, default: u32| std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default);
         let spec = VmSpec {
             image_dir: image.clone(),
             disk: work.join("disk.img"),
@@ -313,7 +310,8 @@ impl Run {
     /// (CONTRACT.md 4.10).
     fn freeze(&self) -> Result<Duration, String> {
         let t = Instant::now();
-        let response = self.envd()?.post("/fsfreeze", Duration::from_secs(60)).map_err(|e| format!("/fsfreeze: {e}"))?;
+        let response =
+            self.envd()?.post("/fsfreeze", Duration::from_secs(60)).map_err(|e| format!("/fsfreeze: {e}"))?;
         if response.status != 204 {
             return Err(format!("/fsfreeze answered {}: {}", response.status, response.text()));
         }
@@ -384,52 +382,96 @@ fn cold_boot_phase(run: &mut Run) -> Result<Facts, String> {
     run.report.time("boot -> envd ready (/health 204)", secs(ready));
 
     let unit = run.root("systemctl show envd -p Type -p ActiveState -p SubState -p NRestarts")?;
-    run.report.check(P, "envd.service is Type=notify and active (READY=1 arrived)",
-        if unit.contains("Type=notify") && unit.contains("ActiveState=active") { Ok(()) }
-        else { Err(format!("unit state: {}", unit.split_whitespace().collect::<Vec<_>>().join(" "))) })?;
+    run.report.check(
+        P,
+        "envd.service is Type=notify and active (READY=1 arrived)",
+        if unit.contains("Type=notify") && unit.contains("ActiveState=active") {
+            Ok(())
+        } else {
+            Err(format!("unit state: {}", unit.split_whitespace().collect::<Vec<_>>().join(" ")))
+        },
+    )?;
 
     let before = run.guest_clock_offset()?;
-    run.report.check(P, "guest clock starts far from the host's (qemu -rtc base)",
-        if before.abs() > 86_400 { Ok(()) } else { Err(format!("offset only {before} s")) })?;
+    run.report.check(
+        P,
+        "guest clock starts far from the host's (qemu -rtc base)",
+        if before.abs() > 86_400 { Ok(()) } else { Err(format!("offset only {before} s")) },
+    )?;
 
     let mmds_read = run.mmds.wait_reads(1, Duration::from_secs(15));
-    run.report.check(P, "envd reads MMDS v2 at start (token PUT, then GET /)",
-        if mmds_read { Ok(()) } else { Err(format!("metadata service saw {:?}", run.mmds.counters())) })?;
+    run.report.check(
+        P,
+        "envd reads MMDS v2 at start (token PUT, then GET /)",
+        if mmds_read { Ok(()) } else { Err(format!("metadata service saw {:?}", run.mmds.counters())) },
+    )?;
     let sandbox_id = run.metadata["instanceID"].as_str().unwrap_or_default().to_owned();
     let files = run.root("cat /run/e2b/.E2B_SANDBOX_ID 2>&1; echo; cat /run/e2b/.E2B_TEMPLATE_ID 2>&1")?;
-    run.report.check(P, "/run/e2b/.E2B_SANDBOX_ID and .E2B_TEMPLATE_ID from MMDS",
-        expect_eq("/run/e2b", files.trim_end(), &format!("{sandbox_id}\ne2e-template")))?;
+    run.report.check(
+        P,
+        "/run/e2b/.E2B_SANDBOX_ID and .E2B_TEMPLATE_ID from MMDS",
+        expect_eq("/run/e2b", files.trim_end(), &format!("{sandbox_id}\ne2e-template")),
+    )?;
 
     run.init(true)?;
     let first = run.first_command_as_user(BOOT_TIMEOUT)?;
     run.report.time("boot -> first command as 'user' (after /init)", secs(first));
     let after = run.guest_clock_offset()?;
-    run.report.check(P, "/init with a far-off timestamp steps the guest clock",
-        if after.abs() <= 5 { Ok(()) } else { Err(format!("guest still {after} s off (was {before} s)")) })?;
+    run.report.check(
+        P,
+        "/init with a far-off timestamp steps the guest clock",
+        if after.abs() <= 5 { Ok(()) } else { Err(format!("guest still {after} s off (was {before} s)")) },
+    )?;
 
     let anonymous = run.anonymous()?.get("/envs").map_err(|e| e.to_string())?;
     let with_token = run.envd()?.get("/envs").map_err(|e| e.to_string())?;
-    run.report.check(P, "after /init: without the token 401, with it 200",
-        if anonymous.status == 401 && with_token.status == 200 { Ok(()) }
-        else { Err(format!("without: {}, with: {}", anonymous.status, with_token.status)) })?;
+    run.report.check(
+        P,
+        "after /init: without the token 401, with it 200",
+        if anonymous.status == 401 && with_token.status == 200 {
+            Ok(())
+        } else {
+            Err(format!("without: {}, with: {}", anonymous.status, with_token.status))
+        },
+    )?;
 
     let fingerprint = run.fingerprint()?;
     eprintln!("[vm-e2e] exec-context fingerprint after /init:\n{fingerprint}");
     let mut want = vec![
-        "uid=1000".to_owned(), "whoami=user".into(), "pwd=/home/user".into(), "HOME=/home/user".into(),
-        "USER=user".into(), "umask=0022".into(), "E2E_VAR=from-init".into(), "E2E_SPACES=a b  c".into(),
+        "uid=1000".to_owned(),
+        "whoami=user".into(),
+        "pwd=/home/user".into(),
+        "HOME=/home/user".into(),
+        "USER=user".into(),
+        "umask=0022".into(),
+        "E2E_VAR=from-init".into(),
+        "E2E_SPACES=a b  c".into(),
         "E2B_SANDBOX=true".into(),
     ];
     let missing: Vec<String> = want.drain(..).filter(|w| !fingerprint.lines().any(|l| l == w)).collect();
-    run.report.check(P, "commands run as the /init user, workdir and env vars",
-        if missing.is_empty() { Ok(()) } else { Err(format!("missing {missing:?}")) })?;
-    run.report.check(P, "E2B_SANDBOX_ID / E2B_TEMPLATE_ID in processes from MMDS",
-        if fingerprint.lines().any(|l| l == format!("E2B_SANDBOX_ID={sandbox_id}")) && fingerprint.contains("E2B_TEMPLATE_ID=e2e-template") { Ok(()) }
-        else { Err("not set".into()) })?;
+    run.report.check(
+        P,
+        "commands run as the /init user, workdir and env vars",
+        if missing.is_empty() { Ok(()) } else { Err(format!("missing {missing:?}")) },
+    )?;
+    run.report.check(
+        P,
+        "E2B_SANDBOX_ID / E2B_TEMPLATE_ID in processes from MMDS",
+        if fingerprint.lines().any(|l| l == format!("E2B_SANDBOX_ID={sandbox_id}"))
+            && fingerprint.contains("E2B_TEMPLATE_ID=e2e-template")
+        {
+            Ok(())
+        } else {
+            Err("not set".into())
+        },
+    )?;
 
     let envd = run.envd()?;
-    let pid = envd.spawn_detached(As::Default, BACKGROUND_TAG,
-        "n=0; while :; do n=$((n+1)); echo $n > /tmp/e2e-counter; sleep 0.5; done")?;
+    let pid = envd.spawn_detached(
+        As::Default,
+        BACKGROUND_TAG,
+        "n=0; while :; do n=$((n+1)); echo $n > /tmp/e2e-counter; sleep 0.5; done",
+    )?;
     let mem_sum = envd.sh(As::Default, "head -c 1048576 /dev/urandom > mem-file && sha256sum mem-file")?.stdout;
     std::thread::sleep(Duration::from_secs(2));
     let counter: u64 = run.root("cat /tmp/e2e-counter")?.trim().parse().map_err(|e| format!("counter: {e}"))?;
@@ -466,20 +508,36 @@ fn memory_phase(run: &mut Run, facts: &Facts) -> Result<(), String> {
     let boot_id = run.root("cat /proc/sys/kernel/random/boot_id")?;
     run.report.check(P, "same kernel (boot_id) after restore", expect_eq("boot_id", &boot_id, &facts.boot_id))?;
     let listed = run.envd()?.list()?;
-    run.report.check(P, "background process still in Process.List (same pid, tag)",
-        if listed.iter().any(|(p, t)| *p == facts.pid && t.as_deref() == Some(BACKGROUND_TAG)) { Ok(()) }
-        else { Err(format!("pid {} not in {listed:?}", facts.pid)) })?;
+    run.report.check(
+        P,
+        "background process still in Process.List (same pid, tag)",
+        if listed.iter().any(|(p, t)| *p == facts.pid && t.as_deref() == Some(BACKGROUND_TAG)) {
+            Ok(())
+        } else {
+            Err(format!("pid {} not in {listed:?}", facts.pid))
+        },
+    )?;
     std::thread::sleep(Duration::from_secs(1));
     let counter: u64 = run.root("cat /tmp/e2e-counter")?.trim().parse().map_err(|e| format!("counter: {e}"))?;
-    run.report.check(P, "background process keeps running (counter advances)",
-        if counter > facts.counter { Ok(()) } else { Err(format!("counter {counter}, was {}", facts.counter)) })?;
+    run.report.check(
+        P,
+        "background process keeps running (counter advances)",
+        if counter > facts.counter { Ok(()) } else { Err(format!("counter {counter}, was {}", facts.counter)) },
+    )?;
     let sum = run.envd()?.sh(As::Default, "sha256sum mem-file")?.stdout;
     run.report.check(P, "file written before the snapshot is intact", expect_eq("sha256", &sum, &facts.mem_sum))?;
     let offset = run.guest_clock_offset()?;
-    run.report.check(P, "guest clock within 5 s of the host after /init",
-        if offset.abs() <= 5 { Ok(()) } else { Err(format!("{offset} s off")) })?;
+    run.report.check(
+        P,
+        "guest clock within 5 s of the host after /init",
+        if offset.abs() <= 5 { Ok(()) } else { Err(format!("{offset} s off")) },
+    )?;
     let fingerprint = run.fingerprint()?;
-    run.report.check(P, "exec-context fingerprint unchanged", same_fingerprint("fingerprint", &fingerprint, &facts.fingerprint))?;
+    run.report.check(
+        P,
+        "exec-context fingerprint unchanged",
+        same_fingerprint("fingerprint", &fingerprint, &facts.fingerprint),
+    )?;
     Ok(())
 }
 
@@ -490,10 +548,16 @@ fn filesystem_phase(run: &mut Run, facts: &Facts) -> Result<(), String> {
     run.report.time("POST /fsfreeze", secs(froze));
     run.vm.as_mut().ok_or("no VM")?.kill_hard();
     let state = disk::inspect(&run.spec.disk)?;
-    run.report.check(P, "frozen disk after SIGKILL: clean, no journal to replay",
-        if state.clean && !state.needs_recovery { Ok(()) } else { Err(format!("{state:?}")) })?;
-    run.report.check(P, "e2fsck -fn of the disk passes",
-        if state.fsck_ok { Ok(()) } else { Err(state.fsck_output.clone()) })?;
+    run.report.check(
+        P,
+        "frozen disk after SIGKILL: clean, no journal to replay",
+        if state.clean && !state.needs_recovery { Ok(()) } else { Err(format!("{state:?}")) },
+    )?;
+    run.report.check(
+        P,
+        "e2fsck -fn of the disk passes",
+        if state.fsck_ok { Ok(()) } else { Err(state.fsck_output.clone()) },
+    )?;
 
     run.mmds.forget_tokens();
     run.mmds.set(run.metadata.clone());
@@ -502,45 +566,87 @@ fn filesystem_phase(run: &mut Run, facts: &Facts) -> Result<(), String> {
     run.report.time("cold boot (fs-only resume) -> envd ready", secs(ready));
     // The client still holds the token: it must work from the first moment.
     let at_ready = run.envd()?.get("/envs").map_err(|e| e.to_string())?;
-    run.report.check(P, "the token is accepted as soon as /health answers",
-        if at_ready.status == 200 { Ok(()) } else { Err(format!("{}: {}", at_ready.status, at_ready.text())) })?;
+    run.report.check(
+        P,
+        "the token is accepted as soon as /health answers",
+        if at_ready.status == 200 { Ok(()) } else { Err(format!("{}: {}", at_ready.status, at_ready.text())) },
+    )?;
     let mmds_read = run.mmds.wait_reads(reads_before + 1, Duration::from_secs(15));
-    run.report.check(P, "envd reads MMDS after the cold boot",
-        if mmds_read { Ok(()) } else { Err(format!("metadata service saw {:?}", run.mmds.counters())) })?;
+    run.report.check(
+        P,
+        "envd reads MMDS after the cold boot",
+        if mmds_read { Ok(()) } else { Err(format!("metadata service saw {:?}", run.mmds.counters())) },
+    )?;
 
     let boot_id = run.root("cat /proc/sys/kernel/random/boot_id")?;
-    run.report.check(P, "a new boot: envd started by systemd",
-        if boot_id != facts.boot_id { Ok(()) } else { Err("same boot_id as before the pause".into()) })?;
+    run.report.check(
+        P,
+        "a new boot: envd started by systemd",
+        if boot_id != facts.boot_id { Ok(()) } else { Err("same boot_id as before the pause".into()) },
+    )?;
 
     // No /init yet: the orchestrator's first /init may come late.
-    let first = run.first_command_as_user(run.vm.as_ref().ok_or("no VM")?.started.elapsed() + Duration::from_secs(3))?;
+    let first =
+        run.first_command_as_user(run.vm.as_ref().ok_or("no VM")?.started.elapsed() + Duration::from_secs(3))?;
     run.report.time("cold boot -> first command as 'user' (no /init)", secs(first));
     let anonymous = run.anonymous()?.get("/envs").map_err(|e| e.to_string())?;
     let with_token = run.envd()?.get("/envs").map_err(|e| e.to_string())?;
-    run.report.check(P, "before /init: without the token 401, with it 200",
-        if anonymous.status == 401 && with_token.status == 200 { Ok(()) }
-        else { Err(format!("without: {}, with: {}", anonymous.status, with_token.status)) })?;
+    run.report.check(
+        P,
+        "before /init: without the token 401, with it 200",
+        if anonymous.status == 401 && with_token.status == 200 {
+            Ok(())
+        } else {
+            Err(format!("without: {}, with: {}", anonymous.status, with_token.status))
+        },
+    )?;
     let anonymous_rpc = run.anonymous()?.list();
-    run.report.check(P, "before /init: Process.List without the token refused",
-        match anonymous_rpc { Err(e) if e.contains("401") => Ok(()), Err(e) => Err(e), Ok(l) => Err(format!("answered {l:?}")) })?;
+    run.report.check(
+        P,
+        "before /init: Process.List without the token refused",
+        match anonymous_rpc {
+            Err(e) if e.contains("401") => Ok(()),
+            Err(e) => Err(e),
+            Ok(l) => Err(format!("answered {l:?}")),
+        },
+    )?;
     let cold_fingerprint = run.fingerprint()?;
-    run.report.check(P, "before /init: exec-context fingerprint identical to memory resume",
-        same_fingerprint("fingerprint", &cold_fingerprint, &facts.fingerprint))?;
+    run.report.check(
+        P,
+        "before /init: exec-context fingerprint identical to memory resume",
+        same_fingerprint("fingerprint", &cold_fingerprint, &facts.fingerprint),
+    )?;
 
     let sums = run.envd()?.sh(As::Default, "sha256sum mem-file fs-file")?.stdout;
-    run.report.check(P, "files written before the pause are intact (sha256)",
-        expect_eq("sha256", &sums, &format!("{}{}", facts.mem_sum, fs_sum)))?;
+    run.report.check(
+        P,
+        "files written before the pause are intact (sha256)",
+        expect_eq("sha256", &sums, &format!("{}{}", facts.mem_sum, fs_sum)),
+    )?;
     let listed = run.envd()?.list()?;
-    run.report.check(P, "background process is gone",
-        if listed.iter().any(|(_, t)| t.as_deref() == Some(BACKGROUND_TAG)) { Err(format!("still listed: {listed:?}")) } else { Ok(()) })?;
+    run.report.check(
+        P,
+        "background process is gone",
+        if listed.iter().any(|(_, t)| t.as_deref() == Some(BACKGROUND_TAG)) {
+            Err(format!("still listed: {listed:?}"))
+        } else {
+            Ok(())
+        },
+    )?;
 
     run.init(true)?;
     let fingerprint = run.fingerprint()?;
-    run.report.check(P, "after /init: fingerprint unchanged from before /init",
-        same_fingerprint("fingerprint", &fingerprint, &cold_fingerprint))?;
+    run.report.check(
+        P,
+        "after /init: fingerprint unchanged from before /init",
+        same_fingerprint("fingerprint", &fingerprint, &cold_fingerprint),
+    )?;
     let offset = run.guest_clock_offset()?;
-    run.report.check(P, "guest clock within 5 s of the host after /init",
-        if offset.abs() <= 5 { Ok(()) } else { Err(format!("{offset} s off")) })?;
+    run.report.check(
+        P,
+        "guest clock within 5 s of the host after /init",
+        if offset.abs() <= 5 { Ok(()) } else { Err(format!("{offset} s off")) },
+    )?;
     let restarts = run.root("systemctl show envd -p NRestarts --value")?;
     run.report.check(P, "envd never restarted (NRestarts=0)", expect_eq("NRestarts", restarts.trim(), "0"))?;
     Ok(())
@@ -609,7 +715,8 @@ fn stress(run: &mut Run, cycles: u32) -> Result<(), String> {
     for cycle in 1..=cycles {
         let name = format!("stress-{cycle:03}");
         // Acknowledged = the end event with exit status 0 reached us.
-        let sum = run.envd()?.sh(As::Default, &format!("head -c 262144 /dev/urandom > {name} && sha256sum {name}"))?.stdout;
+        let sum =
+            run.envd()?.sh(As::Default, &format!("head -c 262144 /dev/urandom > {name} && sha256sum {name}"))?.stdout;
         written.push((name.clone(), sum));
         run.freeze()?;
         run.vm.as_mut().ok_or("no VM")?.kill_hard();
@@ -622,13 +729,17 @@ fn stress(run: &mut Run, cycles: u32) -> Result<(), String> {
         run.init(true)?;
         let names: Vec<&str> = written.iter().map(|(n, _)| n.as_str()).collect();
         let got = run.envd()?.sh(As::Default, &format!("sha256sum {} 2>&1 || true", names.join(" ")))?.stdout;
-        let lost: Vec<String> = written.iter().filter(|(_, sum)| !got.contains(sum.as_str())).map(|(n, _)| n.clone()).collect();
+        let lost: Vec<String> =
+            written.iter().filter(|(_, sum)| !got.contains(sum.as_str())).map(|(n, _)| n.clone()).collect();
         if !lost.is_empty() {
             lost_cycles += 1;
             eprintln!("[vm-stress] cycle {cycle}: LOST acknowledged writes {lost:?}\n{got}");
             written.retain(|(n, _)| !lost.contains(n));
         }
-        eprintln!("[vm-stress] cycle {cycle}/{cycles}: cold boot {} , lost so far {lost_cycles}", secs(*boots.last().expect("pushed")));
+        eprintln!(
+            "[vm-stress] cycle {cycle}/{cycles}: cold boot {} , lost so far {lost_cycles}",
+            secs(*boots.last().expect("pushed"))
+        );
     }
     let mut sorted = boots.clone();
     sorted.sort();
@@ -636,10 +747,20 @@ fn stress(run: &mut Run, cycles: u32) -> Result<(), String> {
     run.report.time("stress: cycles", cycles.to_string());
     run.report.time("stress: median cold boot -> envd ready", secs(median));
     run.report.time("stress: slowest cold boot -> envd ready", secs(sorted.last().copied().unwrap_or_default()));
-    run.report.check("stress", &format!("{cycles} freeze + kill + cold boot cycles lose no acknowledged write"),
-        if lost_cycles == 0 { Ok(()) } else { Err(format!("{lost_cycles} of {cycles} cycles lost an acknowledged write")) })?;
-    run.report.check("stress", "disk clean after every freeze + kill",
-        if unclean == 0 { Ok(()) } else { Err(format!("{unclean} of {cycles} cycles left an unclean disk")) })?;
+    run.report.check(
+        "stress",
+        &format!("{cycles} freeze + kill + cold boot cycles lose no acknowledged write"),
+        if lost_cycles == 0 {
+            Ok(())
+        } else {
+            Err(format!("{lost_cycles} of {cycles} cycles lost an acknowledged write"))
+        },
+    )?;
+    run.report.check(
+        "stress",
+        "disk clean after every freeze + kill",
+        if unclean == 0 { Ok(()) } else { Err(format!("{unclean} of {cycles} cycles left an unclean disk")) },
+    )?;
     Ok(())
 }
 

@@ -40,7 +40,11 @@ impl ExecContext {
 
     /// The environment of a process, in the contract's order: later
     /// entries win (PATH, HOME, USER, LOGNAME < defaults < request).
-    pub fn process_env<'a>(&self, user: &User, request: impl IntoIterator<Item = (&'a String, &'a String)>) -> Vec<(String, String)> {
+    pub fn process_env<'a>(
+        &self,
+        user: &User,
+        request: impl IntoIterator<Item = (&'a String, &'a String)>,
+    ) -> Vec<(String, String)> {
         let mut env: BTreeMap<String, String> = BTreeMap::new();
         env.insert("PATH".into(), std::env::var("PATH").unwrap_or_else(|_| DEFAULT_PATH.into()));
         env.insert("HOME".into(), user.home.to_string_lossy().into_owned());

@@ -45,7 +45,12 @@ impl SavedContext {
     }
 
     /// A record in the current layout.
-    pub fn new(default_user: String, default_workdir: Option<String>, env_vars: BTreeMap<String, String>, secured: bool) -> Self {
+    pub fn new(
+        default_user: String,
+        default_workdir: Option<String>,
+        env_vars: BTreeMap<String, String>,
+        secured: bool,
+    ) -> Self {
         Self { format: FORMAT, default_user, default_workdir, env_vars, secured }
     }
 }
@@ -134,7 +139,12 @@ mod tests {
         let dir = scratch("roundtrip");
         let file = StateFile::new(&dir);
         assert!(file.load().unwrap().is_none());
-        let saved = SavedContext::new("user".into(), Some("/home/user".into()), [("A".to_owned(), "1".to_owned())].into(), true);
+        let saved = SavedContext::new(
+            "user".into(),
+            Some("/home/user".into()),
+            [("A".to_owned(), "1".to_owned())].into(),
+            true,
+        );
         file.save(&saved).unwrap();
         assert_eq!(file.load().unwrap(), Some(saved));
         let mode = std::fs::metadata(dir.join(FILE_NAME)).unwrap().permissions().mode();
@@ -148,7 +158,12 @@ mod tests {
         let dir = scratch("damaged");
         std::fs::create_dir_all(&dir).unwrap();
         let file = StateFile::new(&dir);
-        for content in [&b""[..], b"{\"format\":1,\"default_us", b"\x00\x01garbage", b"{\"format\":9,\"default_user\":\"u\",\"default_workdir\":null,\"env_vars\":{},\"secured\":false}"] {
+        for content in [
+            &b""[..],
+            b"{\"format\":1,\"default_us",
+            b"\x00\x01garbage",
+            b"{\"format\":9,\"default_user\":\"u\",\"default_workdir\":null,\"env_vars\":{},\"secured\":false}",
+        ] {
             std::fs::write(dir.join(FILE_NAME), content).unwrap();
             assert!(matches!(file.load(), Err(StateError::Corrupt { .. })), "{content:?}");
         }

@@ -61,9 +61,7 @@ fn read(path: &Path) -> Result<String, UserError> {
 
 fn lookup_in(passwd_path: &Path, group_path: &Path, name: &str) -> Result<User, UserError> {
     let passwd = read(passwd_path)?;
-    let entry = passwd_entries(&passwd)
-        .find(|e| e.name == name)
-        .ok_or_else(|| UserError::Unknown(name.to_owned()))?;
+    let entry = passwd_entries(&passwd).find(|e| e.name == name).ok_or_else(|| UserError::Unknown(name.to_owned()))?;
     // A missing /etc/group leaves the user with only the primary group.
     let group = std::fs::read_to_string(group_path).unwrap_or_default();
     let mut groups = vec![entry.gid];
@@ -124,8 +122,13 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let passwd = dir.join("passwd");
         let group = dir.join("group");
-        std::fs::write(&passwd, "root:x:0:0:root:/root:/bin/bash\nbroken line\nuser:x:1000:1000::/home/user:/bin/bash\n").unwrap();
-        std::fs::write(&group, "root:x:0:\nuser:x:1000:\nsudo:x:27:user\ndocker:x:999:other,user\nnope:x:5:other\n").unwrap();
+        std::fs::write(
+            &passwd,
+            "root:x:0:0:root:/root:/bin/bash\nbroken line\nuser:x:1000:1000::/home/user:/bin/bash\n",
+        )
+        .unwrap();
+        std::fs::write(&group, "root:x:0:\nuser:x:1000:\nsudo:x:27:user\ndocker:x:999:other,user\nnope:x:5:other\n")
+            .unwrap();
         let user = lookup_in(&passwd, &group, "user").unwrap();
         assert_eq!(user.uid, 1000);
         assert_eq!(user.home, PathBuf::from("/home/user"));

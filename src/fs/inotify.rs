@@ -147,7 +147,11 @@ mod tests {
         let wd = inotify.add_watch(&dir, false).unwrap();
         std::fs::write(dir.join("x"), b"1").unwrap();
         let events = inotify.read().await.unwrap();
-        assert!(events.iter().any(|e| e.wd == wd && e.mask & libc::IN_CREATE != 0 && e.name.as_deref() == Some("x".as_ref())));
+        assert!(
+            events
+                .iter()
+                .any(|e| e.wd == wd && e.mask & libc::IN_CREATE != 0 && e.name.as_deref() == Some("x".as_ref()))
+        );
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -101,9 +101,7 @@ impl FsError {
     /// (for paths whose absence the caller has already ruled out).
     pub fn io_strict(op: &'static str, path: &Path, source: io::Error) -> Self {
         match FsError::io(op, path, source) {
-            FsError::NotFound(path) => {
-                FsError::Io { op, path, source: io::Error::from_raw_os_error(libc::ENOENT) }
-            }
+            FsError::NotFound(path) => FsError::Io { op, path, source: io::Error::from_raw_os_error(libc::ENOENT) },
             other => other,
         }
     }
@@ -142,6 +140,9 @@ mod tests {
         let p = Path::new("/x");
         assert!(matches!(FsError::io("open", p, io::Error::from_raw_os_error(libc::ENOENT)), FsError::NotFound(_)));
         assert!(matches!(FsError::io("write", p, io::Error::from_raw_os_error(libc::EDQUOT)), FsError::NoSpace(_)));
-        assert!(matches!(FsError::io_strict("open", p, io::Error::from_raw_os_error(libc::ENOENT)), FsError::Io { .. }));
+        assert!(matches!(
+            FsError::io_strict("open", p, io::Error::from_raw_os_error(libc::ENOENT)),
+            FsError::Io { .. }
+        ));
     }
 }

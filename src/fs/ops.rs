@@ -111,7 +111,8 @@ mod tests {
     use crate::fs::FileKind;
 
     fn tree() -> std::path::PathBuf {
-        let root = std::env::temp_dir().join(format!("envd-ops-{}-{}", std::process::id(), crate::fs::random::lower_alnum(6)));
+        let root =
+            std::env::temp_dir().join(format!("envd-ops-{}-{}", std::process::id(), crate::fs::random::lower_alnum(6)));
         for dir in ["b/c/d", "a"] {
             std::fs::create_dir_all(root.join(dir)).unwrap();
         }

@@ -164,7 +164,8 @@ impl Upload {
         let metadata = metadata.as_map().clone();
         let Upload { requested, target, temp, .. } = self;
         let finished = tokio::task::spawn_blocking(move || -> Result<Written, FsError> {
-            xattr::write_e2b(file.as_fd(), &metadata).map_err(|e| FsError::io_strict("set metadata", temp.path(), e))?;
+            xattr::write_e2b(file.as_fd(), &metadata)
+                .map_err(|e| FsError::io_strict("set metadata", temp.path(), e))?;
             let metadata = xattr::read_e2b_fd(file.as_fd());
             file.sync_all().map_err(|e| FsError::io_strict("fsync", temp.path(), e))?;
             // Close explicitly: some filesystems report write errors only here.
@@ -266,7 +267,8 @@ mod tests {
     }
 
     fn entries(dir: &Path) -> Vec<String> {
-        let mut names: Vec<_> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        let mut names: Vec<_> =
+            std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
         names.sort();
         names
     }

@@ -255,8 +255,7 @@ impl Watcher {
 
     /// Stops watching a directory that moved away, and all below it.
     fn unwatch_tree(&mut self, relative: &Path) {
-        let gone: Vec<i32> =
-            self.dirs.iter().filter(|(_, dir)| dir.starts_with(relative)).map(|(wd, _)| *wd).collect();
+        let gone: Vec<i32> = self.dirs.iter().filter(|(_, dir)| dir.starts_with(relative)).map(|(wd, _)| *wd).collect();
         for wd in gone {
             self.inotify.remove_watch(wd);
             self.dirs.remove(&wd);

@@ -100,7 +100,12 @@ impl PollingWatchers {
             queue: Mutex::new(Queue { events: Vec::new(), failure: None, last_poll: Instant::now() }),
             task: Mutex::new(None),
         });
-        let pump = Pump { id: id.clone(), polled: polled.clone(), table: Arc::downgrade(&self.table), limits: (self.max_events, self.idle_ttl) };
+        let pump = Pump {
+            id: id.clone(),
+            polled: polled.clone(),
+            table: Arc::downgrade(&self.table),
+            limits: (self.max_events, self.idle_ttl),
+        };
         let task = tokio::spawn(pump.run(watcher));
         *polled.task.lock().unwrap_or_else(|e| e.into_inner()) = Some(task.abort_handle());
         self.table().insert(id.clone(), polled);

@@ -16,7 +16,13 @@ const POLL_INTERVAL: Duration = Duration::from_millis(2);
 const DEFAULT_MAX_CGROUPS: usize = 512;
 const MAX_CGROUPS_CEILING: usize = 8192;
 /// Cgroups a hierarchy freeze never touches: the guest's own plumbing.
-const ALLOWLIST: &[&str] = &["init.scope", "system.slice/systemd-journald.service", "system.slice/rpcbind.service", "system.slice/rpc-statd.service", "socats"];
+const ALLOWLIST: &[&str] = &[
+    "init.scope",
+    "system.slice/systemd-journald.service",
+    "system.slice/rpcbind.service",
+    "system.slice/rpc-statd.service",
+    "socats",
+];
 
 /// Which cgroup a process joins.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -106,7 +112,10 @@ impl Workload {
             }
             s
         };
-        match (create(root, "user", &settings("50", "default 10")), create(root, "ptys", &settings("200", "default 50"))) {
+        match (
+            create(root, "user", &settings("50", "default 10")),
+            create(root, "ptys", &settings("200", "default 50")),
+        ) {
             (Ok(user), Ok(ptys)) => {
                 workload.user = Some(user);
                 workload.ptys = Some(ptys);
@@ -139,7 +148,8 @@ impl Workload {
             return report;
         }
         let sweep = Instant::now();
-        let mut targets: Vec<PathBuf> = [&self.user, &self.ptys].iter().filter_map(|g| g.as_ref().map(|g| g.dir.clone())).collect();
+        let mut targets: Vec<PathBuf> =
+            [&self.user, &self.ptys].iter().filter_map(|g| g.as_ref().map(|g| g.dir.clone())).collect();
         if mode == FreezeMode::Hierarchy {
             let extra = self.hierarchy_targets(max_cgroups, &mut report);
             self.frozen_extra.lock().unwrap_or_else(|e| e.into_inner()).extend(extra.iter().cloned());
@@ -185,7 +195,11 @@ impl Workload {
     /// Top-level cgroups not on envd's own ancestry (descending into the
     /// ones that are), minus the allowlist and the guest's own freezes.
     fn hierarchy_targets(&self, max_cgroups: i64, report: &mut FreezeReport) -> Vec<PathBuf> {
-        let limit = usize::try_from(max_cgroups).ok().filter(|n| *n > 0).unwrap_or(DEFAULT_MAX_CGROUPS).min(MAX_CGROUPS_CEILING);
+        let limit = usize::try_from(max_cgroups)
+            .ok()
+            .filter(|n| *n > 0)
+            .unwrap_or(DEFAULT_MAX_CGROUPS)
+            .min(MAX_CGROUPS_CEILING);
         let own = own_cgroup(&self.root);
         let mut targets = Vec::new();
         let mut queue = vec![self.root.clone()];
@@ -235,7 +249,8 @@ fn create(root: &Path, name: &str, settings: &[(&str, String)]) -> std::io::Resu
 }
 
 fn is_frozen(dir: &Path) -> bool {
-    std::fs::read_to_string(dir.join("cgroup.events")).is_ok_and(|events| events.lines().any(|l| l.trim() == "frozen 1"))
+    std::fs::read_to_string(dir.join("cgroup.events"))
+        .is_ok_and(|events| events.lines().any(|l| l.trim() == "frozen 1"))
 }
 
 /// envd's own cgroup as a path under `root`, from /proc/self/cgroup.
@@ -248,7 +263,8 @@ fn own_cgroup(root: &Path) -> Option<PathBuf> {
 /// RAM − min(RAM/8, 128 MiB), leaving envd room under memory pressure.
 fn memory_limit() -> Option<u64> {
     let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let kib: u64 = meminfo.lines().find_map(|l| l.strip_prefix("MemTotal:"))?.split_whitespace().next()?.parse().ok()?;
+    let kib: u64 =
+        meminfo.lines().find_map(|l| l.strip_prefix("MemTotal:"))?.split_whitespace().next()?.parse().ok()?;
     let total = kib * 1024;
     Some(total - (total / 8).min(128 << 20))
 }

@@ -69,9 +69,9 @@ impl FsFreezer {
         let target = self.target.clone().ok_or(FreezeError::Disabled)?;
         let mut state = self.state.lock().await;
         let path = target.clone();
-        tokio::task::spawn_blocking(move || ioctl(&path, FIFREEZE, "FIFREEZE", libc::EBUSY))
-            .await
-            .map_err(|e| FreezeError::Io { operation: "FIFREEZE", path: target.clone(), source: std::io::Error::other(e) })??;
+        tokio::task::spawn_blocking(move || ioctl(&path, FIFREEZE, "FIFREEZE", libc::EBUSY)).await.map_err(|e| {
+            FreezeError::Io { operation: "FIFREEZE", path: target.clone(), source: std::io::Error::other(e) }
+        })??;
         state.frozen = true;
         state.generation += 1;
         let generation = state.generation;
@@ -89,14 +89,21 @@ impl FsFreezer {
         let freezer = self.clone();
         let outcome = tokio::spawn(async move { freezer.thaw_locked(&mut *freezer.state.lock().await).await }).await;
         outcome.unwrap_or_else(|e| {
-            Err(FreezeError::Io { operation: "FITHAW", path: self.target.clone().unwrap_or_default(), source: std::io::Error::other(e) })
+            Err(FreezeError::Io {
+                operation: "FITHAW",
+                path: self.target.clone().unwrap_or_default(),
+                source: std::io::Error::other(e),
+            })
         })
     }
 
     async fn thaw_if_still(&self, generation: u64) {
         let mut state = self.state.lock().await;
         if state.frozen && state.generation == generation {
-            tracing::warn!(deadline_secs = self.deadline.as_secs(), "filesystem still frozen at the deadline: thawing it");
+            tracing::warn!(
+                deadline_secs = self.deadline.as_secs(),
+                "filesystem still frozen at the deadline: thawing it"
+            );
             if let Err(err) = self.thaw_locked(&mut state).await {
                 tracing::error!("deadline thaw failed: {err}");
             }
@@ -134,7 +141,12 @@ impl FsFreezer {
 
 /// Opens the mount point, syncs it (for a freeze) and issues `request`;
 /// `benign` is the errno that means "already in that state".
-fn ioctl(path: &std::path::Path, request: libc::c_ulong, operation: &'static str, benign: i32) -> Result<(), FreezeError> {
+fn ioctl(
+    path: &std::path::Path,
+    request: libc::c_ulong,
+    operation: &'static str,
+    benign: i32,
+) -> Result<(), FreezeError> {
     let io = |source| FreezeError::Io { operation, path: path.to_owned(), source };
     let dir = std::fs::File::open(path).map_err(io)?;
     if request == FIFREEZE {

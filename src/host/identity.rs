@@ -120,6 +120,8 @@ pub fn write_identity_file(dir: &Path, name: &str, value: &str, mode: u32) {
 fn current_umask() -> u32 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|status| status.lines().find_map(|l| l.strip_prefix("Umask:")).and_then(|v| u32::from_str_radix(v.trim(), 8).ok()))
+        .and_then(|status| {
+            status.lines().find_map(|l| l.strip_prefix("Umask:")).and_then(|v| u32::from_str_radix(v.trim(), 8).ok())
+        })
         .unwrap_or(0o022)
 }

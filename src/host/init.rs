@@ -171,7 +171,8 @@ impl Initializer {
     async fn persist(&self) {
         let Some(persister) = &self.persister else { return };
         let context = self.context.snapshot();
-        let saved = SavedContext::new(context.default_user, context.default_workdir, context.init_env, self.guard.is_secured());
+        let saved =
+            SavedContext::new(context.default_user, context.default_workdir, context.init_env, self.guard.is_secured());
         persister.save(saved).await;
     }
 
@@ -233,8 +234,7 @@ impl Initializer {
     fn apply(&self, body: InitBody<'_>) {
         self.context.update(|context| {
             if let Some(env) = body.env_vars {
-                context.init_env =
-                    env.into_iter().filter(|(k, _)| !INTERNAL_ENV_VARS.contains(&k.as_str())).collect();
+                context.init_env = env.into_iter().filter(|(k, _)| !INTERNAL_ENV_VARS.contains(&k.as_str())).collect();
             }
             if let Some(ip) = body.hyperloop_ip.filter(|ip| ip.parse::<std::net::IpAddr>().is_ok()) {
                 context.internal_env.insert("E2B_EVENTS_ADDRESS".into(), format!("http://{ip}"));
@@ -279,8 +279,14 @@ mod tests {
         init.init_with(br#"{"accessToken":"t1"}"#, &None::<Identity>).await.unwrap();
         assert_eq!(init.guard.check(Some(b"t1")), Access::Granted);
         // Another token without the old one or a hash: refused.
-        assert!(matches!(init.init_with(br#"{"accessToken":"t2"}"#, &None::<Identity>).await, Err(InitError::Unauthorized(_))));
-        assert!(matches!(init.init_with(b"{}", &None::<Identity>).await, Err(InitError::Unauthorized("access token reset not authorized"))));
+        assert!(matches!(
+            init.init_with(br#"{"accessToken":"t2"}"#, &None::<Identity>).await,
+            Err(InitError::Unauthorized(_))
+        ));
+        assert!(matches!(
+            init.init_with(b"{}", &None::<Identity>).await,
+            Err(InitError::Unauthorized("access token reset not authorized"))
+        ));
         // The metadata hash authorises a new token.
         init.init_with(br#"{"accessToken":"t2"}"#, &Hash("t2")).await.unwrap();
         assert_eq!(init.guard.check(Some(b"t2")), Access::Granted);
@@ -292,7 +298,9 @@ mod tests {
     #[tokio::test]
     async fn bad_bodies() {
         let init = initializer();
-        for body in [&b"{"[..], br#"{"accessToken":""}"#, br#"{"accessToken":"a\u0041"}"#, br#"{"timestamp":"yesterday"}"#] {
+        for body in
+            [&b"{"[..], br#"{"accessToken":""}"#, br#"{"accessToken":"a\u0041"}"#, br#"{"timestamp":"yesterday"}"#]
+        {
             assert!(matches!(init.init_with(body, &None::<Identity>).await, Err(InitError::BadBody(_))), "{body:?}");
         }
         init.init_with(b"", &None::<Identity>).await.unwrap();
@@ -301,9 +309,12 @@ mod tests {
     #[tokio::test]
     async fn stale_requests_change_nothing() {
         let init = initializer();
-        init.init_with(br#"{"defaultUser":"a","timestamp":"2026-01-01T00:00:01Z","envVars":{"X":"1","E2B_SANDBOX":"no"}}"#, &None::<Identity>)
-            .await
-            .unwrap();
+        init.init_with(
+            br#"{"defaultUser":"a","timestamp":"2026-01-01T00:00:01Z","envVars":{"X":"1","E2B_SANDBOX":"no"}}"#,
+            &None::<Identity>,
+        )
+        .await
+        .unwrap();
         init.init_with(br#"{"defaultUser":"b","timestamp":"2026-01-01T00:00:01Z"}"#, &None::<Identity>).await.unwrap();
         let context = init.context.snapshot();
         assert_eq!(context.default_user, "a");

@@ -86,9 +86,8 @@ impl MmdsClient {
         let mut retried = false;
         loop {
             let token = self.session_token().await?;
-            let request = Request::get("/")
-                .header(TOKEN_HEADER, token)
-                .header(http::header::ACCEPT, "application/json");
+            let request =
+                Request::get("/").header(TOKEN_HEADER, token).header(http::header::ACCEPT, "application/json");
             match self.send(request, Bytes::new()).await? {
                 (StatusCode::OK, body) => return serde_json::from_slice(&body).map_err(MmdsError::BadJson),
                 (StatusCode::UNAUTHORIZED, _) if !retried => retried = true,
@@ -98,7 +97,8 @@ impl MmdsClient {
     }
 
     async fn session_token(&self) -> Result<String, MmdsError> {
-        let request = Request::builder().method(Method::PUT).uri(TOKEN_PATH).header(TOKEN_TTL_HEADER, TOKEN_TTL_SECONDS);
+        let request =
+            Request::builder().method(Method::PUT).uri(TOKEN_PATH).header(TOKEN_TTL_HEADER, TOKEN_TTL_SECONDS);
         match self.send(request, Bytes::new()).await? {
             (StatusCode::OK, body) => {
                 let token = String::from_utf8_lossy(&body).trim().to_owned();
@@ -112,8 +112,9 @@ impl MmdsClient {
         let unreachable = |message: String| MmdsError::Unreachable { address: self.address.clone(), message };
         let exchange = async {
             let stream = tokio::net::TcpStream::connect(&self.address).await.map_err(|e| unreachable(e.to_string()))?;
-            let (mut sender, connection) =
-                hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|e| unreachable(e.to_string()))?;
+            let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                .await
+                .map_err(|e| unreachable(e.to_string()))?;
             tokio::spawn(connection);
             let request = request
                 .header(http::header::HOST, self.address.as_str())

@@ -206,7 +206,13 @@ impl ProcessHandle {
             // SAFETY: pidfd_send_signal with a valid pidfd, a valid signal
             // number and no siginfo.
             Some(fd) => unsafe {
-                libc::syscall(libc::SYS_pidfd_send_signal, fd.as_raw_fd(), signal as libc::c_int, std::ptr::null::<()>(), 0)
+                libc::syscall(
+                    libc::SYS_pidfd_send_signal,
+                    fd.as_raw_fd(),
+                    signal as libc::c_int,
+                    std::ptr::null::<()>(),
+                    0,
+                )
             },
             // SAFETY: plain kill(2).
             None => unsafe { libc::kill(self.pid as libc::pid_t, signal as libc::c_int) as libc::c_long },

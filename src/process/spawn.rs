@@ -174,11 +174,8 @@ impl Prepared {
         for arg in spec.args {
             argv.push(cstring(arg.as_bytes())?);
         }
-        let envp = spec
-            .env
-            .iter()
-            .map(|(k, v)| cstring(format!("{k}={v}").as_bytes()))
-            .collect::<io::Result<Vec<_>>>()?;
+        let envp =
+            spec.env.iter().map(|(k, v)| cstring(format!("{k}={v}").as_bytes())).collect::<io::Result<Vec<_>>>()?;
         let argv_ptrs = argv.iter().map(|s| s.as_ptr()).chain(std::iter::once(std::ptr::null())).collect();
         let envp_ptrs = envp.iter().map(|s| s.as_ptr()).chain(std::iter::once(std::ptr::null())).collect();
         Ok(Prepared {

@@ -96,7 +96,15 @@ mod tests {
     #[test]
     fn signal_deaths() {
         let killed = EndStatus::from_exit(ExitStatus::from_raw(9));
-        assert_eq!(killed, EndStatus { exit_code: -1, exited: false, status: "signal: killed".into(), error: Some("signal: killed".into()) });
+        assert_eq!(
+            killed,
+            EndStatus {
+                exit_code: -1,
+                exited: false,
+                status: "signal: killed".into(),
+                error: Some("signal: killed".into())
+            }
+        );
         let core = EndStatus::from_exit(ExitStatus::from_raw(11 | 0x80));
         assert_eq!(core.status, "signal: segmentation fault (core dumped)");
         assert_eq!(EndStatus::from_exit(ExitStatus::from_raw(40)).status, "signal: signal 40");

@@ -5,9 +5,9 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use super::ProcessError;
 use super::handle::ProcessHandle;
 use super::status::EndStatus;
-use super::ProcessError;
 
 /// How long an ended process stays reachable by `Connect`.
 const RETENTION: Duration = Duration::from_secs(30);

@@ -40,7 +40,9 @@ impl From<PathError> for ConnectError {
 /// A caller's user that cannot be found, for RPC handlers.
 pub fn unknown_user(err: UserError) -> ConnectError {
     match err {
-        UserError::Unknown(name) => ConnectError::new(ErrorCode::Unauthenticated, format!("invalid username: '{name}'")),
+        UserError::Unknown(name) => {
+            ConnectError::new(ErrorCode::Unauthenticated, format!("invalid username: '{name}'"))
+        }
         other => {
             tracing::error!("user database: {other}");
             ConnectError::new(ErrorCode::Internal, other.to_string())
@@ -194,10 +196,15 @@ impl From<super::files_http::FilesError> for HttpError {
                 return HttpError::new(StatusCode::INSUFFICIENT_STORAGE, "not enough disk space available");
             }
             FilesError::Fs(
-                FsError::IsADirectory(_) | FsError::NotADirectory(_) | FsError::NotARegularFile(_) | FsError::Conflict(_),
+                FsError::IsADirectory(_)
+                | FsError::NotADirectory(_)
+                | FsError::NotARegularFile(_)
+                | FsError::Conflict(_),
             ) => StatusCode::BAD_REQUEST,
             FilesError::Fs(_) => StatusCode::INTERNAL_SERVER_ERROR,
-            FilesError::User { source: UserError::Unknown(_), .. } | FilesError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            FilesError::User { source: UserError::Unknown(_), .. } | FilesError::Unauthorized(_) => {
+                StatusCode::UNAUTHORIZED
+            }
             FilesError::User { .. } => StatusCode::INTERNAL_SERVER_ERROR,
             FilesError::Path(_) | FilesError::Metadata(_) | FilesError::BadRequest(_) | FilesError::Body(_) => {
                 StatusCode::BAD_REQUEST

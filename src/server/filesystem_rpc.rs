@@ -43,7 +43,9 @@ impl FilesystemService {
 }
 
 /// Runs blocking filesystem work on the blocking pool.
-async fn blocking<T: Send + 'static>(work: impl FnOnce() -> Result<T, FsError> + Send + 'static) -> Result<T, ConnectError> {
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, FsError> + Send + 'static,
+) -> Result<T, ConnectError> {
     match tokio::task::spawn_blocking(work).await {
         Ok(result) => result.map_err(ConnectError::from),
         Err(err) => Err(ConnectError::internal(format!("filesystem task failed: {err}"))),
@@ -131,19 +133,31 @@ fn watch_stream(watcher: Watcher, ctx: &RequestContext) -> ServiceStream<pb::Wat
 
 #[allow(refining_impl_trait)]
 impl pb::Filesystem for FilesystemService {
-    async fn stat(&self, ctx: RequestContext, request: ServiceRequest<'_, pb::StatRequest>) -> ServiceResult<pb::StatResponse> {
+    async fn stat(
+        &self,
+        ctx: RequestContext,
+        request: ServiceRequest<'_, pb::StatRequest>,
+    ) -> ServiceResult<pb::StatResponse> {
         let (_, path) = self.resolve(&ctx, request.to_owned_message().path.as_str())?;
         let entry = blocking(move || fs::ops::stat(&path)).await?;
         respond(&ctx, pb::StatResponse { entry: entry_to_pb(entry, is_legacy(&ctx)).into(), ..Default::default() })
     }
 
-    async fn make_dir(&self, ctx: RequestContext, request: ServiceRequest<'_, pb::MakeDirRequest>) -> ServiceResult<pb::MakeDirResponse> {
+    async fn make_dir(
+        &self,
+        ctx: RequestContext,
+        request: ServiceRequest<'_, pb::MakeDirRequest>,
+    ) -> ServiceResult<pb::MakeDirResponse> {
         let (user, path) = self.resolve(&ctx, request.to_owned_message().path.as_str())?;
         let entry = blocking(move || fs::ops::make_dir(&path, Owner::from(&user))).await?;
         respond(&ctx, pb::MakeDirResponse { entry: entry_to_pb(entry, is_legacy(&ctx)).into(), ..Default::default() })
     }
 
-    async fn r#move(&self, ctx: RequestContext, request: ServiceRequest<'_, pb::MoveRequest>) -> ServiceResult<pb::MoveResponse> {
+    async fn r#move(
+        &self,
+        ctx: RequestContext,
+        request: ServiceRequest<'_, pb::MoveRequest>,
+    ) -> ServiceResult<pb::MoveResponse> {
         let request = request.to_owned_message();
         let (user, source) = self.resolve(&ctx, &request.source)?;
         let (_, destination) = self.resolve(&ctx, &request.destination)?;
@@ -151,7 +165,11 @@ impl pb::Filesystem for FilesystemService {
         respond(&ctx, pb::MoveResponse { entry: entry_to_pb(entry, is_legacy(&ctx)).into(), ..Default::default() })
     }
 
-    async fn list_dir(&self, ctx: RequestContext, request: ServiceRequest<'_, pb::ListDirRequest>) -> ServiceResult<pb::ListDirResponse> {
+    async fn list_dir(
+        &self,
+        ctx: RequestContext,
+        request: ServiceRequest<'_, pb::ListDirRequest>,
+    ) -> ServiceResult<pb::ListDirResponse> {
         let request = request.to_owned_message();
         let (_, path) = self.resolve(&ctx, &request.path)?;
         let entries = blocking(move || fs::ops::list_dir(&path, request.depth)).await?;
@@ -160,7 +178,11 @@ impl pb::Filesystem for FilesystemService {
         respond(&ctx, pb::ListDirResponse { entries, ..Default::default() })
     }
 
-    async fn remove(&self, ctx: RequestContext, request: ServiceRequest<'_, pb::RemoveRequest>) -> ServiceResult<pb::RemoveResponse> {
+    async fn remove(
+        &self,
+        ctx: RequestContext,
+        request: ServiceRequest<'_, pb::RemoveRequest>,
+    ) -> ServiceResult<pb::RemoveResponse> {
         let (_, path) = self.resolve(&ctx, request.to_owned_message().path.as_str())?;
         blocking(move || fs::ops::remove(&path)).await?;
         respond(&ctx, pb::RemoveResponse::default())

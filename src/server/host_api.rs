@@ -42,7 +42,9 @@ pub async fn freeze(State(state): State<Arc<AppState>>, Query(query): Query<Free
 pub async fn unfreeze(State(state): State<Arc<AppState>>) -> Response {
     match state.workload.thaw() {
         Ok(()) => StatusCode::NO_CONTENT.into_response(),
-        Err(err) => HttpError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("thawing the workload: {err}")).into_response(),
+        Err(err) => {
+            HttpError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("thawing the workload: {err}")).into_response()
+        }
     }
 }
 

@@ -58,7 +58,10 @@ fn preflight(request: &HeaderMap) -> Response {
 
 /// Routes that protect themselves (signatures, the `/init` hash check).
 fn exempt_from_token(method: &Method, path: &str) -> bool {
-    matches!((method, path), (&Method::GET, "/health") | (&Method::GET | &Method::POST, "/files") | (&Method::POST, "/init"))
+    matches!(
+        (method, path),
+        (&Method::GET, "/health") | (&Method::GET | &Method::POST, "/files") | (&Method::POST, "/init")
+    )
 }
 
 /// The access token, then the user named by `Authorization: Basic`.
@@ -89,6 +92,7 @@ pub async fn authenticate(State(state): State<Arc<AppState>>, mut request: Reque
 
 /// A Basic header naming an unknown user is refused on every route.
 fn invalid_username(headers: &HeaderMap, name: &str) -> Response {
-    let err = connectrpc::ConnectError::new(connectrpc::ErrorCode::Unauthenticated, format!("invalid username: '{name}'"));
+    let err =
+        connectrpc::ConnectError::new(connectrpc::ErrorCode::Unauthenticated, format!("invalid username: '{name}'"));
     connect_error_response(headers, err)
 }

@@ -12,8 +12,8 @@ use crate::host::cgroups::Slot;
 use crate::process::spawn::StdioMode;
 use crate::process::{self, CommandConfig, EndStatus, Event, Found, Output, Selector, StartSpec, Subscription};
 use crate::proto::process as pb;
-use pb::__buffa::oneof::process_event::data_event::Output as PbOutput;
 use pb::__buffa::oneof::process_event::Event as PbEvent;
+use pb::__buffa::oneof::process_event::data_event::Output as PbOutput;
 use pb::__buffa::oneof::process_input::Input as PbInput;
 use pb::__buffa::oneof::process_selector::Selector as PbSelector;
 use pb::__buffa::oneof::stream_input_request::Event as PbInputEvent;
@@ -52,7 +52,12 @@ impl ProcessService {
             (_, StdioMode::Pipes { .. }) => self.state.workload.procs_fd(Slot::User),
         };
         Ok(StartSpec {
-            config: CommandConfig { cmd: config.cmd, args: config.args, envs: config.envs.into_iter().collect(), cwd: config.cwd },
+            config: CommandConfig {
+                cmd: config.cmd,
+                args: config.args,
+                envs: config.envs.into_iter().collect(),
+                cwd: config.cwd,
+            },
             tag: request.tag,
             user,
             cwd,
@@ -135,7 +140,10 @@ fn process_stream<T: Send + 'static>(
 
 /// The deadline of `Start` is also the process's lifetime: when it kills
 /// the process, the caller sees `deadline_exceeded`, as with the reference.
-fn end_at_deadline<T: Send + 'static>(stream: ServiceStream<T>, deadline: Option<std::time::Instant>) -> ServiceStream<T> {
+fn end_at_deadline<T: Send + 'static>(
+    stream: ServiceStream<T>,
+    deadline: Option<std::time::Instant>,
+) -> ServiceStream<T> {
     let Some(deadline) = deadline else { return stream };
     Box::pin(stream.scan(false, move |expired, item| {
         let next = if *expired {
@@ -152,7 +160,10 @@ fn end_at_deadline<T: Send + 'static>(stream: ServiceStream<T>, deadline: Option
 
 /// `Connect`'s deadline bounds only the stream: when it passes, the stream
 /// ends with `deadline_exceeded` and the process keeps running.
-fn close_at_deadline<T: Send + 'static>(stream: ServiceStream<T>, deadline: Option<std::time::Instant>) -> ServiceStream<T> {
+fn close_at_deadline<T: Send + 'static>(
+    stream: ServiceStream<T>,
+    deadline: Option<std::time::Instant>,
+) -> ServiceStream<T> {
     let Some(deadline) = deadline else { return stream };
     let expiry = Box::pin(tokio::time::sleep_until(deadline.into()));
     Box::pin(futures_util::stream::unfold(Some((stream, expiry)), |state| async move {
@@ -174,7 +185,11 @@ fn connect_response(event: pb::ProcessEvent) -> pb::ConnectResponse {
 
 #[allow(refining_impl_trait)]
 impl pb::Process for ProcessService {
-    async fn list(&self, _ctx: RequestContext, _request: ServiceRequest<'_, pb::ListRequest>) -> ServiceResult<pb::ListResponse> {
+    async fn list(
+        &self,
+        _ctx: RequestContext,
+        _request: ServiceRequest<'_, pb::ListRequest>,
+    ) -> ServiceResult<pb::ListResponse> {
         let processes = self
             .state
             .processes
@@ -230,7 +245,11 @@ impl pb::Process for ProcessService {
         Response::ok(end_at_deadline(stream, ctx.deadline()))
     }
 
-    async fn update(&self, _ctx: RequestContext, request: ServiceRequest<'_, pb::UpdateRequest>) -> ServiceResult<pb::UpdateResponse> {
+    async fn update(
+        &self,
+        _ctx: RequestContext,
+        request: ServiceRequest<'_, pb::UpdateRequest>,
+    ) -> ServiceResult<pb::UpdateResponse> {
         let request = request.to_owned_message();
         let handle = self.state.processes.get(&selector(request.process.as_option())?)?;
         if let Some(pty) = request.pty.as_option() {
@@ -257,37 +276,62 @@ impl pb::Process for ProcessService {
                 }
                 Some(PbInputEvent::Data(data)) => {
                     let Some(handle) = &target else {
-                        return Err(ConnectError::new(ErrorCode::FailedPrecondition, "input data arrived before the start event"));
+                        return Err(ConnectError::new(
+                            ErrorCode::FailedPrecondition,
+                            "input data arrived before the start event",
+                        ));
                     };
                     send_input(handle, data.input.as_option()).await?;
                 }
                 Some(PbInputEvent::Keepalive(_)) => {}
-                None => return Err(ConnectError::new(ErrorCode::Unimplemented, "stream input event must be start, data or keepalive")),
+                None => {
+                    return Err(ConnectError::new(
+                        ErrorCode::Unimplemented,
+                        "stream input event must be start, data or keepalive",
+                    ));
+                }
             }
         }
         Response::ok(pb::StreamInputResponse::default())
     }
 
-    async fn send_input(&self, _ctx: RequestContext, request: ServiceRequest<'_, pb::SendInputRequest>) -> ServiceResult<pb::SendInputResponse> {
+    async fn send_input(
+        &self,
+        _ctx: RequestContext,
+        request: ServiceRequest<'_, pb::SendInputRequest>,
+    ) -> ServiceResult<pb::SendInputResponse> {
         let request = request.to_owned_message();
         let handle = self.state.processes.get(&selector(request.process.as_option())?)?;
         send_input(&handle, request.input.as_option()).await?;
         Response::ok(pb::SendInputResponse::default())
     }
 
-    async fn send_signal(&self, _ctx: RequestContext, request: ServiceRequest<'_, pb::SendSignalRequest>) -> ServiceResult<pb::SendSignalResponse> {
+    async fn send_signal(
+        &self,
+        _ctx: RequestContext,
+        request: ServiceRequest<'_, pb::SendSignalRequest>,
+    ) -> ServiceResult<pb::SendSignalResponse> {
         let request = request.to_owned_message();
         let handle = self.state.processes.get(&selector(request.process.as_option())?)?;
         let signal = match request.signal.as_known() {
             Some(pb::Signal::SIGNAL_SIGKILL) => nix::sys::signal::Signal::SIGKILL,
             Some(pb::Signal::SIGNAL_SIGTERM) => nix::sys::signal::Signal::SIGTERM,
-            _ => return Err(ConnectError::new(ErrorCode::Unimplemented, "only SIGNAL_SIGTERM and SIGNAL_SIGKILL are supported")),
+            _ => {
+                return Err(ConnectError::new(
+                    ErrorCode::Unimplemented,
+                    "only SIGNAL_SIGTERM and SIGNAL_SIGKILL are supported",
+                ));
+            }
         };
         handle.signal(signal)?;
         Response::ok(pb::SendSignalResponse::default())
     }
 
-    async fn close_stdin(&self, _ctx: RequestContext, request: ServiceRequest<'_, pb::CloseStdinRequest>) -> ServiceResult<pb::CloseStdinResponse> {
+    async fn close_stdin(
+        &self,
+        _ctx: RequestContext,
+        request: ServiceRequest<'_, pb::CloseStdinRequest>,
+    ) -> ServiceResult<pb::CloseStdinResponse> {
         let request = request.to_owned_message();
         let handle = self.state.processes.get(&selector(request.process.as_option())?)?;
         handle.close_stdin().await?;

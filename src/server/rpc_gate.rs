@@ -33,7 +33,8 @@ pub fn method_kinds(router: &connectrpc::Router) -> Vec<(String, MethodKind)> {
 pub fn gate(
     rpc: ConnectRpcService,
     methods: Vec<(String, MethodKind)>,
-) -> impl tower::Service<Request, Response = Response, Error = Infallible, Future = impl Send> + Clone + Send + 'static {
+) -> impl tower::Service<Request, Response = Response, Error = Infallible, Future = impl Send> + Clone + Send + 'static
+{
     let methods = std::sync::Arc::new(methods);
     tower::service_fn(move |mut request: Request| {
         let rpc = rpc.clone();

@@ -94,8 +94,10 @@ impl AppState {
             guard.close_until_known();
         }
         let context = ContextStore::new(initial_context(&config, saved.as_ref()));
-        let freezer = FsFreezer::new(config.freeze_target().map(Into::into), Duration::from_secs(config.freeze_deadline));
-        let workload = Arc::new(if config.no_cgroups { Workload::default() } else { Workload::setup(&config.cgroup_root) });
+        let freezer =
+            FsFreezer::new(config.freeze_target().map(Into::into), Duration::from_secs(config.freeze_deadline));
+        let workload =
+            Arc::new(if config.no_cgroups { Workload::default() } else { Workload::setup(&config.cgroup_root) });
         let persister = Persister::new(state_file, freezer.clone(), saved);
         let mut initializer = Initializer::new(!config.dev, guard.clone(), context.clone())
             .with_persister(persister)
@@ -120,4 +122,3 @@ impl AppState {
         })
     }
 }
-

@@ -182,8 +182,16 @@ impl Envd {
         let mut argv: Vec<String> = options.wrapper.clone();
         argv.push(binary.display().to_string());
         argv.extend(
-            ["--dev", "--bind", "127.0.0.1", "--port", &port.to_string(), "--state-dir", &state_dir.display().to_string()]
-                .map(str::to_owned),
+            [
+                "--dev",
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                &port.to_string(),
+                "--state-dir",
+                &state_dir.display().to_string(),
+            ]
+            .map(str::to_owned),
         );
         argv.extend(options.args.iter().cloned());
         let mut command = Command::new(&argv[0]);
@@ -221,10 +229,16 @@ impl Envd {
             }
             if let Ok(Some(status)) = envd.child.try_wait() {
                 std::thread::sleep(Duration::from_millis(50));
-                return Err(format!("envd {argv:?} exited with {status} before answering /health; stderr:\n{}", envd.stderr()));
+                return Err(format!(
+                    "envd {argv:?} exited with {status} before answering /health; stderr:\n{}",
+                    envd.stderr()
+                ));
             }
             if started_at.elapsed() > STARTUP {
-                panic!("envd {argv:?} did not answer GET /health with 204 within {STARTUP:?}; stderr:\n{}", envd.stderr());
+                panic!(
+                    "envd {argv:?} did not answer GET /health with 204 within {STARTUP:?}; stderr:\n{}",
+                    envd.stderr()
+                );
             }
             std::thread::sleep(Duration::from_micros(500));
         }
@@ -430,7 +444,12 @@ impl Client {
         }
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
-        Client { base: format!("http://127.0.0.1:{port}"), http: builder.build(connector), headers: Vec::new(), sessions }
+        Client {
+            base: format!("http://127.0.0.1:{port}"),
+            http: builder.build(connector),
+            headers: Vec::new(),
+            sessions,
+        }
     }
 
     /// This client with a header sent on every request (token, user).
@@ -500,7 +519,8 @@ impl Client {
 
     /// A Connect unary call with binary protobuf.
     pub async fn unary_proto(&self, rpc: &str, message: Vec<u8>, headers: &[(&str, &str)]) -> Reply {
-        let headers = with_headers(&[("content-type", "application/proto"), ("connect-protocol-version", "1")], headers);
+        let headers =
+            with_headers(&[("content-type", "application/proto"), ("connect-protocol-version", "1")], headers);
         self.send(Method::POST, rpc, &headers, message).await
     }
 
@@ -647,7 +667,10 @@ impl InputStream {
 
     /// The response, without closing the request body first.
     pub async fn response(&mut self) -> ConnectStream {
-        tokio::time::timeout(PATIENCE, &mut self.response).await.expect("client-stream response").expect("response task")
+        tokio::time::timeout(PATIENCE, &mut self.response)
+            .await
+            .expect("client-stream response")
+            .expect("response task")
     }
 
     /// Ends the request body and waits for the response.
@@ -843,7 +866,9 @@ pub fn proc_event(message: &Value) -> ProcEvent {
     assert_eq!(event.len(), 1, "exactly one event kind expected: {message}");
     let (kind, body) = event.iter().next().unwrap();
     match kind.as_str() {
-        "start" => ProcEvent::Start(body["pid"].as_u64().unwrap_or_else(|| panic!("start without pid: {message}")) as u32),
+        "start" => {
+            ProcEvent::Start(body["pid"].as_u64().unwrap_or_else(|| panic!("start without pid: {message}")) as u32)
+        }
         "data" => {
             let data = body.as_object().unwrap_or_else(|| panic!("bad data event: {message}"));
             assert_eq!(data.len(), 1, "exactly one output kind expected: {message}");
@@ -971,10 +996,13 @@ fn run_tool(tool: &str, args: &[&str], also_ok: &[i32]) {
 
 fn passwd_entry(name: &str) -> Option<(u32, u32, String)> {
     let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
-    passwd.lines().find_map(|line| {
-        let f: Vec<&str> = line.split(':').collect();
-        (f.len() >= 7 && f[0] == name).then(|| (f[2].parse().ok(), f[3].parse().ok(), f[5].to_owned()))
-    }).and_then(|(uid, gid, home)| Some((uid?, gid?, home)))
+    passwd
+        .lines()
+        .find_map(|line| {
+            let f: Vec<&str> = line.split(':').collect();
+            (f.len() >= 7 && f[0] == name).then(|| (f[2].parse().ok(), f[3].parse().ok(), f[5].to_owned()))
+        })
+        .and_then(|(uid, gid, home)| Some((uid?, gid?, home)))
 }
 
 fn group_entry(name: &str) -> Option<(u32, Vec<String>)> {
@@ -984,7 +1012,8 @@ fn group_entry(name: &str) -> Option<(u32, Vec<String>)> {
         if f.len() < 3 || f[0] != name {
             return None;
         }
-        let members = f.get(3).map_or(Vec::new(), |m| m.split(',').filter(|s| !s.is_empty()).map(str::to_owned).collect());
+        let members =
+            f.get(3).map_or(Vec::new(), |m| m.split(',').filter(|s| !s.is_empty()).map(str::to_owned).collect());
         Some((f[2].parse().ok()?, members))
     })
 }
@@ -1010,8 +1039,10 @@ impl Scratch {
 
     /// Names in a directory, sorted (temporary files would show here).
     pub fn names(&self, rel: &str) -> Vec<String> {
-        let mut names: Vec<String> =
-            std::fs::read_dir(self.path(rel)).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        let mut names: Vec<String> = std::fs::read_dir(self.path(rel))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
         names.sort();
         names
     }

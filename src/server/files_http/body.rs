@@ -160,7 +160,11 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_silent_body_times_out() {
         let (_tx, rx) = tokio::sync::mpsc::channel::<io::Result<Bytes>>(1);
-        let body = Body::from_stream(futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|c| (c, rx)) }));
+        let body =
+            Body::from_stream(futures_util::stream::unfold(
+                rx,
+                |mut rx| async move { rx.recv().await.map(|c| (c, rx)) },
+            ));
         let err = collect(reader(body, Duration::from_secs(3))).await.unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::TimedOut);
     }

@@ -43,15 +43,23 @@ pub async fn download(
     }
 }
 
-async fn serve(state: &AppState, query: &FilesQuery, expiration: Option<i64>, headers: &HeaderMap) -> Result<Response, FilesError> {
+async fn serve(
+    state: &AppState,
+    query: &FilesQuery,
+    expiration: Option<i64>,
+    headers: &HeaderMap,
+) -> Result<Response, FilesError> {
     authorize(&state.guard, headers, query, Operation::Read, expiration)?;
     let user = file_user(state, query.username.as_deref())?;
     let path = state.context.snapshot().resolve_path(query.path.as_deref().unwrap_or(""), &user)?;
     let opened = {
         let path = path.clone();
-        tokio::task::spawn_blocking(move || open_download(&path)).await.map_err(|e| FilesError::Body(e.to_string()))??
+        tokio::task::spawn_blocking(move || open_download(&path))
+            .await
+            .map_err(|e| FilesError::Body(e.to_string()))??
     };
-    let conditional = ["range", "if-modified-since", "if-none-match", "if-range"].iter().any(|h| headers.contains_key(*h));
+    let conditional =
+        ["range", "if-modified-since", "if-none-match", "if-range"].iter().any(|h| headers.contains_key(*h));
     let accept = headers.get(header::ACCEPT_ENCODING).and_then(|v| v.to_str().ok());
     let coding = negotiate(accept, conditional).map_err(|_| FilesError::NotAcceptable)?;
     let mut response = match coding {

@@ -36,8 +36,7 @@ pub fn negotiate(accept: Option<&str>, conditional: bool) -> Result<Coding, NotA
         })
         .collect();
     let has = |name: &str, pred: fn(f32) -> bool| items.iter().any(|(n, q)| n == name && pred(*q));
-    let identity_rejected =
-        has("identity", |q| q <= 0.0) || (has("*", |q| q <= 0.0) && !has("identity", |q| q > 0.0));
+    let identity_rejected = has("identity", |q| q <= 0.0) || (has("*", |q| q <= 0.0) && !has("identity", |q| q > 0.0));
     let fallback = if identity_rejected { Err(NotAcceptable) } else { Ok(Coding::Identity) };
     if conditional {
         return fallback;

@@ -108,7 +108,13 @@ impl FilesQuery {
 
 /// CONTRACT 5.5: open sandboxes need nothing; otherwise the header token,
 /// or a valid, unexpired signature of exactly these parameters.
-fn authorize(guard: &AccessGuard, headers: &HeaderMap, query: &FilesQuery, op: Operation, expiration: Option<i64>) -> Result<(), FilesError> {
+fn authorize(
+    guard: &AccessGuard,
+    headers: &HeaderMap,
+    query: &FilesQuery,
+    op: Operation,
+    expiration: Option<i64>,
+) -> Result<(), FilesError> {
     if !guard.is_secured() {
         return Ok(());
     }

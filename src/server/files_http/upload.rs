@@ -19,9 +19,9 @@ use super::body::{BodyEncoding, ByteStream, Fair, decode, discard, reader};
 use super::{FilesError, FilesQuery, authorize, file_user, json_response, parse_query, written_json};
 use crate::auth::signature::Operation;
 use crate::context::{ExecContext, User};
+use crate::fs::Owner;
 use crate::fs::metadata::Metadata;
 use crate::fs::transfer::{Upload, Written};
-use crate::fs::Owner;
 use crate::server::state::AppState;
 
 /// Prefix of the headers that carry file metadata.
@@ -74,7 +74,12 @@ impl Plan {
 /// this far (an authorised one is read to its end, see `body::reader`).
 const REFUSED_BODY_DRAIN: usize = 16 << 20;
 
-async fn receive(state: &AppState, query: &FilesQuery, headers: &HeaderMap, body: Body) -> Result<Vec<Written>, FilesError> {
+async fn receive(
+    state: &AppState,
+    query: &FilesQuery,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Vec<Written>, FilesError> {
     let idle = state.config.upload_idle_timeout();
     // From here on an early error still reads the rest of the body (see
     // `body::reader`), so the client gets to see the answer.
@@ -170,7 +175,10 @@ async fn multipart(plan: &Plan, boundary: String, stream: ByteStream) -> Result<
             None => plan.target(field.file_name().unwrap_or(""))?,
         };
         if !targets.insert(target.clone()) {
-            return Err(FilesError::BadRequest(format!("file '{}' is uploaded twice in one request", target.display())));
+            return Err(FilesError::BadRequest(format!(
+                "file '{}' is uploaded twice in one request",
+                target.display()
+            )));
         }
         let mut upload = Upload::begin(target, Owner::from(&plan.user)).await?;
         while let Some(chunk) = field.chunk().await.map_err(|e| multipart_error(e, plan.idle))? {

@@ -60,7 +60,11 @@ impl Envd {
 
     /// Polls `/health` every 100 ms until it answers 204; returns how long
     /// that took. `alive` is asked between attempts (e.g. "qemu still runs").
-    pub fn wait_ready(&self, timeout: Duration, mut alive: impl FnMut() -> Result<(), String>) -> Result<Duration, String> {
+    pub fn wait_ready(
+        &self,
+        timeout: Duration,
+        mut alive: impl FnMut() -> Result<(), String>,
+    ) -> Result<Duration, String> {
         let start = Instant::now();
         let mut last = String::from("no attempt");
         while start.elapsed() < timeout {
@@ -118,7 +122,14 @@ impl Envd {
             .unwrap_or_default())
     }
 
-    fn start_stream(&self, who: As<'_>, tag: Option<&str>, cmd: &str, args: &[&str], timeout: Duration) -> Result<StartStream, String> {
+    fn start_stream(
+        &self,
+        who: As<'_>,
+        tag: Option<&str>,
+        cmd: &str,
+        args: &[&str],
+        timeout: Duration,
+    ) -> Result<StartStream, String> {
         let mut request = json!({ "process": { "cmd": cmd, "args": args } });
         if let Some(tag) = tag {
             request["tag"] = json!(tag);
@@ -149,7 +160,14 @@ impl Envd {
     }
 
     /// Runs `cmd args` to completion and returns its output and end event.
-    pub fn run(&self, who: As<'_>, tag: Option<&str>, cmd: &str, args: &[&str], timeout: Duration) -> Result<Finished, String> {
+    pub fn run(
+        &self,
+        who: As<'_>,
+        tag: Option<&str>,
+        cmd: &str,
+        args: &[&str],
+        timeout: Duration,
+    ) -> Result<Finished, String> {
         let deadline = Instant::now() + timeout;
         let mut stream = self.start_stream(who, tag, cmd, args, timeout)?;
         let mut finished = Finished::default();
@@ -196,7 +214,13 @@ impl Envd {
     }
 
     /// [`Envd::sh`] with a tag and a timeout.
-    pub fn sh_tagged(&self, who: As<'_>, tag: Option<&str>, script: &str, timeout: Duration) -> Result<Finished, String> {
+    pub fn sh_tagged(
+        &self,
+        who: As<'_>,
+        tag: Option<&str>,
+        script: &str,
+        timeout: Duration,
+    ) -> Result<Finished, String> {
         let finished = self.run(who, tag, "/bin/bash", &["-l", "-c", script], timeout)?;
         if finished.exit_code != 0 {
             return Err(format!(
@@ -260,7 +284,8 @@ impl StartStream {
         if head[0] & COMPRESSED != 0 {
             return Err(io::Error::new(io::ErrorKind::InvalidData, "compressed envelope, none was asked for"));
         }
-        let value: Value = serde_json::from_slice(&payload).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        let value: Value =
+            serde_json::from_slice(&payload).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
         Ok(if head[0] & END_STREAM != 0 { Frame::End(value) } else { Frame::Message(value) })
     }
 }

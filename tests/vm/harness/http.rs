@@ -151,7 +151,10 @@ impl Read for StreamingResponse {
                 if *left_in_chunk == 0 {
                     let mut line = String::new();
                     if reader.read_line(&mut line)? == 0 {
-                        return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed inside a chunked body"));
+                        return Err(io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            "connection closed inside a chunked body",
+                        ));
                     }
                     let size = line.trim().split(';').next().unwrap_or("");
                     let size = usize::from_str_radix(size, 16)

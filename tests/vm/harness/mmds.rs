@@ -154,7 +154,12 @@ fn handle(stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
     writer.flush()
 }
 
-fn answer(shared: &Shared, method: &str, path: &str, header: &dyn Fn(&str) -> Option<String>) -> (u16, &'static str, String) {
+fn answer(
+    shared: &Shared,
+    method: &str,
+    path: &str,
+    header: &dyn Fn(&str) -> Option<String>,
+) -> (u16, &'static str, String) {
     let count = |f: fn(&mut Counters)| f(&mut shared.counters.lock().expect("counters lock"));
     match (method, path) {
         ("PUT", "/latest/api/token") => {
@@ -170,7 +175,8 @@ fn answer(shared: &Shared, method: &str, path: &str, header: &dyn Fn(&str) -> Op
             (200, "text/plain", token)
         }
         ("GET", _) => {
-            let valid = header("x-metadata-token").is_some_and(|t| shared.tokens.lock().expect("tokens lock").contains(&t));
+            let valid =
+                header("x-metadata-token").is_some_and(|t| shared.tokens.lock().expect("tokens lock").contains(&t));
             if !valid {
                 count(|c| c.unauthorized += 1);
                 return (401, "text/plain", "missing or invalid X-metadata-token".into());

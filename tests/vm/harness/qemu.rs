@@ -126,7 +126,8 @@ impl Vm {
                 });
             }
             let started = Instant::now();
-            let child = command.spawn().map_err(|e| format!("spawning qemu-system-x86_64: {e} (run tests/vm/setup.sh)"))?;
+            let child =
+                command.spawn().map_err(|e| format!("spawning qemu-system-x86_64: {e} (run tests/vm/setup.sh)"))?;
             let mut vm = Vm { spec: spec.clone(), name: name.to_owned(), port, started, child: Some(child), qmp: None };
             // A taken port makes qemu exit at once; anything else shows up later.
             std::thread::sleep(Duration::from_millis(150));
@@ -146,7 +147,8 @@ impl Vm {
             Ok(None) => Ok(()),
             Ok(Some(status)) => {
                 self.child = None;
-                let stderr = fs::read_to_string(self.spec.work.join(format!("{}.stderr", self.name))).unwrap_or_default();
+                let stderr =
+                    fs::read_to_string(self.spec.work.join(format!("{}.stderr", self.name))).unwrap_or_default();
                 Err(format!("qemu {} exited ({status}): {}", self.name, stderr.trim()))
             }
             Err(err) => Err(format!("qemu {}: {err}", self.name)),
@@ -165,7 +167,9 @@ impl Vm {
             let qmp = loop {
                 match Qmp::connect(&path) {
                     Ok(qmp) => break qmp,
-                    Err(err) if start.elapsed() > Duration::from_secs(30) => return Err(format!("QMP {}: {err}", path.display())),
+                    Err(err) if start.elapsed() > Duration::from_secs(30) => {
+                        return Err(format!("QMP {}: {err}", path.display()));
+                    }
                     Err(_) => {
                         self.check_alive()?;
                         std::thread::sleep(Duration::from_millis(20));
@@ -192,7 +196,9 @@ impl Vm {
             match status["status"].as_str() {
                 Some("completed") => break,
                 Some("failed") | Some("cancelled") => return Err(format!("migration to a file failed: {status}")),
-                _ if start.elapsed() > Duration::from_secs(60) => return Err(format!("migration still not done: {status}")),
+                _ if start.elapsed() > Duration::from_secs(60) => {
+                    return Err(format!("migration still not done: {status}"));
+                }
                 _ => std::thread::sleep(Duration::from_millis(20)),
             }
         }
