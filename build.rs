@@ -11,6 +11,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for proto in PROTOS {
         println!("cargo:rerun-if-changed=proto/{proto}");
     }
+    record_commit();
     let descriptors = protox::Compiler::new(["proto"])?
         .include_source_info(true)
         .include_imports(true)
@@ -25,4 +26,19 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .include_file("_connectrpc.rs")
         .compile()?;
     Ok(())
+}
+
+/// The commit `--commit` prints, when the source is a git checkout.
+fn record_commit() {
+    let commit = std::process::Command::new("git")
+        .args(["rev-parse", "HEAD"])
+        .output()
+        .ok()
+        .filter(|out| out.status.success())
+        .and_then(|out| String::from_utf8(out.stdout).ok());
+    if let Some(commit) = commit {
+        println!("cargo:rustc-env=ENVD_COMMIT={}", commit.trim());
+    }
+    println!("cargo:rerun-if-changed=.git/HEAD");
+    println!("cargo:rerun-if-changed=.git/refs/heads");
 }
