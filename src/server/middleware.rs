@@ -17,7 +17,7 @@ use crate::context::{UserError, users};
 
 /// How long a request waits for the token hash right after a cold boot
 /// before it is refused.
-const HASH_PATIENCE: std::time::Duration = std::time::Duration::from_secs(3);
+pub(super) const HASH_PATIENCE: std::time::Duration = std::time::Duration::from_secs(3);
 
 const EXPOSED_HEADERS: &str =
     "Grpc-Status, Grpc-Message, Grpc-Status-Details-Bin, Location, Cache-Control, X-Content-Type-Options";

@@ -49,7 +49,7 @@ async fn serve(
     expiration: Option<i64>,
     headers: &HeaderMap,
 ) -> Result<Response, FilesError> {
-    authorize(&state.guard, headers, query, Operation::Read, expiration)?;
+    authorize(&state.guard, headers, query, Operation::Read, expiration).await?;
     let user = file_user(state, query.username.as_deref())?;
     let path = state.context.snapshot().resolve_path(query.path.as_deref().unwrap_or(""), &user)?;
     let opened = {

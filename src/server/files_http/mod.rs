@@ -108,7 +108,7 @@ impl FilesQuery {
 
 /// CONTRACT 5.5: open sandboxes need nothing; otherwise the header token,
 /// or a valid, unexpired signature of exactly these parameters.
-fn authorize(
+async fn authorize(
     guard: &AccessGuard,
     headers: &HeaderMap,
     query: &FilesQuery,
@@ -119,7 +119,7 @@ fn authorize(
         return Ok(());
     }
     if let Some(token) = headers.get("x-access-token") {
-        return match guard.check(Some(token.as_bytes())) {
+        return match guard.check_patiently(Some(token.as_bytes()), crate::server::middleware::HASH_PATIENCE).await {
             Access::Denied => Err(FilesError::Unauthorized("access token present in header but does not match")),
             Access::Open | Access::Granted => Ok(()),
         };
@@ -225,25 +225,25 @@ mod tests {
         }
     }
 
-    #[test]
-    fn signatures_per_contract() {
+    #[tokio::test]
+    async fn signatures_per_contract() {
         let guard = AccessGuard::default();
         let none = HeaderMap::new();
-        assert!(authorize(&guard, &none, &query("x", None, None), Operation::Read, None).is_ok());
+        assert!(authorize(&guard, &none, &query("x", None, None), Operation::Read, None).await.is_ok());
         guard.set_token(Some(Secret::new(TOKEN.into())));
         let good = query("/home/user/hello.txt", None, Some("v1_Q1oODJQwZxJOp+Cv9RJhuccjbZgB7bld8m4C4Z73S4w"));
-        assert!(authorize(&guard, &none, &good, Operation::Read, None).is_ok());
+        assert!(authorize(&guard, &none, &good, Operation::Read, None).await.is_ok());
         // The same signature does not grant writing.
-        assert!(authorize(&guard, &none, &good, Operation::Write, None).is_err());
+        assert!(authorize(&guard, &none, &good, Operation::Write, None).await.is_err());
         let vector = query("hello.txt", Some("user"), Some("v1_kH/H0n8zpp/wjL23NrRZ9+YGgmMA6V1wp+dDgd8riZw"));
-        let expired = authorize(&guard, &none, &vector, Operation::Write, Some(1_767_225_600));
+        let expired = authorize(&guard, &none, &vector, Operation::Write, Some(1_767_225_600)).await;
         assert!(matches!(expired, Err(FilesError::Unauthorized("signature is already expired"))));
-        let missing = authorize(&guard, &none, &query("x", None, None), Operation::Read, None);
+        let missing = authorize(&guard, &none, &query("x", None, None), Operation::Read, None).await;
         assert!(matches!(missing, Err(FilesError::Unauthorized("missing signature query parameter"))));
         let mut headers = HeaderMap::new();
         headers.insert("x-access-token", HeaderValue::from_static("wrong"));
-        assert!(authorize(&guard, &headers, &query("x", None, None), Operation::Read, None).is_err());
+        assert!(authorize(&guard, &headers, &query("x", None, None), Operation::Read, None).await.is_err());
         headers.insert("x-access-token", HeaderValue::from_static(TOKEN));
-        assert!(authorize(&guard, &headers, &query("x", None, None), Operation::Read, None).is_ok());
+        assert!(authorize(&guard, &headers, &query("x", None, None), Operation::Read, None).await.is_ok());
     }
 }

@@ -42,7 +42,7 @@ pub async fn upload(
             return error.into_response();
         }
     };
-    if let Err(error) = authorize(&state.guard, &headers, &query, Operation::Write, expiration) {
+    if let Err(error) = authorize(&state.guard, &headers, &query, Operation::Write, expiration).await {
         discard(body, idle, REFUSED_BODY_DRAIN);
         return error.into_response();
     }
