@@ -3,8 +3,8 @@
 //! transfer, and Stat / ListDir (1,000 entries) operations per second.
 //! Prints a table; asserts nothing about time.
 //!
-//! Run: `cargo bench --bench files` (as root). Uses `target/release/envd`
-//! when it exists, else the binary cargo built for the bench. Needs ~3 GiB
+//! Run: `cargo bench --bench files` (as root). Uses the envd cargo built
+//! for the bench (optimised, in the active target directory). Needs ~3 GiB
 //! free under the temp dir (`ENVD_BENCH_DIR` overrides it).
 
 #[path = "../tests/common/mod.rs"]
@@ -31,7 +31,7 @@ const MIB: f64 = (1 << 20) as f64;
 
 fn main() {
     common::require_root();
-    let (binary, which) = pick_binary();
+    let (binary, which) = common::binary_and_profile();
     println!("envd binary: {} ({which})", binary.display());
     let base = std::env::var_os("ENVD_BENCH_DIR").map_or_else(std::env::temp_dir, PathBuf::from);
     let dir = base.join(format!("envd-bench-files-{}", std::process::id()));
@@ -96,17 +96,6 @@ fn main() {
         list_rate * LIST_ENTRIES as f64
     );
     println!("| envd RSS idle before the transfers | {} |", fmt_kib(idle_rss));
-}
-
-fn pick_binary() -> (PathBuf, &'static str) {
-    let release = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/release/envd");
-    if release.is_file() {
-        (release, "release")
-    } else {
-        let built = Envd::binary();
-        let which = if built.components().any(|c| c.as_os_str() == "release") { "release" } else { "debug" };
-        (built, which)
-    }
 }
 
 fn pct(value: f64, of: f64) -> f64 {

@@ -2,8 +2,8 @@
 //! loopback with one persistent connection. Prints a table; asserts
 //! nothing about time.
 //!
-//! Run: `cargo bench --bench process` (as root). Uses `target/release/envd`
-//! when it exists, else the binary cargo built for the bench.
+//! Run: `cargo bench --bench process` (as root). Uses the envd cargo
+//! built for the bench (optimised, in the active target directory).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -25,7 +25,7 @@ const GIB: u64 = 1 << 30;
 
 fn main() {
     common::require_root();
-    let (binary, which) = pick_binary();
+    let (binary, which) = common::binary_and_profile();
     println!("envd binary: {} ({which})", binary.display());
 
     let ready = ready_times(&binary);
@@ -84,17 +84,6 @@ fn main() {
         fmt_duration(ready[0]),
         fmt_duration(ready[ready.len() - 1])
     );
-}
-
-fn pick_binary() -> (PathBuf, &'static str) {
-    let release = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/release/envd");
-    if release.is_file() {
-        (release, "release")
-    } else {
-        let built = Envd::binary();
-        let which = if built.components().any(|c| c.as_os_str() == "release") { "release" } else { "debug" };
-        (built, which)
-    }
 }
 
 fn percentile(sorted: &[Duration], pct: f64) -> Duration {

@@ -146,6 +146,13 @@ impl EnvdOptions {
     }
 }
 
+/// The envd binary cargo built for this test or bench, and its profile.
+pub fn binary_and_profile() -> (PathBuf, &'static str) {
+    let built = Envd::binary();
+    let profile = if built.components().any(|c| c.as_os_str() == "release") { "release" } else { "debug" };
+    (built, profile)
+}
+
 /// A running envd, killed (with every process it started) on drop.
 pub struct Envd {
     child: Child,
