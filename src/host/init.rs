@@ -56,7 +56,11 @@ fn parse_body(body: &[u8]) -> Result<(InitBody<'_>, Option<SystemTime>), InitErr
     let body: InitBody<'_> = if body.iter().all(u8::is_ascii_whitespace) {
         InitBody::default()
     } else {
-        serde_json::from_slice(body).map_err(|e| InitError::BadBody(e.to_string()))?
+        // serde's own message may quote the offending value, which can be
+        // the token: say only where and what kind of error it was.
+        serde_json::from_slice(body).map_err(|e| {
+            InitError::BadBody(format!("{:?} error at line {} column {}", e.classify(), e.line(), e.column()))
+        })?
     };
     if body.access_token == Some("") {
         return Err(InitError::BadBody("accessToken must not be empty".into()));
@@ -304,6 +308,12 @@ mod tests {
             assert!(matches!(init.init_with(body, &None::<Identity>).await, Err(InitError::BadBody(_))), "{body:?}");
         }
         init.init_with(b"", &None::<Identity>).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_rejected_token_is_never_quoted() {
+        let err = initializer().init_with(br#"{"accessToken":"sec\u0072et"}"#, &None::<Identity>).await.unwrap_err();
+        assert!(!err.to_string().contains("sec"), "{err}");
     }
 
     #[tokio::test]
