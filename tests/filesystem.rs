@@ -256,6 +256,19 @@ async fn watch_dir_streams_events() {
 }
 
 #[tokio::test]
+async fn watch_dir_ends_at_its_deadline() {
+    let envd = Envd::start();
+    let client = envd.client();
+    let dir = Scratch::new("watchdeadline");
+    let mut stream = client.stream(WATCH, &json!({"path": dir.s("")}), &[("connect-timeout-ms", "800")]).await;
+    assert_eq!(stream.next_frame().await.unwrap().json(), json!({"start": {}}));
+    let end = tokio::time::timeout(Duration::from_secs(10), stream.next_frame())
+        .await
+        .expect("the watch outlived its deadline");
+    assert_eq!(end.unwrap().end_error().map(|e| e.code).as_deref(), Some("deadline_exceeded"));
+}
+
+#[tokio::test]
 async fn watch_dir_refuses_bad_targets() {
     let envd = Envd::start();
     let client = envd.client();

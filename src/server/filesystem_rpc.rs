@@ -9,7 +9,7 @@ use connectrpc::{ConnectError, RequestContext, Response, ServiceRequest, Service
 use futures_util::StreamExt;
 
 use super::state::AppState;
-use super::stream::{keepalive_interval, with_keepalive};
+use super::stream::{keepalive_interval, until_deadline, with_keepalive};
 use crate::context::User;
 use crate::fs::watch::{EventKind, FsEvent, WatchOptions, Watcher};
 use crate::fs::watchers::PollingWatchers;
@@ -197,7 +197,8 @@ impl pb::Filesystem for FilesystemService {
         let (_, path) = self.resolve(&ctx, &request.path)?;
         let options = watch_options(request.recursive, request.include_entry, request.allow_network_mounts);
         let watcher = blocking(move || Watcher::start(&path, options)).await?;
-        let stream = watch_stream(watcher, &ctx);
+        // The deadline bounds the watch: the watcher is dropped with the stream.
+        let stream = until_deadline(watch_stream(watcher, &ctx), ctx.deadline());
         respond(&ctx, stream)
     }
 

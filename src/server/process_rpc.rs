@@ -7,7 +7,7 @@ use connectrpc::{ConnectError, ErrorCode, RequestContext, Response, ServiceReque
 use futures_util::StreamExt;
 
 use super::state::AppState;
-use super::stream::{keepalive_interval, with_keepalive};
+use super::stream::{keepalive_interval, until_deadline, with_keepalive};
 use crate::host::cgroups::Slot;
 use crate::process::spawn::StdioMode;
 use crate::process::{self, CommandConfig, EndStatus, Event, Found, Output, Selector, StartSpec, Subscription};
@@ -138,43 +138,6 @@ fn process_stream<T: Send + 'static>(
     with_keepalive(wrap(start_event(pid)), events, keepalive_interval(ctx.headers()), keepalive)
 }
 
-/// The deadline of `Start` is also the process's lifetime: when it kills
-/// the process, the caller sees `deadline_exceeded`, as with the reference.
-fn end_at_deadline<T: Send + 'static>(
-    stream: ServiceStream<T>,
-    deadline: Option<std::time::Instant>,
-) -> ServiceStream<T> {
-    let Some(deadline) = deadline else { return stream };
-    Box::pin(stream.scan(false, move |expired, item| {
-        let next = if *expired {
-            None
-        } else if std::time::Instant::now() >= deadline {
-            *expired = true;
-            Some(Err(ConnectError::deadline_exceeded("context deadline exceeded")))
-        } else {
-            Some(item)
-        };
-        std::future::ready(next)
-    }))
-}
-
-/// `Connect`'s deadline bounds only the stream: when it passes, the stream
-/// ends with `deadline_exceeded` and the process keeps running.
-fn close_at_deadline<T: Send + 'static>(
-    stream: ServiceStream<T>,
-    deadline: Option<std::time::Instant>,
-) -> ServiceStream<T> {
-    let Some(deadline) = deadline else { return stream };
-    let expiry = Box::pin(tokio::time::sleep_until(deadline.into()));
-    Box::pin(futures_util::stream::unfold(Some((stream, expiry)), |state| async move {
-        let (mut stream, mut expiry) = state?;
-        tokio::select! {
-            item = stream.next() => item.map(|item| (item, Some((stream, expiry)))),
-            () = &mut expiry => Some((Err(ConnectError::deadline_exceeded("context deadline exceeded")), None)),
-        }
-    }))
-}
-
 fn start_response(event: pb::ProcessEvent) -> pb::StartResponse {
     pb::StartResponse { event: event.into(), ..Default::default() }
 }
@@ -228,7 +191,7 @@ impl pb::Process for ProcessService {
         };
         let keepalive = || connect_response(keepalive_event());
         let stream = process_stream(pid, subscription, &ctx, connect_response, keepalive);
-        Response::ok(close_at_deadline(stream, ctx.deadline()))
+        Response::ok(until_deadline(stream, ctx.deadline()))
     }
 
     async fn start(
@@ -242,7 +205,9 @@ impl pb::Process for ProcessService {
         tracing::debug!(pid = started.pid, %command, "process started");
         let keepalive = || start_response(keepalive_event());
         let stream = process_stream(started.pid, Subscription::Live(started.events), &ctx, start_response, keepalive);
-        Response::ok(end_at_deadline(stream, ctx.deadline()))
+        // The deadline is also the process's lifetime: when it kills the
+        // process, the caller sees `deadline_exceeded`, as with the reference.
+        Response::ok(until_deadline(stream, ctx.deadline()))
     }
 
     async fn update(

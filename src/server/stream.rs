@@ -1,7 +1,7 @@
 //! Server streams with keep-alives: a keep-alive message goes out whenever
 //! `Keepalive-Ping-Interval` seconds pass without another message.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use connectrpc::{ConnectError, ServiceStream};
 use futures_util::Stream;
@@ -38,9 +38,40 @@ where
     Box::pin(futures_util::stream::once(async move { Ok::<T, ConnectError>(first) }).chain(rest))
 }
 
+/// Ends `stream` with `deadline_exceeded` when `Connect-Timeout-Ms` passes
+/// (the Connect library bounds only unary calls). An item that arrives
+/// after the deadline is replaced by the error too.
+pub fn until_deadline<T: Send + 'static>(stream: ServiceStream<T>, deadline: Option<Instant>) -> ServiceStream<T> {
+    let Some(deadline) = deadline else { return stream };
+    let expiry = Box::pin(tokio::time::sleep_until(deadline.into()));
+    let exceeded = || ConnectError::deadline_exceeded("context deadline exceeded");
+    Box::pin(futures_util::stream::unfold(Some((stream, expiry)), move |state| async move {
+        let (mut stream, mut expiry) = state?;
+        tokio::select! {
+            biased;
+            () = &mut expiry => Some((Err(exceeded()), None)),
+            item = stream.next() => match item {
+                Some(_) if Instant::now() >= deadline => Some((Err(exceeded()), None)),
+                Some(item) => Some((item, Some((stream, expiry)))),
+                None => None,
+            },
+        }
+    }))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn the_deadline_ends_a_silent_stream() {
+        let silent: ServiceStream<i32> = Box::pin(futures_util::stream::pending());
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let mut stream = until_deadline(silent, Some(deadline));
+        let err = stream.next().await.unwrap().unwrap_err();
+        assert_eq!(err.code, connectrpc::ErrorCode::DeadlineExceeded);
+        assert!(stream.next().await.is_none());
+    }
 
     #[test]
     fn interval_parsing() {
