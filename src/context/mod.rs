@@ -91,7 +91,10 @@ impl ContextStore {
     pub fn user(&self, requested: Option<&str>) -> Result<User, UserError> {
         match requested {
             Some(name) => users::lookup(name),
-            None => users::lookup(&self.snapshot().default_user),
+            None => {
+                let name = self.inner.read().unwrap_or_else(|e| e.into_inner()).default_user.clone();
+                users::lookup(&name)
+            }
         }
     }
 }
