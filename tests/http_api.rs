@@ -23,29 +23,6 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn rfc3339(time: SystemTime) -> String {
-    // Civil-from-days (Howard Hinnant), UTC, with nanoseconds.
-    let since = time.duration_since(UNIX_EPOCH).unwrap();
-    let secs = since.as_secs() as i64;
-    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:09}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60,
-        since.subsec_nanos()
-    )
-}
-
 fn parse_version(text: &str) -> (u64, u64, u64) {
     let parts: Vec<u64> = text
         .trim()
@@ -178,8 +155,8 @@ async fn stale_init_changes_nothing() {
     let envd = Envd::start();
     let client = envd.client();
     let now = SystemTime::now();
-    let newer = rfc3339(now);
-    let older = rfc3339(now - Duration::from_secs(10));
+    let newer = common::time::rfc3339(now);
+    let older = common::time::rfc3339(now - Duration::from_secs(10));
     let reply = client.post_json("/init", &json!({"envVars": {"V": "new"}, "timestamp": newer})).await;
     assert_eq!(reply.status, StatusCode::NO_CONTENT, "{}", reply.text());
     for timestamp in [&older, &newer] {

@@ -35,6 +35,7 @@
 #![allow(dead_code)]
 
 pub mod pb;
+pub mod time;
 
 use std::collections::{HashMap, HashSet};
 use std::convert::Infallible;
