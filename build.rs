@@ -19,13 +19,23 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .file_descriptor_set();
     let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
     let descriptor_path = out_dir.join("envd.fds.bin");
-    std::fs::write(&descriptor_path, descriptors.encode_to_vec())?;
+    write_if_changed(&descriptor_path, &descriptors.encode_to_vec())?;
     connectrpc_build::Config::new()
         .files(&PROTOS)
         .descriptor_set(&descriptor_path)
         .include_file("_connectrpc.rs")
         .compile()?;
     Ok(())
+}
+
+/// Rewriting an unchanged descriptor set would bump its mtime, and since
+/// the generated code registers it as an input, every `cargo build` would
+/// then rebuild the crate.
+fn write_if_changed(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    if std::fs::read(path).is_ok_and(|existing| existing == bytes) {
+        return Ok(());
+    }
+    std::fs::write(path, bytes)
 }
 
 /// The commit `--commit` prints, when the source is a git checkout.

@@ -5,117 +5,16 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
-use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use common::mmds::{Mmds, sha512_hex};
 use common::{Envd, Scratch, rpc, test_user};
 use serde_json::{Value, json};
-use sha2::{Digest, Sha512};
 
 const TOKEN: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
-
-fn sha512_hex(text: &str) -> String {
-    Sha512::digest(text.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// A metadata service on loopback that insists on the v2 session token.
-struct Mmds {
-    port: u16,
-    stop: Arc<AtomicBool>,
-    reads: Arc<AtomicU64>,
-}
-
-impl Mmds {
-    fn start(metadata: Value) -> Mmds {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind metadata service");
-        Mmds::serve(listener, metadata)
-    }
-
-    /// A port nothing listens on yet; `serve_on` brings the service up later.
-    fn reserve_port() -> u16 {
-        TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-    }
-
-    fn serve_on(port: u16, metadata: Value) -> Mmds {
-        let listener = TcpListener::bind(("127.0.0.1", port)).expect("rebind metadata port");
-        Mmds::serve(listener, metadata)
-    }
-
-    fn serve(listener: TcpListener, metadata: Value) -> Mmds {
-        let port = listener.local_addr().unwrap().port();
-        listener.set_nonblocking(true).unwrap();
-        let m = Mutex::new(metadata);
-        let stop = Arc::new(AtomicBool::new(false));
-        let reads = Arc::new(AtomicU64::new(0));
-        let (s, r) = (stop.clone(), reads.clone());
-        std::thread::spawn(move || {
-            let tokens = Mutex::new(Vec::<String>::new());
-            while !s.load(Ordering::SeqCst) {
-                match listener.accept() {
-                    Ok((stream, _)) => {
-                        stream.set_nonblocking(false).unwrap();
-                        Mmds::answer(stream, &m, &tokens, &r);
-                    }
-                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
-                }
-            }
-        });
-        Mmds { port, stop, reads }
-    }
-
-    fn answer(stream: TcpStream, metadata: &Mutex<Value>, tokens: &Mutex<Vec<String>>, reads: &AtomicU64) {
-        let mut reader = BufReader::new(stream.try_clone().unwrap());
-        let mut request_line = String::new();
-        if reader.read_line(&mut request_line).is_err() {
-            return;
-        }
-        let mut headers = Vec::new();
-        loop {
-            let mut line = String::new();
-            if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
-                break;
-            }
-            if let Some((name, value)) = line.split_once(':') {
-                headers.push((name.trim().to_ascii_lowercase(), value.trim().to_owned()));
-            }
-        }
-        let header = |name: &str| headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.clone());
-        let (status, body) = match request_line.split_whitespace().take(2).collect::<Vec<_>>()[..] {
-            ["PUT", "/latest/api/token"] if header("x-metadata-token-ttl-seconds").is_some() => {
-                let token = format!("session-{}", tokens.lock().unwrap().len());
-                tokens.lock().unwrap().push(token.clone());
-                ("200 OK", token)
-            }
-            ["PUT", "/latest/api/token"] => ("400 Bad Request", String::new()),
-            ["GET", "/"] => match header("x-metadata-token") {
-                Some(token) if tokens.lock().unwrap().contains(&token) => {
-                    reads.fetch_add(1, Ordering::SeqCst);
-                    ("200 OK", metadata.lock().unwrap().to_string())
-                }
-                _ => ("401 Unauthorized", String::new()),
-            },
-            _ => ("404 Not Found", String::new()),
-        };
-        let mut stream = stream;
-        let _ =
-            write!(stream, "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
-    }
-
-    fn address(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
-    }
-}
-
-impl Drop for Mmds {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-    }
-}
 
 fn sandbox_metadata() -> Value {
     json!({"instanceID": "sbx-cold-1", "envID": "tpl-1", "address": "http://127.0.0.1/logs", "accessTokenHash": sha512_hex(TOKEN)})
