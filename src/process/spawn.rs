@@ -3,6 +3,14 @@
 //! no locks, no logging), then execs by itself so that a missing command
 //! ends as exit status 127 with a message on stderr, as it would in a shell.
 //!
+//! No fd of envd's reaches the child: everything envd opens is
+//! close-on-exec from the moment it exists (the terminal pair too, see
+//! [`open_pty`]), and the child marks every fd above 2 close-on-exec
+//! before it execs, which also covers fds envd inherited from whoever
+//! started it. A fd created without the flag and flagged afterwards would
+//! leak into any child forked in between: a root terminal's master in a
+//! user's process.
+//!
 //! Order in the child, and why:
 //! 1. `setsid` (and, for a terminal, `TIOCSCTTY` on the new stdin);
 //! 2. join the workload cgroup, raise `oom_score_adj` to 100, nice 0,
@@ -12,11 +20,12 @@
 //!    so they go before the uid;
 //! 4. drop every capability left (non-root users only);
 //! 5. `chdir` as the user, so an unreadable cwd fails as it would for them;
-//! 6. `execve`.
+//! 6. every fd above 2 close-on-exec (the cgroup file is written by then);
+//! 7. `execve`.
 
 use std::ffi::{CString, c_char};
 use std::io;
-use std::os::fd::{OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -88,15 +97,12 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> io::Result<Spawned> {
             command.stdin(if stdin { Stdio::piped() } else { Stdio::null() });
         }
         StdioMode::Pty { cols, rows } => {
-            let size = nix::pty::Winsize { ws_row: rows, ws_col: cols, ws_xpixel: 0, ws_ypixel: 0 };
-            let pty = nix::pty::openpty(Some(&size), None).map_err(io::Error::from)?;
-            set_cloexec(&pty.master)?;
-            set_cloexec(&pty.slave)?;
-            command.stdin(Stdio::from(pty.slave.try_clone()?));
-            command.stdout(Stdio::from(pty.slave.try_clone()?));
-            command.stderr(Stdio::from(pty.slave));
+            let (master, slave) = open_pty(cols, rows)?;
+            command.stdin(Stdio::from(slave.try_clone()?));
+            command.stdout(Stdio::from(slave.try_clone()?));
+            command.stderr(Stdio::from(slave));
             prepared.controlling_tty = true;
-            pty_master = Some(pty.master);
+            pty_master = Some(master);
         }
     }
     // SAFETY: `enter` only makes async-signal-safe syscalls on buffers
@@ -113,10 +119,32 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> io::Result<Spawned> {
     Ok(Spawned { child, pty_master })
 }
 
-fn set_cloexec(fd: &OwnedFd) -> io::Result<()> {
-    use nix::fcntl::{FcntlArg, FdFlag, fcntl};
-    fcntl(fd, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC)).map_err(io::Error::from)?;
-    Ok(())
+/// A terminal pair of this size, both ends close-on-exec from the start:
+/// `posix_openpt(O_CLOEXEC)` for the master, `TIOCGPTPEER` for the slave
+/// (which also opens the very slave of this master, never a path).
+fn open_pty(cols: u16, rows: u16) -> io::Result<(OwnedFd, OwnedFd)> {
+    use nix::fcntl::OFlag;
+    let master = nix::pty::posix_openpt(OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC)?;
+    nix::pty::grantpt(&master)?;
+    nix::pty::unlockpt(&master)?;
+    let size = libc::winsize { ws_row: rows, ws_col: cols, ws_xpixel: 0, ws_ypixel: 0 };
+    // SAFETY: TIOCSWINSZ reads one `winsize` from a pointer valid for the
+    // call; TIOCGPTPEER takes open flags and returns a new fd or -1.
+    let slave = unsafe {
+        if libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ, &size) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        libc::ioctl(master.as_raw_fd(), libc::TIOCGPTPEER, libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC)
+    };
+    if slave < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `slave` is a fresh fd that nothing else owns.
+    let slave = unsafe { OwnedFd::from_raw_fd(slave) };
+    // The master as a plain fd: PtyMaster and the handover take OwnedFd.
+    // SAFETY: `into_raw_fd` gives up ownership of a valid open fd.
+    let master = unsafe { OwnedFd::from_raw_fd(master.into_raw_fd()) };
+    Ok((master, slave))
 }
 
 /// The path to exec: a name without `/` is looked up on the child's PATH;
@@ -225,6 +253,7 @@ impl Prepared {
             if libc::chdir(self.cwd.as_ptr()) < 0 {
                 return Err(io::Error::last_os_error());
             }
+            cloexec_above_stdio()?;
             libc::execve(self.path.as_ptr(), self.argv_ptrs.as_ptr(), self.envp_ptrs.as_ptr());
             // exec failed: report it as a shell would and exit like one.
             let errno = *libc::__errno_location();
@@ -237,6 +266,33 @@ impl Prepared {
             libc::_exit(code);
         }
     }
+}
+
+/// Marks every fd above 2 close-on-exec, so the exec closes them all. Not
+/// `close`: std's own exec-error pipe must stay open until the exec.
+///
+/// SAFETY (caller): only in the forked child.
+unsafe fn cloexec_above_stdio() -> io::Result<()> {
+    const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;
+    // SAFETY: close_range only changes fd flags of this process.
+    let rc = unsafe { libc::syscall(libc::SYS_close_range, 3 as libc::c_uint, libc::c_uint::MAX, CLOSE_RANGE_CLOEXEC) };
+    if rc == 0 {
+        return Ok(());
+    }
+    // Kernels before 5.11: flag each possible fd (no allocation here).
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes one rlimit to a valid pointer; fcntl on a
+    // closed fd fails harmlessly with EBADF.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let top = limit.rlim_cur.min(1 << 20) as libc::c_int;
+        for fd in 3..top {
+            libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
+        }
+    }
+    Ok(())
 }
 
 /// Best effort: a failure leaves the child with envd's own priorities.
