@@ -145,13 +145,6 @@ fn widen_single_dash(arg: OsString) -> OsString {
     if LONG_FLAGS.contains(&name) { OsString::from(format!("-{text}")) } else { arg }
 }
 
-/// Logs go to stderr (the journal under systemd), never to a file: a file
-/// on the root filesystem would block while it is frozen.
-pub fn init_logging(verbose: bool) {
-    let level = if verbose { tracing::Level::DEBUG } else { tracing::Level::INFO };
-    tracing_subscriber::fmt().with_max_level(level).with_writer(std::io::stderr).with_ansi(false).init();
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -20,6 +20,8 @@ pub mod process;
 pub mod proto;
 /// One listener, one router: Connect services, HTTP routes, auth, CORS.
 pub mod server;
+/// envd's own log lines, through a queue that never blocks the daemon.
+pub mod telemetry;
 
 /// The version reported by `--version` and `X-Envd-Version`.
 ///

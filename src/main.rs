@@ -18,7 +18,7 @@ fn main() -> ExitCode {
         println!("{}", option_env!("ENVD_COMMIT").unwrap_or("unknown"));
         return ExitCode::SUCCESS;
     }
-    envd::config::init_logging(config.verbose);
+    let _log = envd::telemetry::init(config.verbose);
     match envd::server::run(config) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {

@@ -103,6 +103,33 @@ pub fn init_error(err: InitError) -> Response {
     (status, err.to_string()).into_response()
 }
 
+impl From<super::limits::BodyLimitError> for ConnectError {
+    fn from(err: super::limits::BodyLimitError) -> Self {
+        use super::limits::BodyLimitError;
+        let code = match &err {
+            BodyLimitError::Busy => ErrorCode::Unavailable,
+            BodyLimitError::TooLarge(_) => ErrorCode::ResourceExhausted,
+            BodyLimitError::TooSlow(_) => ErrorCode::DeadlineExceeded,
+            BodyLimitError::Read(_) => ErrorCode::InvalidArgument,
+        };
+        ConnectError::new(code, err.to_string())
+    }
+}
+
+/// A buffered body refused by the limits, for the plain HTTP routes.
+pub fn body_limit_error(err: super::limits::BodyLimitError) -> Response {
+    use super::limits::BodyLimitError;
+    let status = match &err {
+        BodyLimitError::Busy => StatusCode::SERVICE_UNAVAILABLE,
+        BodyLimitError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+        BodyLimitError::TooSlow(_) => StatusCode::REQUEST_TIMEOUT,
+        BodyLimitError::Read(_) => StatusCode::BAD_REQUEST,
+    };
+    let mut response = (status, err.to_string()).into_response();
+    response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+    response
+}
+
 /// Most of an unread request body that is read and dropped before an early
 /// answer, so the connection stays usable for the next request (a client
 /// that is still sending would otherwise hit a closed socket).
@@ -211,6 +238,7 @@ impl From<super::files_http::FilesError> for HttpError {
             }
             FilesError::NotAcceptable => StatusCode::NOT_ACCEPTABLE,
             FilesError::Idle(_) => StatusCode::REQUEST_TIMEOUT,
+            FilesError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
         };
         if status.is_server_error() {
             tracing::error!("/files: {err}");

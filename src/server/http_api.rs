@@ -2,12 +2,13 @@
 
 use std::sync::Arc;
 
-use axum::body::Bytes;
+use axum::body::Body;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use http::{HeaderValue, StatusCode, header};
 
-use super::errors::init_error;
+use super::errors::{body_limit_error, init_error};
+use super::limits::{INIT_BODY_MAX, budget_for, read_whole};
 use super::state::AppState;
 
 fn no_store(mut response: Response) -> Response {
@@ -20,8 +21,20 @@ pub async fn health() -> Response {
     no_store(StatusCode::NO_CONTENT.into_response())
 }
 
-/// `POST /init`.
-pub async fn init(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
+/// `POST /init`. The body is read whole, bounded in size and time: the
+/// route needs no token, so any process in the VM can call it.
+pub async fn init(State(state): State<Arc<AppState>>, headers: http::HeaderMap, body: Body) -> Response {
+    let read = async {
+        let _reserved = state.body_budget.reserve(budget_for(&headers, INIT_BODY_MAX)).await?;
+        read_whole(body, INIT_BODY_MAX).await
+    };
+    let body = match read.await {
+        Ok(body) => body,
+        Err(err) => {
+            tracing::debug!("/init body refused: {err}");
+            return body_limit_error(err);
+        }
+    };
     let mut response = match state.initializer.init(&body).await {
         Ok(()) => no_store(StatusCode::NO_CONTENT.into_response()),
         Err(err) => {

@@ -7,6 +7,7 @@ mod files_http;
 mod filesystem_rpc;
 mod host_api;
 mod http_api;
+mod limits;
 mod middleware;
 mod process_rpc;
 mod rpc_gate;
@@ -14,12 +15,14 @@ mod state;
 mod stream;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use axum::routing::{get, post};
-use connectrpc::Limits;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpListener;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tower::ServiceExt;
 
 use crate::config::Config;
 pub use errors::HttpError;
@@ -29,8 +32,6 @@ use state::AppState;
 /// Idle keep-alive connections are closed after this long; it must stay
 /// above the sandbox proxy's own idle timeout.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(640);
-/// Largest single RPC message (e.g. one stdin write).
-const MAX_MESSAGE_BYTES: usize = 512 << 20;
 
 /// Why the server stopped.
 #[derive(Debug, thiserror::Error)]
@@ -72,7 +73,19 @@ async fn serve(config: Config) -> Result<(), ServerError> {
     }
     let app = router(state);
     tracing::info!(version = crate::VERSION, %addr, "envd listening");
+    let slots = Arc::new(Semaphore::new(limits::MAX_CONNECTIONS));
     loop {
+        let slot = match slots.clone().try_acquire_owned() {
+            Ok(slot) => slot,
+            Err(_) => {
+                // Further connections wait in the kernel's backlog.
+                tracing::warn!(limit = limits::MAX_CONNECTIONS, "connection limit reached: new connections wait");
+                match slots.clone().acquire_owned().await {
+                    Ok(slot) => slot,
+                    Err(_closed) => return Ok(()),
+                }
+            }
+        };
         let (socket, _peer) = match listener.accept().await {
             Ok(accepted) => accepted,
             Err(err) => {
@@ -83,15 +96,42 @@ async fn serve(config: Config) -> Result<(), ServerError> {
             }
         };
         let _ = socket.set_nodelay(true);
-        let service = hyper_util::service::TowerToHyperService::new(app.clone());
-        tokio::spawn(async move {
-            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            builder.http1().timer(TokioTimer::new()).header_read_timeout(IDLE_TIMEOUT).keep_alive(true);
-            builder.http2().timer(TokioTimer::new());
-            if let Err(err) = builder.serve_connection(TokioIo::new(socket), service).await {
-                tracing::debug!("connection ended: {err}");
+        tokio::spawn(serve_connection(socket, app.clone(), slot));
+    }
+}
+
+/// Serves one connection; one that sends no request head within
+/// [`limits::FIRST_REQUEST_WITHIN`] is closed.
+async fn serve_connection(socket: tokio::net::TcpStream, app: axum::Router, _slot: OwnedSemaphorePermit) {
+    let requested = Arc::new(AtomicBool::new(false));
+    let seen = requested.clone();
+    let app = app.map_request(move |request: http::Request<hyper::body::Incoming>| {
+        seen.store(true, Ordering::Relaxed);
+        request
+    });
+    let service = hyper_util::service::TowerToHyperService::new(app);
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(IDLE_TIMEOUT)
+        .keep_alive(true)
+        .max_buf_size(limits::MAX_READ_BUFFER);
+    builder.http2().timer(TokioTimer::new()).max_header_list_size(limits::MAX_HEADER_LIST);
+    let connection = builder.serve_connection(TokioIo::new(socket), service);
+    tokio::pin!(connection);
+    let result = tokio::select! {
+        result = connection.as_mut() => result,
+        () = tokio::time::sleep(limits::FIRST_REQUEST_WITHIN) => {
+            if !requested.load(Ordering::Relaxed) {
+                tracing::debug!("closing a connection that sent no request");
+                return;
             }
-        });
+            connection.await
+        }
+    };
+    if let Err(err) = result {
+        tracing::debug!("connection ended: {err}");
     }
 }
 
@@ -99,10 +139,10 @@ fn router(state: Arc<AppState>) -> axum::Router {
     let rpc = connectrpc::Router::new()
         .add_service(Arc::new(ProcessService::new(state.clone())))
         .add_service(Arc::new(filesystem_rpc::FilesystemService::new(state.clone())));
+    let rpc = limits::rpc_limits(rpc);
     let methods = rpc_gate::method_kinds(&rpc);
-    let rpc = connectrpc::ConnectRpcService::new(rpc)
-        .with_limits(Limits::unlimited().with_max_message_size(MAX_MESSAGE_BYTES));
-    let rpc = rpc_gate::gate(rpc, methods);
+    let rpc = connectrpc::ConnectRpcService::new(rpc).with_limits(limits::default_rpc_limits());
+    let rpc = rpc_gate::gate(rpc, methods, state.body_budget.clone());
     axum::Router::new()
         .route("/health", get(http_api::health))
         .route("/init", post(http_api::init))

@@ -3,7 +3,9 @@
 //! other methods than POST a 405 with `Allow: POST`, a Connect content
 //! type of the wrong kind (unary vs stream) a 415, and a malformed
 //! `Connect-Timeout-Ms` an `invalid_argument`. Content types are compared
-//! case-insensitively, as the reference does.
+//! case-insensitively, as the reference does. It also holds the bodies
+//! that the Connect library buffers whole (every method but the client
+//! stream) to the limits of `super::limits`.
 
 use std::convert::Infallible;
 
@@ -14,7 +16,8 @@ use connectrpc::{ConnectRpcService, Dispatcher, MethodKind};
 use http::{HeaderValue, Method, StatusCode, header};
 use tower::ServiceExt;
 
-use super::errors::answer_early;
+use super::errors::{answer_early, connect_error_response};
+use super::limits::{BodyBudget, DeadlineBody, budget_for, rpc_body_max};
 
 /// Types accepted by unary methods (Connect unary, gRPC, gRPC-Web).
 const UNARY_TYPES: &str = "application/grpc, application/grpc+json, application/grpc+proto, application/grpc-web, \
@@ -33,18 +36,27 @@ pub fn method_kinds(router: &connectrpc::Router) -> Vec<(String, MethodKind)> {
 pub fn gate(
     rpc: ConnectRpcService,
     methods: Vec<(String, MethodKind)>,
+    budget: BodyBudget,
 ) -> impl tower::Service<Request, Response = Response, Error = Infallible, Future = impl Send> + Clone + Send + 'static
 {
     let methods = std::sync::Arc::new(methods);
     tower::service_fn(move |mut request: Request| {
         let rpc = rpc.clone();
         let methods = methods.clone();
+        let budget = budget.clone();
         async move {
             lowercase_media_type(&mut request);
-            if let Some(response) = refusal(&request, &methods) {
-                return Ok(answer_early(request, response).await);
-            }
+            let kind = match checked_kind(&request, &methods) {
+                Ok(kind) => kind,
+                Err(response) => return Ok(answer_early(request, *response).await),
+            };
             drop_zero_timeout(&mut request);
+            if kind != MethodKind::ClientStreaming {
+                request = match bound_buffered_body(request, &budget).await {
+                    Ok(request) => request,
+                    Err(response) => return Ok(response),
+                };
+            }
             let response = match rpc.oneshot(request).await {
                 Ok(response) => response.map(Body::new),
                 Err(never) => match never {},
@@ -54,29 +66,40 @@ pub fn gate(
     })
 }
 
-/// The reference's answer to a request no handler may see, if any.
-fn refusal(request: &Request, methods: &[(String, MethodKind)]) -> Option<Response> {
+/// A body the Connect library will buffer whole: its share of the budget
+/// is reserved, and reading it gets a deadline.
+async fn bound_buffered_body(request: Request, budget: &BodyBudget) -> Result<Request, Response> {
+    let max = rpc_body_max(request.uri().path().trim_start_matches('/'));
+    match budget.reserve(budget_for(request.headers(), max)).await {
+        Ok(reserved) => Ok(request.map(|body| Body::new(DeadlineBody::new(body, reserved)))),
+        Err(err) => Err(connect_error_response(request.headers(), err.into())),
+    }
+}
+
+/// The method's kind, or the reference's answer to a request no handler
+/// may see.
+fn checked_kind(request: &Request, methods: &[(String, MethodKind)]) -> Result<MethodKind, Box<Response>> {
     let path = request.uri().path().strip_prefix('/');
     let Some(kind) = methods.iter().find(|(m, _)| Some(m.as_str()) == path).map(|(_, kind)| *kind) else {
-        return Some((StatusCode::NOT_FOUND, "404 page not found\n").into_response());
+        return Err(Box::new((StatusCode::NOT_FOUND, "404 page not found\n").into_response()));
     };
     if request.method() != Method::POST {
         let mut response = (StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n").into_response();
         response.headers_mut().insert(header::ALLOW, HeaderValue::from_static("POST"));
-        return Some(response);
+        return Err(Box::new(response));
     }
     if let Some(accepted) = wrong_kind_of_type(request, kind) {
         let mut response = StatusCode::UNSUPPORTED_MEDIA_TYPE.into_response();
         response.headers_mut().insert("accept-post", HeaderValue::from_static(accepted));
-        return Some(response);
+        return Err(Box::new(response));
     }
     if let Some(timeout) = request.headers().get("connect-timeout-ms")
         && !valid_timeout(timeout.as_bytes())
     {
         let err = connectrpc::ConnectError::invalid_argument("invalid Connect-Timeout-Ms: must be 1 to 10 digits");
-        return Some(super::errors::connect_error_response(request.headers(), err));
+        return Err(Box::new(connect_error_response(request.headers(), err)));
     }
-    None
+    Ok(kind)
 }
 
 /// The Connect library compares content types literally, so the media

@@ -35,6 +35,8 @@ pub struct AppState {
     pub workload: Arc<Workload>,
     /// The filesystem pause hook (`/fsfreeze`).
     pub freezer: Arc<FsFreezer>,
+    /// Bytes of request bodies buffered whole, across all requests.
+    pub body_budget: super::limits::BodyBudget,
 }
 
 /// The user a request named in `Authorization: Basic`, resolved by the
@@ -119,6 +121,7 @@ impl AppState {
             metrics: MetricsSampler::default(),
             workload,
             freezer,
+            body_budget: Default::default(),
         })
     }
 }

@@ -97,6 +97,7 @@ pub struct EnvdOptions {
     args: Vec<String>,
     env: Vec<(String, String)>,
     wrapper: Vec<String>,
+    stalled_stderr: Option<Arc<std::sync::Barrier>>,
 }
 
 impl EnvdOptions {
@@ -123,6 +124,13 @@ impl EnvdOptions {
         S: Into<String>,
     {
         self.wrapper = wrapper.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Nobody reads envd's stderr until `release` is waited on by a second
+    /// party (a log sink that has stopped, as journald during a freeze).
+    pub fn stalled_stderr(mut self, release: Arc<std::sync::Barrier>) -> Self {
+        self.stalled_stderr = Some(release);
         self
     }
 
@@ -220,7 +228,11 @@ impl Envd {
         let stderr = Arc::new(Mutex::new(Vec::new()));
         let mut pipe = child.stderr.take().expect("stderr is piped");
         let sink = stderr.clone();
+        let stalled = options.stalled_stderr.clone();
         std::thread::spawn(move || {
+            if let Some(release) = stalled {
+                release.wait();
+            }
             let mut buf = [0u8; 4096];
             while let Ok(n) = pipe.read(&mut buf) {
                 if n == 0 {

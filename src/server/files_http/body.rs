@@ -5,6 +5,8 @@
 
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -91,6 +93,67 @@ async fn pump(body: Body, tx: tokio::sync::mpsc::Sender<io::Result<Bytes>>, idle
         if failed {
             return;
         }
+    }
+}
+
+/// Bytes of a multipart body outside file contents (preamble, part
+/// headers, other fields) that may be held at once. The parser buffers
+/// these whole, so without a bound one small gzip body could inflate into
+/// gigabytes of "preamble".
+pub const MULTIPART_OVERHEAD_MAX: usize = 64 * 1024;
+/// What the parser may hold besides that: file content not yet handed out,
+/// at most two fair shares (one read while parsing the part's headers, one
+/// for the next chunk), each with a chunk (raw or decoded) over its end.
+const MULTIPART_SLACK: usize = 2 * (FAIR_SHARE + DECODED_CHUNK + crate::server::limits::MAX_READ_BUFFER);
+
+/// Counts the bytes a multipart parser has taken in against the file
+/// content it has handed out, and fails the stream once the difference,
+/// what the parser holds that is not file content, passes the limit.
+pub struct Metered {
+    inner: Fair,
+    taken_in: usize,
+    handed_out: Arc<AtomicUsize>,
+}
+
+/// The file content handed out by the parser, counted by the caller.
+#[derive(Debug, Clone, Default)]
+pub struct HandedOut(Arc<AtomicUsize>);
+
+impl HandedOut {
+    /// Counts `bytes` more of file content.
+    pub fn add(&self, bytes: usize) {
+        self.0.fetch_add(bytes, Ordering::Relaxed);
+    }
+}
+
+impl Metered {
+    /// Meters `inner` against what `handed_out` counts.
+    pub fn new(inner: ByteStream, handed_out: &HandedOut) -> Self {
+        Self { inner: Fair::new(inner), taken_in: 0, handed_out: handed_out.0.clone() }
+    }
+}
+
+/// The error a metered stream fails with.
+pub fn multipart_overhead_error() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::FileTooLarge,
+        format!("multipart body has more than {} KiB outside file contents", MULTIPART_OVERHEAD_MAX / 1024),
+    )
+}
+
+impl Stream for Metered {
+    type Item = io::Result<Bytes>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let held = self.taken_in.saturating_sub(self.handed_out.load(Ordering::Relaxed));
+        if held > MULTIPART_OVERHEAD_MAX + MULTIPART_SLACK {
+            return Poll::Ready(Some(Err(multipart_overhead_error())));
+        }
+        let next = Pin::new(&mut self.inner).poll_next(cx);
+        if let Poll::Ready(Some(Ok(chunk))) = &next {
+            self.taken_in += chunk.len();
+        }
+        next
     }
 }
 

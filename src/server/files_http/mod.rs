@@ -66,6 +66,9 @@ pub enum FilesError {
     /// The upload body could not be read (the client went away).
     #[error("reading the request body: {0}")]
     Body(String),
+    /// A part of the body that is not file content is over its limit.
+    #[error("{0}")]
+    TooLarge(String),
 }
 
 impl IntoResponse for FilesError {

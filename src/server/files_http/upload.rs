@@ -15,7 +15,7 @@ use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt;
 use http::{HeaderMap, header};
 
-use super::body::{BodyEncoding, ByteStream, Fair, decode, discard, reader};
+use super::body::{BodyEncoding, ByteStream, HandedOut, Metered, decode, discard, reader};
 use super::{FilesError, FilesQuery, authorize, file_user, json_response, parse_query, written_json};
 use crate::auth::signature::Operation;
 use crate::context::{ExecContext, User};
@@ -140,6 +140,7 @@ fn boundary(content_type: &str) -> Result<String, FilesError> {
 fn body_error(err: io::Error, idle: Duration) -> FilesError {
     match err.kind() {
         io::ErrorKind::TimedOut => FilesError::Idle(idle),
+        io::ErrorKind::FileTooLarge => FilesError::TooLarge(err.to_string()),
         io::ErrorKind::InvalidData | io::ErrorKind::InvalidInput | io::ErrorKind::UnexpectedEof => {
             FilesError::BadRequest(format!("invalid gzip body: {err}"))
         }
@@ -162,7 +163,8 @@ async fn octet_stream(plan: &Plan, target: PathBuf, mut stream: ByteStream) -> R
 }
 
 async fn multipart(plan: &Plan, boundary: String, stream: ByteStream) -> Result<Vec<Written>, FilesError> {
-    let mut parts = multer::Multipart::new(Fair::new(stream), boundary);
+    let handed_out = HandedOut::default();
+    let mut parts = multer::Multipart::new(Metered::new(stream, &handed_out), boundary);
     let mut targets = HashSet::new();
     let mut written = Vec::new();
     while let Some(mut field) = parts.next_field().await.map_err(|e| multipart_error(e, plan.idle))? {
@@ -182,6 +184,7 @@ async fn multipart(plan: &Plan, boundary: String, stream: ByteStream) -> Result<
         }
         let mut upload = Upload::begin(target, Owner::from(&plan.user)).await?;
         while let Some(chunk) = field.chunk().await.map_err(|e| multipart_error(e, plan.idle))? {
+            handed_out.add(chunk.len());
             upload.write(chunk).await?;
         }
         written.push(upload.commit(&plan.metadata).await?);
