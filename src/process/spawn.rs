@@ -12,7 +12,11 @@
 //!    so they go before the uid;
 //! 4. drop every capability left (non-root users only);
 //! 5. `chdir` as the user, so an unreadable cwd fails as it would for them;
-//! 6. `execve`.
+//! 6. close every fd above 2, including those envd itself inherited without
+//!    close-on-exec: the process gets its three streams and nothing else.
+//!    Last, because only `execve` can fail after it, and the child reports
+//!    that failure itself (the standard library's error pipe closes too);
+//! 7. `execve`.
 
 use std::ffi::{CString, c_char};
 use std::io;
@@ -225,6 +229,7 @@ impl Prepared {
             if libc::chdir(self.cwd.as_ptr()) < 0 {
                 return Err(io::Error::last_os_error());
             }
+            close_fds_above_stdio();
             libc::execve(self.path.as_ptr(), self.argv_ptrs.as_ptr(), self.envp_ptrs.as_ptr());
             // exec failed: report it as a shell would and exit like one.
             let errno = *libc::__errno_location();
@@ -253,6 +258,26 @@ unsafe fn lower_priorities() {
         }
         libc::setpriority(libc::PRIO_PROCESS, 0, 0);
         libc::syscall(libc::SYS_ioprio_set, IOPRIO_WHO_PROCESS, 0, IOPRIO_BE_4);
+    }
+}
+
+/// Closes fds 3 and up: `close_range`, or one by one up to the fd limit
+/// on kernels older than 5.9.
+///
+/// SAFETY (caller): only in the forked child, right before `execve`.
+unsafe fn close_fds_above_stdio() {
+    // SAFETY: close_range(2) and getrlimit(2) take plain integers and a
+    // struct owned by this frame; closing fds in the child affects only it.
+    unsafe {
+        if libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) == 0 {
+            return;
+        }
+        let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        let highest = if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 { limit.rlim_cur } else { 1024 };
+        let highest = libc::c_int::try_from(highest.min(1 << 20)).unwrap_or(1 << 20);
+        for fd in 3..highest {
+            libc::close(fd);
+        }
     }
 }
 
