@@ -334,6 +334,16 @@ pub fn health_ok(port: u16) -> bool {
     line.starts_with("HTTP/1.1 204")
 }
 
+/// The lines of a log that contain any of `secrets` (a name for the
+/// failure message, and the value), as (name, line).
+pub fn lines_revealing<'a>(log: &'a str, secrets: &[(&'static str, String)]) -> Vec<(&'static str, &'a str)> {
+    log.lines()
+        .flat_map(|line| {
+            secrets.iter().filter(move |(_, value)| line.contains(value.as_str())).map(move |(name, _)| (*name, line))
+        })
+        .collect()
+}
+
 /// A numeric field of `/proc/<pid>/status` (the `kB` figures).
 pub fn proc_status_kib(pid: u32, field: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("process status");
