@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use base64::Engine;
 use bytes::Bytes;
 use common::mmds::{Mmds, sha512_hex};
-use common::{Envd, Reply, Scratch, envelope, rpc, test_user};
+use common::{Envd, Reply, Scratch, envelope, fs_rpc as fs, rpc, test_user};
 use http::Method;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
@@ -288,18 +288,6 @@ fn routes() -> Vec<Route> {
     ]
 }
 
-mod fs {
-    pub const STAT: &str = "/filesystem.Filesystem/Stat";
-    pub const MAKE_DIR: &str = "/filesystem.Filesystem/MakeDir";
-    pub const MOVE: &str = "/filesystem.Filesystem/Move";
-    pub const LIST_DIR: &str = "/filesystem.Filesystem/ListDir";
-    pub const REMOVE: &str = "/filesystem.Filesystem/Remove";
-    pub const WATCH_DIR: &str = "/filesystem.Filesystem/WatchDir";
-    pub const CREATE_WATCHER: &str = "/filesystem.Filesystem/CreateWatcher";
-    pub const GET_WATCHER_EVENTS: &str = "/filesystem.Filesystem/GetWatcherEvents";
-    pub const REMOVE_WATCHER: &str = "/filesystem.Filesystem/RemoveWatcher";
-}
-
 /// Signatures exist only on `/files`.
 fn applies(guard: Guard, credential: Credential) -> bool {
     guard == Guard::Files || !matches!(credential, Credential::Signature | Credential::ExpiredSignature)
@@ -360,9 +348,10 @@ fn json_refusal(reply: &Reply, message: Option<&str>) -> Result<(), String> {
     let body: Value = serde_json::from_slice(&reply.body).map_err(|e| format!("not JSON ({e}): {}", reply.text()))?;
     let message_ok = message.is_none_or(|m| body["message"] == m) && body["message"].is_string();
     let shape_ok = body["code"] == 401 && body.as_object().is_some_and(|o| o.len() == 2);
-    let content_type = reply.header("content-type");
-    if !message_ok || !shape_ok || !reply.body.ends_with(b"\n") || content_type != "application/json; charset=utf-8" {
-        return Err(format!("body {:?} ({content_type}), expected message {message:?}", reply.text()));
+    let headers_ok = reply.header("content-type") == "application/json; charset=utf-8"
+        && reply.header("x-content-type-options") == "nosniff";
+    if !message_ok || !shape_ok || !headers_ok || !reply.body.ends_with(b"\n") {
+        return Err(format!("body {:?} ({:?}), expected message {message:?}", reply.text(), reply.headers));
     }
     Ok(())
 }
@@ -386,8 +375,6 @@ struct Cell {
     status: Option<u16>,
     wrong: Option<String>,
 }
-
-type Matrix = Vec<Vec<Vec<Cell>>>;
 
 async fn run_phase(envd: &Envd, fixture: &Fixture, routes: &[Route], phase: Phase, n: &mut usize) -> Vec<Vec<Cell>> {
     let client = envd.client();
@@ -416,7 +403,7 @@ async fn run_phase(envd: &Envd, fixture: &Fixture, routes: &[Route], phase: Phas
     rows
 }
 
-fn print_and_check(routes: &[Route], phases: &[Phase], matrix: &Matrix) {
+fn print_and_check(routes: &[Route], phases: &[Phase], matrix: &[Vec<Vec<Cell>>]) {
     let mut out = format!("{:<30}", "route \\ phase: credential");
     for phase in phases {
         out.push_str(&format!("| {:<29}", format!("{phase:?}: none wrong right sig exp")));
@@ -463,17 +450,6 @@ fn secrets(signatures: &[String]) -> Vec<(&'static str, String)> {
     secrets
 }
 
-fn assert_nothing_secret_logged(logs: &[(&str, String)], secrets: &[(&'static str, String)]) {
-    let mut hits = Vec::new();
-    for (who, log) in logs {
-        assert!(log.contains("DEBUG"), "{who} did not log at debug level: the scan would prove nothing");
-        for (name, line) in common::lines_revealing(log, secrets) {
-            hits.push(format!("{who}: {name} in: {line}"));
-        }
-    }
-    assert!(hits.is_empty(), "secrets in the log:\n{}", hits.join("\n"));
-}
-
 fn envd_args(state: &Scratch, run_dir: &Scratch, mmds: Option<&Mmds>) -> Vec<String> {
     let mut args = vec!["--verbose", "--no-cgroups", "--state-dir", &state.s(""), "--run-dir", &run_dir.s("")]
         .into_iter()
@@ -516,9 +492,12 @@ async fn every_route_answers_each_credential_as_the_contract_says() {
     wait_until_token_accepted(&envd).await;
     let cold = run_phase(&envd, &fixture, &routes, Phase::Cold, &mut n).await;
 
-    print_and_check(&routes, &[Phase::Fresh, Phase::Token, Phase::Cold], &vec![fresh, token, cold]);
+    print_and_check(&routes, &[Phase::Fresh, Phase::Token, Phase::Cold], &[fresh, token, cold]);
     let secrets = secrets(&fixture.signatures.lock().unwrap());
-    assert_nothing_secret_logged(&[("envd before the restart", first_log), ("envd after it", envd.stderr())], &secrets);
+    common::assert_no_secret_logged(
+        &[("envd before the restart", first_log), ("envd after it", envd.stderr())],
+        &secrets,
+    );
 }
 
 /// Runs `cmd args…` directly (no shell in between) as `client`'s user,
@@ -564,5 +543,5 @@ async fn a_non_root_process_has_no_capabilities_and_no_inherited_fds() {
         assert_eq!(fds.lines().collect::<Vec<_>>(), ["0", "1", "2", "3"], "pty: {pty}: inherited fds");
     }
     client.kill(sleeper_pid).await;
-    assert_nothing_secret_logged(&[("envd", envd.stderr())], &secrets(&[]));
+    common::assert_no_secret_logged(&[("envd", envd.stderr())], &secrets(&[]));
 }
