@@ -74,6 +74,19 @@ pub mod rpc {
     pub const CLOSE_STDIN: &str = "/process.Process/CloseStdin";
 }
 
+/// RPC paths of the Filesystem service.
+pub mod fs_rpc {
+    pub const STAT: &str = "/filesystem.Filesystem/Stat";
+    pub const MAKE_DIR: &str = "/filesystem.Filesystem/MakeDir";
+    pub const MOVE: &str = "/filesystem.Filesystem/Move";
+    pub const LIST_DIR: &str = "/filesystem.Filesystem/ListDir";
+    pub const REMOVE: &str = "/filesystem.Filesystem/Remove";
+    pub const WATCH_DIR: &str = "/filesystem.Filesystem/WatchDir";
+    pub const CREATE_WATCHER: &str = "/filesystem.Filesystem/CreateWatcher";
+    pub const GET_WATCHER_EVENTS: &str = "/filesystem.Filesystem/GetWatcherEvents";
+    pub const REMOVE_WATCHER: &str = "/filesystem.Filesystem/RemoveWatcher";
+}
+
 /// How long any single wait on envd may take before the test fails.
 pub const PATIENCE: Duration = Duration::from_secs(30);
 /// How long envd may take to answer `/health` after its start.
@@ -344,6 +357,22 @@ pub fn health_ok(port: u16) -> bool {
     let mut line = String::new();
     let _ = std::io::BufReader::new(stream).read_line(&mut line);
     line.starts_with("HTTP/1.1 204")
+}
+
+/// Fails naming every line of the logs (`(whose, text)`) that contains one
+/// of `secrets` (`(what, value)`). The logs must be debug logs
+/// (`--verbose`): a scan of a quiet log would prove little.
+pub fn assert_no_secret_logged(logs: &[(&str, String)], secrets: &[(&str, String)]) {
+    let mut hits = Vec::new();
+    for (whose, log) in logs {
+        assert!(log.contains(" DEBUG "), "{whose} did not log at debug level: run it with --verbose");
+        for line in log.lines() {
+            for (what, _) in secrets.iter().filter(|(_, value)| line.contains(value.as_str())) {
+                hits.push(format!("{whose}: {what} in: {line}"));
+            }
+        }
+    }
+    assert!(hits.is_empty(), "secrets in the log:\n{}", hits.join("\n"));
 }
 
 /// A numeric field of `/proc/<pid>/status` (the `kB` figures).
