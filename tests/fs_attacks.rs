@@ -165,8 +165,9 @@ fn clear_race(area: &Path) {
     }
 }
 
-/// Whether the race reached root's directory; puts it back as it was.
-fn vault_was_reached(vault: &Path) -> bool {
+/// Whether the race reached root's directory: (it changed owner, it got
+/// new entries). Puts it back as it was.
+fn vault_was_reached(vault: &Path) -> (bool, bool) {
     let owned = std::fs::metadata(vault).unwrap().uid() != 0;
     let written = std::fs::read_dir(vault).unwrap().count() != 2;
     if owned {
@@ -174,10 +175,29 @@ fn vault_was_reached(vault: &Path) -> bool {
     }
     for entry in std::fs::read_dir(vault).unwrap().flatten() {
         if !["secret.txt", "victim.txt"].contains(&entry.file_name().to_str().unwrap_or("")) {
-            drop(std::fs::remove_file(entry.path()));
+            let path = entry.path();
+            drop(if path.is_dir() { std::fs::remove_dir_all(path) } else { std::fs::remove_file(path) });
         }
     }
-    owned || written
+    (owned, written)
+}
+
+/// Runs `request` [`ITERATIONS`] times against a [`Swapper`] on
+/// `home/victim`; returns how often root's directory changed owner, got
+/// entries, and how often the request failed.
+async fn race<F: std::future::Future<Output = Reply>>(arena: &Arena, request: impl Fn() -> F) -> [usize; 3] {
+    let swapper = Swapper::start(&arena.user, &arena.home, "victim", &arena.vault);
+    let mut counts = [0; 3];
+    for _ in 0..ITERATIONS {
+        let reply = request().await;
+        let (owned, written) = vault_was_reached(&arena.vault);
+        counts[0] += usize::from(owned);
+        counts[1] += usize::from(written);
+        counts[2] += usize::from(reply.status != StatusCode::OK);
+        clear_race(&arena.home);
+    }
+    drop(swapper);
+    counts
 }
 
 #[tokio::test]
@@ -185,17 +205,14 @@ async fn make_dir_races_never_hand_out_roots_directory() {
     let envd = Envd::start();
     let arena = Arena::new("race-mkdir");
     let client = envd.client().with_user(&arena.user.name);
-    let swapper = Swapper::start(&arena.user, &arena.home, "victim", &arena.vault);
-    let (mut reached, mut refused) = (0, 0);
-    for _ in 0..ITERATIONS {
-        let reply = client.unary(MKDIR, &json!({"path": arena.home("victim")}), &[]).await;
-        refused += usize::from(reply.status != StatusCode::OK);
-        reached += usize::from(vault_was_reached(&arena.vault));
-        clear_race(&arena.home);
-    }
-    drop(swapper);
-    println!("MakeDir race: {reached} of {ITERATIONS} reached root's directory, {refused} refused");
-    assert_eq!(reached, 0, "root's directory was handed to the user in {reached} of {ITERATIONS} MakeDir calls");
+    // The first directory created is the one swapped; the next one would
+    // be made through the swap, inside root's directory.
+    let message = json!({"path": arena.home("victim/sub")});
+    let [owned, written, refused] = race(&arena, || client.unary(MKDIR, &message, &[])).await;
+    println!(
+        "MakeDir race, {ITERATIONS} calls: root's directory chowned {owned}, written {written}, refused {refused}"
+    );
+    assert_eq!((owned, written), (0, 0), "root's directory reached by MakeDir (chowned, written into)");
     arena.assert_vault_untouched();
 }
 
@@ -204,17 +221,12 @@ async fn upload_races_never_hand_out_roots_directory() {
     let envd = Envd::start();
     let arena = Arena::new("race-upload");
     let client = envd.client();
-    let swapper = Swapper::start(&arena.user, &arena.home, "victim", &arena.vault);
-    let (mut reached, mut refused) = (0, 0);
-    for _ in 0..ITERATIONS {
-        let reply = upload(&client, &arena.home("victim/f.txt"), &arena.user.name, b"data").await;
-        refused += usize::from(reply.status != StatusCode::OK);
-        reached += usize::from(vault_was_reached(&arena.vault));
-        clear_race(&arena.home);
-    }
-    drop(swapper);
-    println!("upload race: {reached} of {ITERATIONS} reached root's directory, {refused} refused");
-    assert_eq!(reached, 0, "root's directory was reached in {reached} of {ITERATIONS} uploads");
+    let (path, name) = (arena.home("victim/f.txt"), arena.user.name.clone());
+    let [owned, written, refused] = race(&arena, || upload(&client, &path, &name, b"data")).await;
+    println!(
+        "upload race, {ITERATIONS} uploads: root's directory chowned {owned}, written {written}, refused {refused}"
+    );
+    assert_eq!((owned, written), (0, 0), "root's directory reached by uploads (chowned, written into)");
     arena.assert_vault_untouched();
 }
 

@@ -8,10 +8,10 @@ use std::path::Path;
 
 use super::TestUser;
 
-/// A forked process, running as the test user, that keeps exchanging
-/// `dir/name` with `dir/name.swap`, a symlink to `decoy` it recreates
-/// whenever the name is free (`renameat2(RENAME_EXCHANGE)`: atomic, so
-/// half of the time `name` is the symlink). Killed when dropped.
+/// A forked process, running as the test user, that watches `dir/name` as
+/// fast as it can and, whenever it is a directory, exchanges it
+/// (`renameat2(RENAME_EXCHANGE)`, atomic) with `dir/name.swap`, a symlink
+/// to `decoy` it keeps ready. Killed when dropped.
 pub struct Swapper {
     pid: libc::pid_t,
 }
@@ -41,16 +41,16 @@ impl Swapper {
                 if dirfd < 0 {
                     libc::_exit(4);
                 }
+                let mut stat: libc::stat = std::mem::zeroed();
                 loop {
+                    // The symlink waits at the side name; one exchange puts
+                    // it in place of the directory atomically.
                     libc::symlinkat(decoy.as_ptr(), dirfd, swap.as_ptr());
-                    libc::syscall(
-                        libc::SYS_renameat2,
-                        dirfd,
-                        name.as_ptr(),
-                        dirfd,
-                        swap.as_ptr(),
-                        libc::RENAME_EXCHANGE,
-                    );
+                    let found = libc::fstatat(dirfd, name.as_ptr(), &mut stat, libc::AT_SYMLINK_NOFOLLOW) == 0;
+                    if found && stat.st_mode & libc::S_IFMT == libc::S_IFDIR {
+                        let (from, to) = (name.as_ptr(), swap.as_ptr());
+                        libc::syscall(libc::SYS_renameat2, dirfd, from, dirfd, to, libc::RENAME_EXCHANGE);
+                    }
                 }
             }
         }
