@@ -49,6 +49,12 @@ pub fn user_name(uid: u32) -> Option<String> {
     passwd_entries(&passwd).find(|e| e.uid == uid).map(|e| e.name.to_owned())
 }
 
+/// The user with this uid, if the database has one (the first entry when
+/// several names share it).
+pub fn by_uid(uid: u32) -> Option<User> {
+    lookup(&user_name(uid)?).ok()
+}
+
 /// The name of a gid, if the database has one.
 pub fn group_name(gid: u32) -> Option<String> {
     let group = std::fs::read_to_string(GROUP).ok()?;

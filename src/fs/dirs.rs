@@ -1,60 +1,57 @@
-//! "Ensure parents" (CONTRACT 3.1): create every missing directory down to
-//! a target, owned by the requesting user; leave existing ones untouched.
+//! Creating one directory for a user, in a directory already open, so that
+//! its ownership can never land elsewhere (CONTRACT 3.1, "ensure parents";
+//! `resolve` walks the path and calls this for each missing component).
+//!
+//! Order of effects: `mkdirat` in the open parent; open the new name with
+//! `O_NOFOLLOW|O_DIRECTORY`, so that a directory swapped for a symlink in
+//! between fails here (`ELOOP`/`ENOTDIR`) instead of being followed;
+//! `fchown` the opened descriptor, which names the directory itself. A
+//! `chown` by path would follow whatever the name has become meanwhile.
 
-use std::os::unix::fs::DirBuilderExt;
-use std::path::{Path, PathBuf};
+use std::ffi::OsStr;
+use std::os::fd::{BorrowedFd, OwnedFd};
 
-use super::{FsError, Owner};
+use nix::errno::Errno;
+use nix::fcntl::{OFlag, openat};
+use nix::sys::stat::{Mode, fstat, mkdirat};
+use nix::unistd::{Gid, Uid, fchown, geteuid};
+
+use super::Owner;
 
 /// Mode of created directories, before the umask.
 const DIR_MODE: u32 = 0o755;
 
-/// Makes `path` and its missing ancestors directories. Each created one is
-/// `chown`ed to `owner`; an existing non-directory component fails.
-pub fn ensure_dirs(path: &Path, owner: Owner) -> Result<(), FsError> {
-    let mut current = PathBuf::new();
-    for component in path.components() {
-        current.push(component);
-        match std::fs::metadata(&current) {
-            Ok(meta) if meta.is_dir() => continue,
-            Ok(_) => return Err(FsError::ParentIsFile(current)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => create_one(&current, owner)?,
-            Err(e) => return Err(FsError::io_strict("stat", &current, e)),
-        }
+/// Creates `name` in `parent` for `owner` and returns it open. `EEXIST`,
+/// `ELOOP` or `ENOTDIR` mean someone else created or replaced the name
+/// meanwhile: the caller looks it up again.
+pub(crate) fn create_at(parent: BorrowedFd<'_>, name: &OsStr, owner: Owner) -> Result<OwnedFd, Errno> {
+    mkdirat(parent, name, Mode::from_bits_truncate(DIR_MODE))?;
+    let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+    let dir = openat(parent, name, flags, Mode::empty())?;
+    // A directory someone renamed into place meanwhile is theirs to keep:
+    // only the one envd created (owned by envd) changes hands.
+    if fstat(&dir)?.st_uid == geteuid().as_raw() {
+        fchown(&dir, Some(Uid::from_raw(owner.uid)), Some(Gid::from_raw(owner.gid)))?;
     }
-    Ok(())
-}
-
-fn create_one(path: &Path, owner: Owner) -> Result<(), FsError> {
-    match std::fs::DirBuilder::new().mode(DIR_MODE).create(path) {
-        Ok(()) => std::os::unix::fs::chown(path, Some(owner.uid), Some(owner.gid))
-            .map_err(|e| FsError::io_strict("chown", path, e)),
-        // Someone else created it meanwhile: fine if it is a directory.
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => match std::fs::metadata(path) {
-            Ok(meta) if meta.is_dir() => Ok(()),
-            _ => Err(FsError::ParentIsFile(path.to_owned())),
-        },
-        Err(e) => Err(FsError::io_strict("mkdir", path, e)),
-    }
+    Ok(dir)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::fd::AsFd;
     use std::os::unix::fs::MetadataExt;
 
     #[test]
-    fn creates_missing_dirs_owned_by_the_user() {
+    fn creates_a_directory_owned_by_the_user() {
         let root = std::env::temp_dir().join(format!("envd-dirs-{}", std::process::id()));
         std::fs::create_dir_all(&root).unwrap();
+        let parent = std::fs::File::open(&root).unwrap();
         let owner = Owner { uid: 1234, gid: 4321 };
-        ensure_dirs(&root.join("a/b/c"), owner).unwrap();
-        let meta = std::fs::metadata(root.join("a/b")).unwrap();
+        create_at(parent.as_fd(), OsStr::new("a"), owner).unwrap();
+        let meta = std::fs::metadata(root.join("a")).unwrap();
         assert_eq!((meta.uid(), meta.gid()), (1234, 4321), "tests run as root");
-        // The pre-existing root kept its owner.
-        assert_eq!(std::fs::metadata(&root).unwrap().uid(), nix::unistd::geteuid().as_raw());
-        std::fs::write(root.join("file"), b"x").unwrap();
-        assert!(matches!(ensure_dirs(&root.join("file/sub"), owner), Err(FsError::ParentIsFile(_))));
+        assert_eq!(create_at(parent.as_fd(), OsStr::new("a"), owner).unwrap_err(), Errno::EEXIST);
         std::fs::remove_dir_all(root).unwrap();
     }
 }

@@ -2,9 +2,13 @@
 //!
 //! envd runs as root and does every operation as root: the requesting user
 //! only decides how paths resolve and who owns what gets created
-//! (CONTRACT 3.1, 5.4). Nothing here knows about HTTP or Connect; callers
-//! resolve paths first and map [`FsError`] to their codes.
+//! (CONTRACT 3.1, 5.4). Every path is walked by `resolve` on directory
+//! descriptors, never re-resolved by name, and a symlink owned by another
+//! user is followed only where that user could go (`access`). Nothing here
+//! knows about HTTP or Connect; callers resolve paths for their user first
+//! and map [`FsError`] to their codes.
 
+mod access;
 pub mod compose;
 mod dirs;
 pub mod entry;
@@ -12,6 +16,7 @@ mod inotify;
 pub mod metadata;
 pub mod ops;
 mod random;
+mod resolve;
 pub mod transfer;
 pub mod watch;
 pub mod watchers;
@@ -20,7 +25,6 @@ mod xattr;
 use std::io;
 use std::path::{Path, PathBuf};
 
-pub use dirs::ensure_dirs;
 pub use entry::{Entry, FileKind, Owners};
 
 /// Who owns what an operation creates.
@@ -62,6 +66,14 @@ pub enum FsError {
     /// Symlinks loop or nest too deeply.
     #[error("cyclic symlink or too many links: {}", .0.display())]
     SymlinkLoop(PathBuf),
+    /// A symlink owned by another user led where that user may not go.
+    #[error("permission denied on '{}': {reason}", .path.display())]
+    PermissionDenied {
+        /// The path as requested or walked.
+        path: PathBuf,
+        /// Which symlink was refused and why.
+        reason: String,
+    },
     /// Watching a network filesystem without opting in.
     #[error("cannot watch path on network filesystem: {}", .0.display())]
     NetworkMount(PathBuf),

@@ -4,15 +4,30 @@
 
 use std::ffi::OsString;
 use std::io::ErrorKind;
+use std::os::fd::AsFd;
 use std::path::Path;
 
-use super::entry::{Entry, Owners, entry_from, entry_info};
-use super::{FsError, Owner, display, ensure_dirs};
+use nix::errno::Errno;
+use nix::fcntl::{AtFlags, renameat};
+use nix::sys::stat::fstatat;
+use nix::unistd::{UnlinkatFlags, unlinkat};
+
+use super::access::{Followed, Need, Perms};
+use super::entry::{Entry, Owners, entry_from};
+use super::resolve::{Located, Walk, fd_path, locate, open_dir};
+use super::{FsError, Owner, display};
 use crate::context::paths::clean;
 
 /// The entry at `path` (the link itself for a symlink).
 pub fn stat(path: &Path) -> Result<Entry, FsError> {
-    entry_info(path, &mut Owners::default())
+    entry_at(&locate(path, Walk::default())?)
+}
+
+/// The entry `located` found, reported under the path as requested.
+fn entry_at(located: &Located) -> Result<Entry, FsError> {
+    let fs_path = located.fd_path();
+    let meta = std::fs::symlink_metadata(&fs_path).map_err(|e| FsError::io("lstat", located.path(), e))?;
+    Ok(entry_from(&fs_path, &display(located.path()), &meta, &mut Owners::default()))
 }
 
 /// The entries below `path` down to `depth` levels (0 counts as 1), in
@@ -20,29 +35,28 @@ pub fn stat(path: &Path) -> Result<Entry, FsError> {
 /// symlinks below the root. Paths are reported under `path` as given.
 pub fn list_dir(path: &Path, depth: u32) -> Result<Vec<Entry>, FsError> {
     let depth = depth.max(1);
-    let resolved = std::fs::canonicalize(path).map_err(|e| FsError::io("resolve", path, e))?;
-    let meta = std::fs::metadata(&resolved).map_err(|e| FsError::io("stat", path, e))?;
-    if !meta.is_dir() {
-        return Err(FsError::NotADirectory(path.to_owned()));
-    }
-    let mut walk = Walk { depth, owners: Owners::default(), out: Vec::new() };
-    walk.dir(&resolved, &display(path), 1)?;
+    let (dir, located) = open_dir(path)?;
+    let mut walk = Listing { depth, owners: Owners::default(), out: Vec::new(), followed: located.followed() };
+    walk.dir(&fd_path(dir.as_fd()), &display(path), 1)?;
     Ok(walk.out)
 }
 
-struct Walk {
+struct Listing<'a> {
     depth: u32,
     owners: Owners,
     out: Vec<Entry>,
+    /// Users whose symlinks led to the listed directory: each directory
+    /// listed below it must be one they could list.
+    followed: &'a Followed,
 }
 
-impl Walk {
+impl Listing<'_> {
     fn dir(&mut self, fs_dir: &Path, reported_dir: &str, level: u32) -> Result<(), FsError> {
         let names = match sorted_names(fs_dir) {
             Ok(names) => names,
             // Removed while we walked: skip it, like any vanished entry.
             Err(e) if e.kind() == ErrorKind::NotFound && level > 1 => return Ok(()),
-            Err(e) => return Err(FsError::io_strict("read directory", fs_dir, e)),
+            Err(e) => return Err(FsError::io_strict("read directory", Path::new(reported_dir), e)),
         };
         for name in names {
             let fs_child = fs_dir.join(&name);
@@ -54,6 +68,8 @@ impl Walk {
             let reported = display(&clean(&Path::new(reported_dir).join(&name)));
             self.out.push(entry_from(&fs_child, &reported, &meta, &mut self.owners));
             if meta.is_dir() && level < self.depth {
+                let child = Perms::of_meta(&meta);
+                self.followed.check(Need::Read, child, Some(child), Path::new(&reported))?;
                 self.dir(&fs_child, &reported, level + 1)?;
             }
         }
@@ -71,33 +87,50 @@ fn sorted_names(dir: &Path) -> std::io::Result<Vec<OsString>> {
 /// Creates `path` and its missing parents for `owner`; an existing
 /// directory is [`FsError::AlreadyExists`].
 pub fn make_dir(path: &Path, owner: Owner) -> Result<Entry, FsError> {
-    match std::fs::metadata(path) {
-        Ok(meta) if meta.is_dir() => return Err(FsError::AlreadyExists(path.to_owned())),
+    let located = locate(path, Walk { create: Some(owner), follow_final: false })?;
+    // An existing name counts as what it leads to, as `mkdir -p` sees it.
+    match fstatat(located.dir(), located.name(), AtFlags::empty()) {
+        Ok(stat) if Perms::of(&stat).is_dir() => return Err(FsError::AlreadyExists(path.to_owned())),
         Ok(_) => return Err(FsError::NotADirectory(path.to_owned())),
-        Err(e) if e.kind() == ErrorKind::NotFound => {}
-        Err(e) => return Err(FsError::io_strict("stat", path, e)),
+        Err(Errno::ENOENT) => {}
+        Err(e) => return Err(FsError::io_strict("stat", path, e.into())),
     }
-    ensure_dirs(path, owner)?;
-    stat(path)
+    located.require(Need::ChangeEntry, None)?;
+    match super::dirs::create_at(located.dir(), located.name(), owner) {
+        Ok(_) => entry_at(&located),
+        Err(Errno::EEXIST) => Err(FsError::AlreadyExists(path.to_owned())),
+        Err(e) => Err(FsError::io_strict("mkdir", path, e.into())),
+    }
 }
 
 /// Renames `source` to `destination`, creating the destination's missing
 /// parents for `owner`. The moved entry keeps its owner.
 pub fn rename(source: &Path, destination: &Path, owner: Owner) -> Result<Entry, FsError> {
-    std::fs::symlink_metadata(source).map_err(|e| FsError::io("lstat", source, e))?;
-    if let Some(parent) = destination.parent() {
-        ensure_dirs(parent, owner)?;
-    }
-    std::fs::rename(source, destination).map_err(|e| FsError::io_strict("rename", source, e))?;
-    stat(destination)
+    let from = locate(source, Walk::default())?;
+    let moved = from.lstat()?.ok_or_else(|| FsError::NotFound(source.to_owned()))?;
+    from.require(Need::Remove, Some(&moved))?;
+    let to = locate(destination, Walk { create: Some(owner), follow_final: false })?;
+    to.require(Need::ChangeEntry, to.lstat()?.as_ref())?;
+    renameat(from.dir(), from.name(), to.dir(), to.name())
+        .map_err(|e| FsError::io_strict("rename", source, e.into()))?;
+    entry_at(&to)
 }
 
 /// Removes `path`, recursively for a directory; a missing path is success.
 pub fn remove(path: &Path) -> Result<(), FsError> {
-    let result = match std::fs::symlink_metadata(path) {
-        Ok(meta) if meta.is_dir() => std::fs::remove_dir_all(path),
-        Ok(_) => std::fs::remove_file(path),
-        Err(e) => Err(e),
+    let located = match locate(path, Walk::default()) {
+        Ok(located) => located,
+        Err(FsError::NotFound(_)) => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    let Some(entry) = located.lstat()? else { return Ok(()) };
+    located.require(Need::Remove, Some(&entry))?;
+    let result = if Perms::of(&entry).is_dir() {
+        // Through the open parent: std's removal opens the last component
+        // without following it and walks below it by descriptor.
+        std::fs::remove_dir_all(located.fd_path())
+    } else {
+        unlinkat(located.dir(), located.name(), UnlinkatFlags::NoRemoveDir).map_err(std::io::Error::from)
     };
     match result {
         Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
@@ -151,7 +184,7 @@ mod tests {
         let owner = Owner { uid: 0, gid: 0 };
         assert!(matches!(make_dir(&root.join("a"), owner), Err(FsError::AlreadyExists(_))));
         assert!(matches!(make_dir(&root.join("z.txt"), owner), Err(FsError::NotADirectory(_))));
-        assert!(matches!(make_dir(&root.join("z.txt/sub"), owner), Err(FsError::Io { .. })));
+        assert!(matches!(make_dir(&root.join("z.txt/sub"), owner), Err(FsError::ParentIsFile(_))));
         assert_eq!(make_dir(&root.join("n/m"), owner).unwrap().kind, FileKind::Directory);
         let moved = rename(&root.join("z.txt"), &root.join("new/dir/z.txt"), owner).unwrap();
         assert_eq!((moved.kind, moved.size), (FileKind::File, 5));

@@ -10,20 +10,26 @@
 //! hard stop right after the answer loses nothing.
 
 use std::collections::BTreeMap;
-use std::fs::{File, OpenOptions, Permissions};
+use std::ffi::OsString;
+use std::fs::{File, Permissions};
 use std::io::Write;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
+use nix::fcntl::OFlag;
+use nix::sys::stat::{FileStat, Mode, fstat};
+use nix::unistd::{UnlinkatFlags, unlinkat};
+
+use super::access::{Need, Perms};
 use super::metadata::Metadata;
-use super::{FsError, Owner, base_name, ensure_dirs, random, xattr};
-use crate::context::paths::clean;
+use super::resolve::{Located, Walk, locate};
+use super::{FsError, Owner, base_name, random, xattr};
 
 /// Mode of created files, before the umask.
 pub const FILE_MODE: u32 = 0o666;
@@ -61,66 +67,59 @@ pub struct Written {
     pub metadata: BTreeMap<String, String>,
 }
 
-/// A temporary file that is removed unless it was renamed into place.
+/// A temporary file beside its destination, in the destination's open
+/// directory, removed unless it was renamed into place.
 #[derive(Debug)]
-pub(crate) struct TempPath(Option<PathBuf>);
+pub(crate) struct TempPath {
+    dir: OwnedFd,
+    name: Option<OsString>,
+    /// For messages: the temporary's path as the request would name it.
+    shown: PathBuf,
+}
 
 impl TempPath {
     fn path(&self) -> &Path {
-        self.0.as_deref().unwrap_or(Path::new(""))
+        &self.shown
     }
 
-    /// Renames the file over `target`; from then on it is not removed.
-    pub(crate) fn persist(mut self, target: &Path) -> Result<(), FsError> {
-        let temp = self.0.take().unwrap_or_default();
-        std::fs::rename(&temp, target).map_err(|e| {
-            self.0 = Some(temp);
-            FsError::io_strict("rename", target, e)
+    /// Renames the file over the entry `target` names, in the same
+    /// directory; from then on it is not removed. A symlink there is
+    /// replaced, never followed.
+    pub(crate) fn persist(mut self, target: &Located) -> Result<(), FsError> {
+        let temp = self.name.take().unwrap_or_default();
+        nix::fcntl::renameat(&self.dir, temp.as_os_str(), &self.dir, target.name()).map_err(|e| {
+            self.name = Some(temp);
+            FsError::io_strict("rename", target.path(), e.into())
         })
     }
 }
 
 impl Drop for TempPath {
     fn drop(&mut self) {
-        if let Some(path) = self.0.take()
-            && let Err(err) = std::fs::remove_file(&path)
+        if let Some(name) = self.name.take()
+            && let Err(err) = unlinkat(&self.dir, name.as_os_str(), UnlinkatFlags::NoRemoveDir)
         {
-            tracing::warn!(path = %path.display(), "removing temporary file: {err}");
+            tracing::warn!(path = %self.shown.display(), "removing temporary file: {err}");
         }
     }
 }
 
-/// Creates a fresh temporary file beside `target`, named from `tag`, mode
-/// [`FILE_MODE`] less the umask, owned by `owner`.
-pub(crate) fn create_temp(target: &Path, tag: &str, owner: Owner) -> Result<(File, TempPath), FsError> {
-    let dir = target.parent().unwrap_or(Path::new("/"));
-    let base = target.file_name().map(OsStrExt::as_bytes).unwrap_or(b"file");
+/// Creates a fresh temporary file beside `target`, in its directory, named
+/// from `tag`, mode [`FILE_MODE`] less the umask, owned by `owner`.
+pub(crate) fn create_temp(target: &Located, tag: &str, owner: Owner) -> Result<(File, TempPath), FsError> {
+    let base = target.name().as_bytes();
+    let base = if base == b"." { b"file".as_slice() } else { base };
     let keep = String::from_utf8_lossy(&base[..base.len().min(TEMP_NAME_KEEP)]).into_owned();
-    let temp = dir.join(format!(".{keep}.{tag}.{}.tmp", random::lower_alnum(12)));
-    let file = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(FILE_MODE)
-        .custom_flags(libc::O_CLOEXEC)
-        .open(&temp)
-        .map_err(|e| FsError::io_strict("create", &temp, e))?;
-    let guard = TempPath(Some(temp));
+    let name = OsString::from(format!(".{keep}.{tag}.{}.tmp", random::lower_alnum(12)));
+    let shown = target.path().parent().unwrap_or(Path::new("/")).join(&name);
+    let flags = OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+    let fd = nix::fcntl::openat(target.dir(), name.as_os_str(), flags, Mode::from_bits_truncate(FILE_MODE))
+        .map_err(|e| FsError::io_strict("create", &shown, e.into()))?;
+    let guard = TempPath { dir: target.dup_dir()?, name: Some(name), shown };
+    let file = File::from(fd);
     std::os::unix::fs::fchown(&file, Some(owner.uid), Some(owner.gid))
         .map_err(|e| FsError::io_strict("chown", guard.path(), e))?;
     Ok((file, guard))
-}
-
-/// The file an upload to `target` really replaces: a symlink is written
-/// through, as opening it would.
-fn real_target(target: &Path) -> PathBuf {
-    match std::fs::symlink_metadata(target) {
-        Ok(meta) if meta.file_type().is_symlink() => std::fs::canonicalize(target).unwrap_or_else(|_| {
-            // Dangling: the file the link names, one level, like O_CREAT.
-            let link = std::fs::read_link(target).unwrap_or_default();
-            clean(&target.parent().unwrap_or(Path::new("/")).join(link))
-        }),
-        _ => target.to_owned(),
-    }
 }
 
 /// An upload in progress. Dropping it before [`Upload::commit`] removes
@@ -128,7 +127,7 @@ fn real_target(target: &Path) -> PathBuf {
 #[derive(Debug)]
 pub struct Upload {
     requested: PathBuf,
-    target: PathBuf,
+    target: Located,
     temp: TempPath,
     queue: Option<mpsc::Sender<Bytes>>,
     writer: Option<JoinHandle<Result<File, FsError>>>,
@@ -136,8 +135,10 @@ pub struct Upload {
 
 impl Upload {
     /// Prepares an upload to `target` for `owner`: ensures the parents,
-    /// refuses a directory, creates the temporary file. An existing file's
-    /// permission bits and foreign `user.*` attributes carry over.
+    /// follows a symlink at the target (its file is written through),
+    /// refuses a directory or a target a symlink's owner may not write,
+    /// creates the temporary file. An existing file's permission bits and
+    /// foreign `user.*` attributes carry over.
     pub async fn begin(target: PathBuf, owner: Owner) -> Result<Self, FsError> {
         let prepared = tokio::task::spawn_blocking(move || prepare(target, owner)).await;
         let (requested, real, file, temp) = prepared.map_err(|e| join_error(&e))??;
@@ -171,7 +172,7 @@ impl Upload {
             // Close explicitly: some filesystems report write errors only here.
             nix::unistd::close(file).map_err(|e| FsError::io_strict("close", temp.path(), e.into()))?;
             temp.persist(&target)?;
-            sync_parent(&target)?;
+            target.sync_dir()?;
             Ok(Written { name: base_name(&requested), path: requested, metadata })
         });
         finished.await.map_err(|e| join_error(&e))?
@@ -189,33 +190,35 @@ impl Upload {
     }
 }
 
-/// Makes a rename into `path`'s directory durable.
-pub(crate) fn sync_parent(path: &Path) -> Result<(), FsError> {
-    let parent = path.parent().unwrap_or(Path::new("/"));
-    File::open(parent).and_then(|dir| dir.sync_all()).map_err(|e| FsError::io_strict("fsync", parent, e))
-}
-
-type Prepared = (PathBuf, PathBuf, File, TempPath);
+type Prepared = (PathBuf, Located, File, TempPath);
 
 fn prepare(requested: PathBuf, owner: Owner) -> Result<Prepared, FsError> {
-    if let Some(parent) = requested.parent() {
-        ensure_dirs(parent, owner)?;
+    let target = locate(&requested, Walk { create: Some(owner), follow_final: true })?;
+    let existing = target.lstat()?;
+    if existing.is_some_and(|stat| Perms::of(&stat).is_dir()) {
+        return Err(FsError::IsADirectory(requested));
     }
-    let target = real_target(&requested);
-    let existing = match std::fs::metadata(&target) {
-        Ok(meta) if meta.is_dir() => return Err(FsError::IsADirectory(requested)),
-        Ok(meta) => Some(meta),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-        Err(e) => return Err(FsError::io_strict("stat", &target, e)),
-    };
+    target.require(Need::Write, existing.as_ref())?;
     let (file, temp) = create_temp(&target, UPLOAD_TAG, owner)?;
-    if let Some(meta) = existing {
+    if let Some(stat) = existing {
         // Replacing keeps what an in-place truncate would have kept.
-        file.set_permissions(Permissions::from_mode(meta.mode() & 0o777))
+        file.set_permissions(Permissions::from_mode(stat.st_mode & 0o777))
             .map_err(|e| FsError::io_strict("chmod", temp.path(), e))?;
-        xattr::copy_foreign_user_attrs(&target, file.as_fd());
+        copy_foreign_attrs(&target, &stat, &file);
     }
     Ok((requested, target, file, temp))
+}
+
+/// Copies the foreign `user.*` attributes of the regular file `target`
+/// names, if it is still the one `stat` describes. Best effort.
+fn copy_foreign_attrs(target: &Located, stat: &FileStat, to: &File) {
+    if stat.st_mode & libc::S_IFMT != libc::S_IFREG {
+        return;
+    }
+    let Ok(old) = target.open(OFlag::O_RDONLY | OFlag::O_NONBLOCK) else { return };
+    if fstat(&old).is_ok_and(|now| (now.st_dev, now.st_ino) == (stat.st_dev, stat.st_ino)) {
+        xattr::copy_foreign_user_attrs(old.as_fd(), to.as_fd());
+    }
 }
 
 fn write_all(mut file: File, mut queue: mpsc::Receiver<Bytes>, path: &Path) -> Result<File, FsError> {
@@ -242,17 +245,17 @@ pub struct Download {
 
 /// Opens `path` (following symlinks) for download; a directory is refused.
 pub fn open_download(path: &Path) -> Result<Download, FsError> {
-    let meta = std::fs::metadata(path).map_err(|e| FsError::io("stat", path, e))?;
-    if meta.is_dir() {
-        return Err(FsError::IsADirectory(path.to_owned()));
-    }
+    let located = locate(path, Walk { create: None, follow_final: true })?;
     // Non-blocking so that opening a fifo cannot hang a worker; it changes
     // nothing for regular files.
-    let file = OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
-        .open(path)
-        .map_err(|e| FsError::io("open", path, e))?;
+    let fd = located.open(OFlag::O_RDONLY | OFlag::O_NONBLOCK)?;
+    let stat = fstat(&fd).map_err(|e| FsError::io_strict("stat", path, e.into()))?;
+    if Perms::of(&stat).is_dir() {
+        return Err(FsError::IsADirectory(path.to_owned()));
+    }
+    located.require(Need::Read, Some(&stat))?;
+    let file = File::from(fd);
+    let meta = file.metadata().map_err(|e| FsError::io_strict("stat", path, e))?;
     Ok(Download { file, len: meta.len(), modified: meta.modified().ok() })
 }
 
@@ -299,6 +302,7 @@ mod tests {
 
     #[tokio::test]
     async fn uploads_write_through_symlinks_and_keep_modes() {
+        use std::os::unix::fs::MetadataExt;
         let dir = dir();
         std::fs::write(dir.join("real"), b"old").unwrap();
         std::fs::set_permissions(dir.join("real"), Permissions::from_mode(0o750)).unwrap();

@@ -7,6 +7,7 @@
 //! watcher rather than silently lost events.
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 
 use super::entry::{Entry, Owners, entry_info};
@@ -83,16 +84,15 @@ impl Watcher {
     /// Validates `root` and starts watching it. Needs a tokio runtime;
     /// blocking for large recursive trees.
     pub fn start(root: &Path, options: WatchOptions) -> Result<Self, FsError> {
-        let meta = std::fs::metadata(root).map_err(|e| FsError::io("stat", root, e))?;
-        if !meta.is_dir() {
-            return Err(FsError::NotADirectory(root.to_owned()));
-        }
-        if !options.allow_network_mounts && is_network_mount(root)? {
+        // The root may itself be a symlink to a directory: it is followed
+        // under the rule for users' symlinks, and watched where it leads.
+        let (dir, _) = super::resolve::open_dir(root)?;
+        let real_root = std::fs::read_link(super::resolve::fd_path(dir.as_fd()))
+            .map_err(|e| FsError::io_strict("resolve", root, e))?;
+        if !options.allow_network_mounts && is_network_mount(&real_root)? {
             return Err(FsError::NetworkMount(root.to_owned()));
         }
         let inotify = Inotify::new().map_err(|e| watch_error(root, e))?;
-        // The root may itself be a symlink to a directory: follow it.
-        let real_root = std::fs::canonicalize(root).map_err(|e| FsError::io("resolve", root, e))?;
         let root_wd = inotify.add_watch(&real_root, true).map_err(|e| watch_error(root, e))?;
         let mut watcher = Self {
             inotify,

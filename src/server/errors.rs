@@ -190,6 +190,7 @@ impl From<crate::fs::FsError> for ConnectError {
             | FsError::NetworkMount(_)
             | FsError::Conflict(_) => ErrorCode::InvalidArgument,
             FsError::SymlinkLoop(_) => ErrorCode::FailedPrecondition,
+            FsError::PermissionDenied { .. } => ErrorCode::PermissionDenied,
             // Disk full is not a rate limit (resource_exhausted reads as one in the SDKs).
             FsError::NoSpace(_) | FsError::ParentIsFile(_) | FsError::WatchOverflow(_) | FsError::Io { .. } => {
                 tracing::warn!("filesystem: {err}");
@@ -228,6 +229,7 @@ impl From<super::files_http::FilesError> for HttpError {
                 | FsError::NotARegularFile(_)
                 | FsError::Conflict(_),
             ) => StatusCode::BAD_REQUEST,
+            FilesError::Fs(FsError::PermissionDenied { .. }) => StatusCode::FORBIDDEN,
             FilesError::Fs(_) => StatusCode::INTERNAL_SERVER_ERROR,
             FilesError::User { source: UserError::Unknown(_), .. } | FilesError::Unauthorized(_) => {
                 StatusCode::UNAUTHORIZED
