@@ -161,8 +161,12 @@ mod tests {
         assert!(sink.dropped() >= (lines - QUEUE_LINES - 1) as u64, "dropped {}", sink.dropped());
         *gate.0.lock().unwrap() = true;
         gate.1.notify_all();
-        sink.write_all(b"after\n").unwrap();
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while sink.counts.written.load(Ordering::Relaxed) < sink.counts.queued.load(Ordering::Relaxed) {
+            assert!(std::time::Instant::now() < deadline, "the writer never drained the queue");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        sink.write_all(b"after\n").unwrap();
         while !String::from_utf8_lossy(&written.lock().unwrap()).contains("after") {
             assert!(std::time::Instant::now() < deadline, "the writer never caught up");
             std::thread::sleep(Duration::from_millis(5));
