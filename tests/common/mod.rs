@@ -34,6 +34,7 @@
 
 #![allow(dead_code)]
 
+pub mod footprint;
 pub mod mmds;
 pub mod pb;
 pub mod time;
