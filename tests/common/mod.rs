@@ -38,6 +38,7 @@ pub mod footprint;
 pub mod mmds;
 pub mod pb;
 pub mod time;
+pub mod tmpfs;
 
 use std::collections::{HashMap, HashSet};
 use std::convert::Infallible;
