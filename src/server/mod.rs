@@ -2,6 +2,7 @@
 //! gRPC-Web, JSON and binary, over HTTP/1.1 and h2c) and the plain HTTP
 //! routes, behind the CORS and auth layers.
 
+mod accept;
 mod errors;
 mod files_http;
 mod filesystem_rpc;
@@ -72,16 +73,9 @@ async fn serve(config: Config) -> Result<(), ServerError> {
     }
     let app = router(state);
     tracing::info!(version = crate::VERSION, %addr, "envd listening");
+    let mut acceptor = accept::Acceptor::new(listener);
     loop {
-        let (socket, _peer) = match listener.accept().await {
-            Ok(accepted) => accepted,
-            Err(err) => {
-                // Out of fds and the like: back off instead of spinning.
-                tracing::warn!("accept: {err}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
+        let socket = acceptor.accept().await;
         let _ = socket.set_nodelay(true);
         let service = hyper_util::service::TowerToHyperService::new(app.clone());
         tokio::spawn(async move {
