@@ -9,11 +9,12 @@ mod common;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use base64::Engine;
 use bytes::Bytes;
+use common::tmpfs::SmallFs;
 use common::*;
 use http::{Method, StatusCode};
 use serde_json::{Value, json};
@@ -21,28 +22,6 @@ use sha2::{Digest, Sha256};
 
 const TOKEN: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
 const BOUNDARY: &str = "envd-test-boundary-7MA4YWxkTrZu0gW";
-
-/// A size-limited tmpfs, unmounted when dropped.
-struct SmallFs(PathBuf);
-
-impl SmallFs {
-    fn mount(at: &Path, size: &str) -> SmallFs {
-        std::fs::create_dir_all(at).unwrap();
-        let status = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0755"), "envd-test-tmpfs"])
-            .arg(at)
-            .status()
-            .expect("running mount");
-        assert!(status.success(), "mounting a {size} tmpfs at {} (the tests run as root)", at.display());
-        SmallFs(at.to_owned())
-    }
-}
-
-impl Drop for SmallFs {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
 
 fn q(text: &str) -> String {
     let mut out = String::new();

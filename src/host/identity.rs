@@ -5,13 +5,19 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::Duration;
 
-use super::mmds::{Metadata, MmdsClient};
+use super::mmds::{Metadata, MmdsClient, MmdsError};
 use crate::auth::AccessGuard;
 use crate::context::ContextStore;
 
 /// First retry delay of the start-up poll, and its ceiling.
 const FIRST_RETRY: Duration = Duration::from_millis(50);
 const MAX_RETRY: Duration = Duration::from_secs(1);
+/// Failed start-up reads between two warnings (about a minute apart once
+/// the retry delay has reached its ceiling).
+const WARN_EVERY: u32 = 60;
+/// Failed start-up reads of an unreachable service before the first
+/// warning (about 5 s): a cold boot may briefly run before its network.
+const UNREACHABLE_GRACE: u32 = 10;
 /// How long the re-read after an `/init` keeps trying.
 const REFRESH_WINDOW: Duration = Duration::from_secs(60);
 
@@ -32,18 +38,24 @@ impl Identity {
 
     /// Start-up: poll until the service answers (a cold boot may come up
     /// before the host's network path), then apply everything including
-    /// the template's default user and workdir.
+    /// the template's default user and workdir. Failures are logged as
+    /// [`worth_a_warning`] decides.
     pub async fn poll_at_start(self) {
         let mut delay = FIRST_RETRY;
+        let mut failures: u32 = 0;
         loop {
             match self.client.read().await {
                 Ok(metadata) => {
                     self.apply(&metadata, true);
-                    tracing::info!("sandbox identity read from the metadata service");
+                    tracing::info!(failures, "sandbox identity read from the metadata service");
                     return;
+                }
+                Err(err) if worth_a_warning(failures, &err) => {
+                    tracing::warn!(failures, "metadata service not usable, still trying: {err}");
                 }
                 Err(err) => tracing::debug!("metadata not available yet: {err}"),
             }
+            failures = failures.saturating_add(1);
             tokio::time::sleep(delay).await;
             delay = (delay * 2).min(MAX_RETRY);
         }
@@ -97,6 +109,15 @@ impl Identity {
     }
 }
 
+/// Whether the `failures`-th failed start-up read (from 0) is logged as a
+/// warning: at once when the service answered but wrongly (garbage, an
+/// error status), after a grace when it cannot be reached, then again
+/// every [`WARN_EVERY`] failures so the log shows it is still going on.
+fn worth_a_warning(failures: u32, err: &MmdsError) -> bool {
+    let first = if matches!(err, MmdsError::Unreachable { .. }) { UNREACHABLE_GRACE } else { 0 };
+    failures >= first && (failures - first).is_multiple_of(WARN_EVERY)
+}
+
 /// Writes one identity file (best effort: /run is a tmpfs that is never
 /// frozen, but a broken one must not stop envd).
 pub fn write_identity_file(dir: &Path, name: &str, value: &str, mode: u32) {
@@ -124,4 +145,18 @@ fn current_umask() -> u32 {
             status.lines().find_map(|l| l.strip_prefix("Umask:")).and_then(|v| u32::from_str_radix(v.trim(), 8).ok())
         })
         .unwrap_or(0o022)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn warnings_come_at_once_for_a_wrong_answer_and_after_a_grace_for_silence() {
+        let wrong = MmdsError::Status(http::StatusCode::INTERNAL_SERVER_ERROR);
+        let silent = MmdsError::Unreachable { address: "127.0.0.1:1".into(), message: "refused".into() };
+        let warned = |err: &MmdsError| (0..200).filter(|n| worth_a_warning(*n, err)).collect::<Vec<_>>();
+        assert_eq!(warned(&wrong), [0, 60, 120, 180]);
+        assert_eq!(warned(&silent), [10, 70, 130, 190]);
+    }
 }

@@ -93,6 +93,16 @@ impl From<FreezeError> for HttpError {
     }
 }
 
+/// The answer to a connection accepted only to be refused because envd
+/// is out of file descriptors: retryable, and the connection is closed.
+pub fn out_of_descriptors() -> Response {
+    let mut response =
+        HttpError::new(StatusCode::SERVICE_UNAVAILABLE, "envd is out of file descriptors, try again later")
+            .into_response();
+    response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+    response
+}
+
 /// `/init` answers errors in plain text (the orchestrator only logs them).
 pub fn init_error(err: InitError) -> Response {
     let status = match &err {

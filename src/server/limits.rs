@@ -31,6 +31,8 @@ pub const MAX_READ_BUFFER: usize = 64 * 1024;
 /// A new connection that has not sent a whole request head by then is
 /// closed. Later, idle keep-alive connections live much longer.
 pub const FIRST_REQUEST_WITHIN: Duration = Duration::from_secs(15);
+/// At most one "connection limit reached" warning per this interval.
+pub const LIMIT_WARNING_INTERVAL: Duration = Duration::from_secs(10);
 /// Largest HTTP/2 header block.
 pub const MAX_HEADER_LIST: u32 = 64 * 1024;
 /// A body that is buffered whole must arrive within this long.

@@ -2,6 +2,7 @@
 //! gRPC-Web, JSON and binary, over HTTP/1.1 and h2c) and the plain HTTP
 //! routes, behind the CORS and auth layers.
 
+mod accept;
 mod errors;
 mod files_http;
 mod filesystem_rpc;
@@ -73,28 +74,25 @@ async fn serve(config: Config) -> Result<(), ServerError> {
     }
     let app = router(state);
     tracing::info!(version = crate::VERSION, %addr, "envd listening");
+    let mut acceptor = accept::Acceptor::new(listener);
     let slots = Arc::new(Semaphore::new(limits::MAX_CONNECTIONS));
+    let mut warned_at: Option<tokio::time::Instant> = None;
     loop {
         let slot = match slots.clone().try_acquire_owned() {
             Ok(slot) => slot,
             Err(_) => {
                 // Further connections wait in the kernel's backlog.
-                tracing::warn!(limit = limits::MAX_CONNECTIONS, "connection limit reached: new connections wait");
+                if warned_at.is_none_or(|at| at.elapsed() > limits::LIMIT_WARNING_INTERVAL) {
+                    warned_at = Some(tokio::time::Instant::now());
+                    tracing::warn!(limit = limits::MAX_CONNECTIONS, "connection limit reached: new connections wait");
+                }
                 match slots.clone().acquire_owned().await {
                     Ok(slot) => slot,
                     Err(_closed) => return Ok(()),
                 }
             }
         };
-        let (socket, _peer) = match listener.accept().await {
-            Ok(accepted) => accepted,
-            Err(err) => {
-                // Out of fds and the like: back off instead of spinning.
-                tracing::warn!("accept: {err}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
+        let socket = acceptor.accept().await;
         let _ = socket.set_nodelay(true);
         tokio::spawn(serve_connection(socket, app.clone(), slot));
     }

@@ -35,9 +35,11 @@
 #![allow(dead_code)]
 
 pub mod attacker;
+pub mod footprint;
 pub mod mmds;
 pub mod pb;
 pub mod time;
+pub mod tmpfs;
 
 use std::collections::{HashMap, HashSet};
 use std::convert::Infallible;
