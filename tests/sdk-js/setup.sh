@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the JS SDK interop suite's dependencies (the published e2b JS SDK,
-# pinned with every transitive package in package-lock.json) into
-# tests/sdk-js/node_modules from the npm registry.
+# and for the browser test esbuild and puppeteer-core, pinned with every
+# transitive package in package-lock.json) into tests/sdk-js/node_modules
+# from the npm registry, and Debian's Chromium (never a browser download).
 #
 #   tests/sdk-js/setup.sh        # idempotent; a no-op when already installed
 #
@@ -22,6 +23,11 @@ if ! node -e '
     process.exit(ok ? 0 : 1)'; then
     echo "setup.sh: node $(node --version) is too old; e2b 2.51.0 needs >=20.18.1 <21 || >=22" >&2
     exit 1
+fi
+
+if ! command -v "${CHROMIUM:-/usr/bin/chromium}" >/dev/null; then
+    echo "setup.sh: installing Debian's chromium for the browser test" >&2
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
 fi
 
 want="$( { node --version; cat "$here/package.json" "$here/package-lock.json"; } | sha256sum | cut -d' ' -f1)"
