@@ -371,3 +371,26 @@ async fn uploads_to_proc_and_sys_files_are_kernel_writes() {
 fn is_cgroup2(path: &str) -> bool {
     nix::sys::statfs::statfs(path).is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::CGROUP2_SUPER_MAGIC)
 }
+
+#[tokio::test]
+async fn in_place_targets_keep_the_symlink_rule() {
+    let envd = Envd::start();
+    let client = envd.client();
+    let user = test_user();
+    let dir = Scratch::new("inplacelink");
+    std::fs::write(dir.path("roots"), b"root's content").unwrap();
+    std::fs::hard_link(dir.path("roots"), dir.path("roots-too")).unwrap();
+    let child = Child(Command::new("sleep").arg("60").spawn().unwrap());
+    let oom = format!("/proc/{}/oom_score_adj", child.0.id());
+    let before = std::fs::read_to_string(&oom).unwrap();
+    for (link, target) in [("to-linked", dir.s("roots")), ("to-proc", oom.clone())] {
+        std::os::unix::fs::symlink(&target, dir.path(link)).unwrap();
+        std::os::unix::fs::lchown(dir.path(link), Some(user.uid), Some(user.gid)).unwrap();
+        let query = format!("/files?path={}&username={}", dir.s(link), user.name);
+        let headers = [("content-type", "application/octet-stream")];
+        let reply = client.send(Method::POST, &query, &headers, "planted").await;
+        assert_eq!(reply.status, StatusCode::FORBIDDEN, "{link}: {}", reply.text());
+    }
+    assert_eq!(std::fs::read(dir.path("roots-too")).unwrap(), b"root's content");
+    assert_eq!(std::fs::read_to_string(&oom).unwrap(), before);
+}
