@@ -3,6 +3,19 @@
 //! An upload goes to a temporary file beside its destination and is
 //! renamed over it only once complete, so a failed, cut-off or disk-full
 //! upload never leaves a partial file and never destroys the old content.
+//! Targets that are more than a name (hard-linked files, mount points,
+//! kernel files, FIFOs and devices) are written in place instead; see
+//! `in_place` for which and why.
+//!
+//! The temporary file goes through the reference's steps in the
+//! reference's order, so that watchers, which hide the temporary's name
+//! and report its events under the destination's once it is renamed
+//! there (`temp_events`), show what the reference shows: created
+//! (`O_CREAT`), given to the user (`fchown`; a replaced file's mode and
+//! `user.*` attributes are copied then too), written, then its
+//! `user.e2b.*` attributes rewritten. A temporary for a file that already
+//! exists is tagged `envd-replace` rather than `envd-upload`: there the
+//! reference creates nothing, it only truncates.
 //! Chunks pass through a short bounded queue to one blocking writer, so
 //! memory stays flat whatever the size, and network reads overlap disk
 //! writes. An upload is acknowledged only once durable: the file is
@@ -27,6 +40,7 @@ use nix::sys::stat::{FileStat, Mode, fstat};
 use nix::unistd::{UnlinkatFlags, unlinkat};
 
 use super::access::{Need, Perms};
+use super::in_place::{self, InPlace};
 use super::metadata::Metadata;
 use super::resolve::{Located, Walk, locate};
 use super::{FsError, Owner, base_name, random, xattr};
@@ -40,8 +54,10 @@ const WRITE_QUEUE: usize = 8;
 /// that the temporary name stays under NAME_MAX.
 const TEMP_NAME_KEEP: usize = 200;
 
-/// Tag in the names of upload temporaries.
+/// Tag in the names of upload temporaries for new files.
 pub(crate) const UPLOAD_TAG: &str = "envd-upload";
+/// Tag in the names of upload temporaries that replace an existing file.
+pub(crate) const REPLACE_TAG: &str = "envd-replace";
 /// Tag in the names of compose temporaries.
 pub(crate) const COMPOSE_TAG: &str = "e2b-compose";
 
@@ -53,7 +69,13 @@ pub fn is_temp_name(name: &std::ffi::OsStr) -> bool {
         let dotted = format!(".{tag}.");
         name.windows(dotted.len()).any(|w| w == dotted.as_bytes())
     };
-    name.starts_with(b".") && name.ends_with(b".tmp") && (tagged(UPLOAD_TAG) || tagged(COMPOSE_TAG))
+    name.starts_with(b".") && name.ends_with(b".tmp") && [UPLOAD_TAG, REPLACE_TAG, COMPOSE_TAG].into_iter().any(tagged)
+}
+
+/// Whether the temporary `name` replaces an existing file.
+pub(crate) fn is_replacing_temp(name: &std::ffi::OsStr) -> bool {
+    let dotted = format!(".{REPLACE_TAG}.");
+    is_temp_name(name) && name.as_bytes().windows(dotted.len()).any(|w| w == dotted.as_bytes())
 }
 
 /// A file written by an upload or compose.
@@ -122,13 +144,23 @@ pub(crate) fn create_temp(target: &Located, tag: &str, owner: Owner) -> Result<(
     Ok((file, guard))
 }
 
+/// Where an upload's bytes go.
+#[derive(Debug)]
+enum Destination {
+    /// A temporary file, renamed over the target at the end.
+    Temp(TempPath),
+    /// The existing target itself.
+    InPlace(InPlace),
+}
+
 /// An upload in progress. Dropping it before [`Upload::commit`] removes
-/// the temporary file and leaves the destination as it was.
+/// the temporary file and leaves the destination as it was (an in-place
+/// write stays as far as it got).
 #[derive(Debug)]
 pub struct Upload {
     requested: PathBuf,
     target: Located,
-    temp: TempPath,
+    destination: Destination,
     queue: Option<mpsc::Sender<Bytes>>,
     writer: Option<JoinHandle<Result<File, FsError>>>,
 }
@@ -137,15 +169,19 @@ impl Upload {
     /// Prepares an upload to `target` for `owner`: ensures the parents,
     /// follows a symlink at the target (its file is written through),
     /// refuses a directory or a target a symlink's owner may not write,
-    /// creates the temporary file. An existing file's permission bits and
-    /// foreign `user.*` attributes carry over.
+    /// then opens a target to write in place or creates the temporary
+    /// file. An existing file's permission bits and `user.*` attributes
+    /// carry over.
     pub async fn begin(target: PathBuf, owner: Owner) -> Result<Self, FsError> {
         let prepared = tokio::task::spawn_blocking(move || prepare(target, owner)).await;
-        let (requested, real, file, temp) = prepared.map_err(|e| join_error(&e))??;
+        let (requested, real, file, destination) = prepared.map_err(|e| join_error(&e))??;
         let (tx, rx) = mpsc::channel(WRITE_QUEUE);
-        let writer_path = temp.path().to_owned();
+        let writer_path = match &destination {
+            Destination::Temp(temp) => temp.path().to_owned(),
+            Destination::InPlace(_) => requested.clone(),
+        };
         let writer = tokio::task::spawn_blocking(move || write_all(file, rx, &writer_path));
-        Ok(Self { requested, target: real, temp, queue: Some(tx), writer: Some(writer) })
+        Ok(Self { requested, target: real, destination, queue: Some(tx), writer: Some(writer) })
     }
 
     /// Queues a chunk; fails with the writer's error once it has failed.
@@ -163,16 +199,12 @@ impl Upload {
         self.queue = None;
         let file = self.writer_result().await?;
         let metadata = metadata.as_map().clone();
-        let Upload { requested, target, temp, .. } = self;
+        let Upload { requested, target, destination, .. } = self;
         let finished = tokio::task::spawn_blocking(move || -> Result<Written, FsError> {
-            xattr::write_e2b(file.as_fd(), &metadata)
-                .map_err(|e| FsError::io_strict("set metadata", temp.path(), e))?;
-            let metadata = xattr::read_e2b_fd(file.as_fd());
-            file.sync_all().map_err(|e| FsError::io_strict("fsync", temp.path(), e))?;
-            // Close explicitly: some filesystems report write errors only here.
-            nix::unistd::close(file).map_err(|e| FsError::io_strict("close", temp.path(), e.into()))?;
-            temp.persist(&target)?;
-            target.sync_dir()?;
+            let metadata = match destination {
+                Destination::Temp(temp) => finish_temp(file, &metadata, temp, &target)?,
+                Destination::InPlace(kind) => finish_in_place(file, &metadata, kind, &requested)?,
+            };
             Ok(Written { name: base_name(&requested), path: requested, metadata })
         });
         finished.await.map_err(|e| join_error(&e))?
@@ -183,14 +215,14 @@ impl Upload {
             Some(writer) => writer.await.map_err(|e| join_error(&e))?,
             None => Err(FsError::Io {
                 op: "write",
-                path: self.temp.path().to_owned(),
+                path: self.requested.clone(),
                 source: std::io::Error::other("upload writer already finished"),
             }),
         }
     }
 }
 
-type Prepared = (PathBuf, Located, File, TempPath);
+type Prepared = (PathBuf, Located, File, Destination);
 
 fn prepare(requested: PathBuf, owner: Owner) -> Result<Prepared, FsError> {
     let target = locate(&requested, Walk { create: Some(owner), follow_final: true })?;
@@ -199,26 +231,69 @@ fn prepare(requested: PathBuf, owner: Owner) -> Result<Prepared, FsError> {
         return Err(FsError::IsADirectory(requested));
     }
     target.require(Need::Write, existing.as_ref())?;
-    let (file, temp) = create_temp(&target, UPLOAD_TAG, owner)?;
+    if existing.is_some()
+        && let Some((file, kind)) = in_place::open(&target, owner)?
+    {
+        return Ok((requested, target, file, Destination::InPlace(kind)));
+    }
+    let tag = if existing.is_some() { REPLACE_TAG } else { UPLOAD_TAG };
+    let (file, temp) = create_temp(&target, tag, owner)?;
     if let Some(stat) = existing {
         // Replacing keeps what an in-place truncate would have kept.
         file.set_permissions(Permissions::from_mode(stat.st_mode & 0o777))
             .map_err(|e| FsError::io_strict("chmod", temp.path(), e))?;
-        copy_foreign_attrs(&target, &stat, &file);
+        copy_attrs(&target, &stat, &file);
     }
-    Ok((requested, target, file, temp))
+    Ok((requested, target, file, Destination::Temp(temp)))
 }
 
-/// Copies the foreign `user.*` attributes of the regular file `target`
-/// names, if it is still the one `stat` describes. Best effort.
-fn copy_foreign_attrs(target: &Located, stat: &FileStat, to: &File) {
+/// Copies the `user.*` attributes of the regular file `target` names, if
+/// it is still the one `stat` describes, as a truncate would keep them;
+/// the upload's metadata then rewrites the `user.e2b.*` ones. Best effort.
+fn copy_attrs(target: &Located, stat: &FileStat, to: &File) {
     if stat.st_mode & libc::S_IFMT != libc::S_IFREG {
         return;
     }
     let Ok(old) = target.open(OFlag::O_RDONLY | OFlag::O_NONBLOCK) else { return };
     if fstat(&old).is_ok_and(|now| (now.st_dev, now.st_ino) == (stat.st_dev, stat.st_ino)) {
-        xattr::copy_foreign_user_attrs(old.as_fd(), to.as_fd());
+        xattr::copy_user_attrs(old.as_fd(), to.as_fd());
     }
+}
+
+/// Metadata, fsync, close, rename over the target, fsync of the directory:
+/// acknowledged only once durable.
+fn finish_temp(
+    file: File,
+    metadata: &BTreeMap<String, String>,
+    temp: TempPath,
+    target: &Located,
+) -> Result<BTreeMap<String, String>, FsError> {
+    xattr::write_e2b(file.as_fd(), metadata).map_err(|e| FsError::io_strict("set metadata", temp.path(), e))?;
+    let metadata = xattr::read_e2b_fd(file.as_fd());
+    file.sync_all().map_err(|e| FsError::io_strict("fsync", temp.path(), e))?;
+    // Close explicitly: some filesystems report write errors only here.
+    nix::unistd::close(file).map_err(|e| FsError::io_strict("close", temp.path(), e.into()))?;
+    temp.persist(target)?;
+    target.sync_dir()?;
+    Ok(metadata)
+}
+
+/// Metadata where the file can hold it, fsync where it stores data, close.
+fn finish_in_place(
+    file: File,
+    metadata: &BTreeMap<String, String>,
+    kind: InPlace,
+    path: &Path,
+) -> Result<BTreeMap<String, String>, FsError> {
+    if kind != InPlace::Node {
+        xattr::write_e2b(file.as_fd(), metadata).map_err(|e| FsError::io_strict("set metadata", path, e))?;
+    }
+    let metadata = xattr::read_e2b_fd(file.as_fd());
+    if kind.stores_data() {
+        file.sync_all().map_err(|e| FsError::io_strict("fsync", path, e))?;
+    }
+    nix::unistd::close(file).map_err(|e| FsError::io_strict("close", path, e.into()))?;
+    Ok(metadata)
 }
 
 fn write_all(mut file: File, mut queue: mpsc::Receiver<Bytes>, path: &Path) -> Result<File, FsError> {

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 
 use super::entry::{Entry, Owners, entry_info};
 use super::inotify::{Inotify, RawEvent};
+use super::temp_events::{Seen, TempEvents};
 use super::transfer::is_temp_name;
 use super::{FsError, display};
 
@@ -20,8 +21,6 @@ use super::{FsError, display};
 const NETWORK_MAGICS: [u64; 5] = [0x6969, 0xFF53_4D42, 0x517B, 0xFE53_4D42, 0x6573_5546];
 /// Bound on remembered synthesized creates (see [`Watcher::handle`]).
 const MAX_SYNTHESIZED: usize = 4096;
-/// Bound on remembered renames of transfer temporaries.
-const MAX_TEMP_RENAMES: usize = 256;
 
 /// How to watch.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -75,9 +74,8 @@ pub struct Watcher {
     /// Creates reported from a directory scan; inotify may report the
     /// same creation again, which is then dropped.
     synthesized: HashSet<PathBuf>,
-    /// Cookies of renames away from an upload's temporary file: the
-    /// matching arrival is the finished upload.
-    temp_renames: VecDeque<u32>,
+    /// envd's own transfers in progress (see `temp_events`).
+    transfers: TempEvents,
 }
 
 impl Watcher {
@@ -103,7 +101,7 @@ impl Watcher {
             pending: VecDeque::new(),
             owners: Owners::default(),
             synthesized: HashSet::new(),
-            temp_renames: VecDeque::new(),
+            transfers: TempEvents::default(),
         };
         if options.recursive {
             watcher.watch_children(Path::new(""), false)?;
@@ -132,9 +130,11 @@ impl Watcher {
             self.dirs.remove(&raw.wd);
             return Ok(());
         }
-        if self.hide_transfer_temp(&raw) {
-            return Ok(());
-        }
+        let arrived = match self.transfers.see(&raw) {
+            Seen::Hidden => return Ok(()),
+            Seen::Arrived(kinds) => Some(kinds),
+            Seen::Other => None,
+        };
         let Some(dir) = self.dirs.get(&raw.wd) else { return Ok(()) };
         let relative = match (&raw.name, raw.wd == self.root_wd) {
             (Some(name), _) => dir.join(name),
@@ -143,6 +143,10 @@ impl Watcher {
             (None, false) => return Ok(()),
         };
         if raw.mask & (libc::IN_CREATE | libc::IN_MOVED_TO) != 0 && self.synthesized.remove(&relative) {
+            return Ok(());
+        }
+        if let Some(kinds) = arrived {
+            self.push(&relative, kinds.into_iter());
             return Ok(());
         }
         if raw.mask & (libc::IN_DELETE | libc::IN_MOVED_FROM) != 0 {
@@ -162,33 +166,6 @@ impl Watcher {
         }
         self.push(&relative, kinds(raw.mask));
         Ok(())
-    }
-
-    /// Uploads write a hidden temporary file and rename it into place.
-    /// Watchers see what an in-place write shows instead: the temporary's
-    /// events are dropped, and its arrival under the real name reports a
-    /// create followed by a write.
-    fn hide_transfer_temp(&mut self, raw: &RawEvent) -> bool {
-        if raw.name.as_deref().is_some_and(is_temp_name) {
-            if raw.mask & libc::IN_MOVED_FROM != 0 {
-                if self.temp_renames.len() >= MAX_TEMP_RENAMES {
-                    self.temp_renames.pop_front();
-                }
-                self.temp_renames.push_back(raw.cookie);
-            }
-            return true;
-        }
-        if raw.mask & libc::IN_MOVED_TO != 0
-            && let Some(at) = self.temp_renames.iter().position(|c| *c == raw.cookie)
-        {
-            self.temp_renames.remove(at);
-            if let (Some(dir), Some(name)) = (self.dirs.get(&raw.wd), &raw.name) {
-                let relative = dir.join(name);
-                self.push(&relative, [EventKind::Create, EventKind::Write].into_iter());
-            }
-            return true;
-        }
-        false
     }
 
     fn push(&mut self, relative: &Path, kinds: impl Iterator<Item = EventKind>) {
@@ -220,7 +197,7 @@ impl Watcher {
             let Ok(read) = std::fs::read_dir(self.root.join(&dir)) else { continue };
             let mut children: Vec<_> = read.filter_map(Result::ok).collect();
             children.sort_by_key(|e| e.file_name());
-            for child in children {
+            for child in children.into_iter().filter(|c| !is_temp_name(&c.file_name())) {
                 let child_rel = dir.join(child.file_name());
                 if report {
                     self.push(&child_rel, std::iter::once(EventKind::Create));
@@ -264,7 +241,7 @@ impl Watcher {
 }
 
 /// The contract's order for one record: CREATE, RENAME, CHMOD, WRITE, REMOVE.
-fn kinds(mask: u32) -> impl Iterator<Item = EventKind> {
+pub(crate) fn kinds(mask: u32) -> impl Iterator<Item = EventKind> {
     [
         (libc::IN_CREATE | libc::IN_MOVED_TO, EventKind::Create),
         (libc::IN_MOVED_FROM | libc::IN_MOVE_SELF, EventKind::Rename),

@@ -131,12 +131,11 @@ pub fn write_e2b(fd: BorrowedFd<'_>, metadata: &BTreeMap<String, String>) -> io:
     }
 }
 
-/// Copies the `user.*` attributes other than `user.e2b.*` from `from` to
-/// `to`, so that replacing a file keeps what other tools stored on it.
-/// Best effort.
-pub fn copy_foreign_user_attrs(from: BorrowedFd<'_>, to: BorrowedFd<'_>) {
+/// Copies the `user.*` attributes from `from` to `to`, so that replacing
+/// a file keeps what other tools stored on it. Best effort.
+pub fn copy_user_attrs(from: BorrowedFd<'_>, to: BorrowedFd<'_>) {
     let Ok(names) = list(Target::Fd(from)) else { return };
-    for name in names_with_prefix(&names, USER_PREFIX).filter(|n| !n.starts_with(E2B_PREFIX.as_bytes())) {
+    for name in names_with_prefix(&names, USER_PREFIX) {
         let Ok(cname) = cstring(name) else { continue };
         if let Ok(value) = get(Target::Fd(from), &cname) {
             let _ = set(to, &cname, &value);
