@@ -8,7 +8,7 @@
 pub mod compose;
 mod dirs;
 pub mod entry;
-mod inotify;
+pub(crate) mod inotify;
 pub mod metadata;
 pub mod ops;
 mod random;
