@@ -257,9 +257,9 @@ async fn deadline_kill_ends_the_tree_too() {
     let cgroup = TestCgroup::new("kill-deadline");
     let envd = Envd::options().args(cgroup.args()).start();
     let client = envd.client();
-    let mut stream = client
-        .stream(rpc::START, &sdk_command("sleep 1000 & echo \"bg=$!=\"; sleep 1000"), &[("Connect-Timeout-Ms", "1500")])
-        .await;
+    // No login shell: the deadline must not cut a profile script short.
+    let start = common::bash("sleep 1000 & echo \"bg=$!=\"; sleep 1000");
+    let mut stream = client.stream(rpc::START, &start, &[("Connect-Timeout-Ms", "1500")]).await;
     let mut output = Vec::new();
     let bg = loop {
         if let Some(pid) = parse_pids(&String::from_utf8_lossy(&output)).get("bg") {

@@ -218,11 +218,22 @@ impl ProcessHandle {
         pty.resize(cols, rows).map_err(ProcessError::Io)
     }
 
-    /// Sends a signal to every process the command started and to the
-    /// process itself (also if it left its cgroup), and stops waiting for
+    /// Sends a signal to every process the command started, the process
+    /// itself included (also if it left its cgroup), and stops waiting for
     /// its output to reach EOF. Returns the processes that were signalled.
     pub(super) async fn signal(&self, signal: nix::sys::signal::Signal) -> Result<Vec<Member>, ProcessError> {
         let tree_result = self.tree.signal(self.pid, signal).await;
+        self.stop_waiting.send_replace(true);
+        let mut members = tree_result.map_err(ProcessError::Signal)?;
+        // Once only: a second SIGTERM may mean "force quit" to a handler.
+        if !members.iter().any(|m| m.pid() == self.pid) {
+            self.signal_itself(signal)?;
+            members.extend(Member::of(self.pid));
+        }
+        Ok(members)
+    }
+
+    fn signal_itself(&self, signal: nix::sys::signal::Signal) -> Result<(), ProcessError> {
         let result = match &self.pidfd {
             // SAFETY: pidfd_send_signal with a valid pidfd, a valid signal
             // number and no siginfo.
@@ -239,7 +250,6 @@ impl ProcessHandle {
             // handle's process is reaped.
             None => unsafe { libc::kill(self.pid as libc::pid_t, signal as libc::c_int) as libc::c_long },
         };
-        self.stop_waiting.send_replace(true);
         if result < 0 {
             let err = std::io::Error::last_os_error();
             // Already gone: the end event is on its way.
@@ -247,7 +257,7 @@ impl ProcessHandle {
                 return Err(ProcessError::Signal(err));
             }
         }
-        tree_result.map_err(ProcessError::Signal)
+        Ok(())
     }
 
     /// Resolves once a signal or the deadline asked to stop waiting.

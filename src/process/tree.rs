@@ -53,6 +53,11 @@ pub(super) struct Member {
 }
 
 impl Member {
+    /// The process with this pid now, if any.
+    pub fn of(pid: u32) -> Option<Member> {
+        member(pid)
+    }
+
     /// Its pid.
     pub fn pid(&self) -> u32 {
         self.pid
@@ -175,4 +180,23 @@ fn send(pid: u32, signal: Signal) {
     let Ok(pid) = i32::try_from(pid) else { return };
     // Exited meanwhile: ESRCH, nothing to do.
     let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_its_own_stat_line() {
+        let me = read_entry(std::process::id()).expect("own /proc entry");
+        assert_eq!(me.ppid, std::os::unix::process::parent_id());
+        assert!(Member::of(me.pid).is_some_and(|m| m.exists()));
+    }
+
+    #[test]
+    fn a_changed_start_time_is_another_process() {
+        let me = Member::of(std::process::id()).expect("own /proc entry");
+        let other = Member { start_time: me.start_time + 1, ..me };
+        assert!(!other.exists(), "a reused pid is not the remembered process");
+    }
 }
