@@ -254,34 +254,6 @@ async fn fsfreeze_refuses_in_dev_mode_without_an_explicit_path() {
 }
 
 /// A cgroup v2 directory for one test, removed afterwards.
-struct TestCgroup(PathBuf);
-
-impl TestCgroup {
-    fn new(name: &str) -> TestCgroup {
-        let root = ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"]
-            .iter()
-            .map(PathBuf::from)
-            .find(|p| p.join("cgroup.procs").exists() && p.join("cgroup.subtree_control").exists())
-            .expect("a cgroup v2 hierarchy is needed for the workload freeze tests");
-        let dir = root.join(format!("envd-test-{name}-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        TestCgroup(dir)
-    }
-}
-
-impl Drop for TestCgroup {
-    fn drop(&mut self) {
-        for child in ["user", "ptys"] {
-            let dir = self.0.join(child);
-            let _ = std::fs::write(dir.join("cgroup.freeze"), "0");
-            let _ = std::fs::write(dir.join("cgroup.kill"), "1");
-            std::thread::sleep(Duration::from_millis(100));
-            let _ = std::fs::remove_dir(&dir);
-        }
-        let _ = std::fs::remove_dir(&self.0);
-    }
-}
-
 fn cpu_ticks(pid: u32) -> u64 {
     // Fields after the command name: [11] utime, [12] stime.
     let stat = common::proc_stat(pid).expect("process is alive");
@@ -308,14 +280,14 @@ async fn progresses(pid: u32) -> bool {
 
 #[tokio::test]
 async fn workload_freeze_stops_user_processes_but_not_system_ones() {
-    let cgroup = TestCgroup::new("freeze");
+    let cgroup = common::TestCgroup::new("freeze");
     let envd = Envd::options().args(["--cgroup-root", cgroup.0.to_str().unwrap()]).start();
     let client = envd.client();
     let busy = start_busy_loop(&client, None).await;
     let system = start_busy_loop(&client, Some("_system")).await;
-    let in_user = std::fs::read_to_string(cgroup.0.join("user/cgroup.procs")).unwrap();
-    assert!(in_user.lines().any(|l| l == busy.to_string()), "placed in the user cgroup: {in_user}");
-    assert!(!in_user.lines().any(|l| l == system.to_string()), "_system stays out");
+    let in_user = cgroup.members("user");
+    assert!(in_user.contains(&busy), "placed in the user cgroup: {in_user:?}");
+    assert!(!in_user.contains(&system), "_system stays out");
 
     let reply = client.send(http::Method::POST, "/freeze?maxWaitMs=2000", &[], "").await;
     assert_eq!(reply.status, 200, "{}", reply.text());

@@ -13,7 +13,7 @@ pub mod compose;
 mod dirs;
 pub mod entry;
 mod in_place;
-mod inotify;
+pub(crate) mod inotify;
 pub mod metadata;
 pub mod ops;
 mod random;

@@ -1,14 +1,19 @@
-//! The workload's cgroups (v2): user processes go to `user`, terminals to
-//! `ptys`, so the pause hook can freeze the workload without freezing envd.
-//! Processes tagged `_system` stay in envd's own cgroup.
+//! The workload's cgroups (v2): each command gets its own cgroup below
+//! `user`, each terminal one below `ptys` (see [`super::command_cgroup`]),
+//! so the pause hook can freeze the workload without freezing envd and a
+//! kill reaches everything one command started. Processes tagged `_system`
+//! stay in envd's own cgroup.
 
 use std::fs::OpenOptions;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
+
+use super::command_cgroup::{self, CommandCgroup};
 
 /// How often `cgroup.events` is polled while waiting for a freeze.
 const POLL_INTERVAL: Duration = Duration::from_millis(2);
@@ -73,6 +78,28 @@ pub struct FreezeReport {
     pub wait_ms: u64,
 }
 
+/// Where a new process goes.
+#[derive(Debug)]
+pub enum Placement {
+    /// Stays in envd's cgroup: `_system` processes, or no cgroups.
+    Outside,
+    /// Into the slot cgroup itself (its own cgroup could not be made).
+    Shared(RawFd),
+    /// Into a cgroup of its own.
+    Own(Arc<CommandCgroup>),
+}
+
+impl Placement {
+    /// The open `cgroup.procs` the child writes itself into, if any.
+    pub fn procs_fd(&self) -> Option<RawFd> {
+        match self {
+            Placement::Outside => None,
+            Placement::Shared(fd) => Some(*fd),
+            Placement::Own(cgroup) => Some(cgroup.procs_fd()),
+        }
+    }
+}
+
 struct Group {
     dir: PathBuf,
     procs: OwnedFd,
@@ -86,6 +113,8 @@ pub struct Workload {
     ptys: Option<Group>,
     /// Extra cgroups a hierarchy freeze froze, to thaw them again.
     frozen_extra: Mutex<Vec<PathBuf>>,
+    /// The number in the next command cgroup's name.
+    next_command: AtomicU64,
 }
 
 impl std::fmt::Debug for Workload {
@@ -117,6 +146,8 @@ impl Workload {
             create(root, "ptys", &settings("200", "default 50")),
         ) {
             (Ok(user), Ok(ptys)) => {
+                command_cgroup::remove_leftovers(&user.dir);
+                command_cgroup::remove_leftovers(&ptys.dir);
                 workload.user = Some(user);
                 workload.ptys = Some(ptys);
             }
@@ -125,13 +156,21 @@ impl Workload {
         workload
     }
 
-    /// The `cgroup.procs` fd a child writes itself into, if placement is on.
-    pub fn procs_fd(&self, slot: Slot) -> Option<RawFd> {
+    /// A new process's cgroup: its own below the slot, or the slot itself
+    /// when that cannot be made (logged), or none when placement is off.
+    pub fn place(&self, slot: Slot) -> Placement {
         let group = match slot {
             Slot::User => self.user.as_ref(),
             Slot::Ptys => self.ptys.as_ref(),
         };
-        group.map(|g| g.procs.as_raw_fd())
+        let Some(group) = group else { return Placement::Outside };
+        match CommandCgroup::create(&group.dir, self.next_command.fetch_add(1, Ordering::Relaxed)) {
+            Ok(cgroup) => Placement::Own(Arc::new(cgroup)),
+            Err(err) => {
+                tracing::warn!(cgroup = %group.dir.display(), "no cgroup of its own for a command: {err}");
+                Placement::Shared(group.procs.as_raw_fd())
+            }
+        }
     }
 
     /// Whether placement and freezing are in effect.

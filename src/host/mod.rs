@@ -3,6 +3,7 @@
 
 pub mod cgroups;
 pub mod clock;
+pub mod command_cgroup;
 pub mod fsfreeze;
 pub mod identity;
 pub mod init;

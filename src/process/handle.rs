@@ -1,5 +1,5 @@
 //! One running process: its output fanned out to every attached stream,
-//! its stdin or terminal, and signals.
+//! its stdin or terminal, and signals to it and everything it started.
 //!
 //! Output is read in chunks and sent to each subscriber through a small
 //! bounded channel: a slow subscriber slows the reader (back-pressure into
@@ -15,6 +15,7 @@ use tokio::sync::{mpsc, watch};
 
 use super::pty::PtyMaster;
 use super::status::EndStatus;
+use super::tree::{Member, ProcessTree};
 use super::{CommandConfig, ProcessError};
 
 /// Events buffered per subscriber before the reader waits.
@@ -76,10 +77,14 @@ pub struct ProcessHandle {
     pidfd: Option<OwnedFd>,
     /// Set by a signal or the deadline: stop waiting for output EOF.
     stop_waiting: watch::Sender<bool>,
+    /// What a signal reaches besides the process itself.
+    tree: ProcessTree,
+    /// Set once the process itself is reaped: its pid is free again.
+    reaped: watch::Sender<bool>,
 }
 
 impl ProcessHandle {
-    pub(super) fn new(pid: u32, tag: Option<String>, config: CommandConfig, input: Input) -> Self {
+    pub(super) fn new(pid: u32, tag: Option<String>, config: CommandConfig, input: Input, tree: ProcessTree) -> Self {
         Self {
             pid,
             tag,
@@ -88,7 +93,21 @@ impl ProcessHandle {
             input,
             pidfd: open_pidfd(pid),
             stop_waiting: watch::channel(false).0,
+            tree,
+            reaped: watch::channel(false).0,
         }
+    }
+
+    pub(super) fn tree(&self) -> &ProcessTree {
+        &self.tree
+    }
+
+    pub(super) fn mark_reaped(&self) {
+        self.reaped.send_replace(true);
+    }
+
+    pub(super) fn is_reaped(&self) -> bool {
+        *self.reaped.borrow()
     }
 
     /// The process id.
@@ -199,9 +218,22 @@ impl ProcessHandle {
         pty.resize(cols, rows).map_err(ProcessError::Io)
     }
 
-    /// Sends a signal to the process itself (not its group), and stops
-    /// waiting for its output to reach EOF.
-    pub fn signal(&self, signal: nix::sys::signal::Signal) -> Result<(), ProcessError> {
+    /// Sends a signal to every process the command started, the process
+    /// itself included (also if it left its cgroup), and stops waiting for
+    /// its output to reach EOF. Returns the processes that were signalled.
+    pub(super) async fn signal(&self, signal: nix::sys::signal::Signal) -> Result<Vec<Member>, ProcessError> {
+        let tree_result = self.tree.signal(self.pid, signal).await;
+        self.stop_waiting.send_replace(true);
+        let mut members = tree_result.map_err(ProcessError::Signal)?;
+        // Once only: a second SIGTERM may mean "force quit" to a handler.
+        if !members.iter().any(|m| m.pid() == self.pid) {
+            self.signal_itself(signal)?;
+            members.extend(Member::of(self.pid));
+        }
+        Ok(members)
+    }
+
+    fn signal_itself(&self, signal: nix::sys::signal::Signal) -> Result<(), ProcessError> {
         let result = match &self.pidfd {
             // SAFETY: pidfd_send_signal with a valid pidfd, a valid signal
             // number and no siginfo.
@@ -214,10 +246,10 @@ impl ProcessHandle {
                     0,
                 )
             },
-            // SAFETY: plain kill(2).
+            // SAFETY: plain kill(2); the pid is not reused before this
+            // handle's process is reaped.
             None => unsafe { libc::kill(self.pid as libc::pid_t, signal as libc::c_int) as libc::c_long },
         };
-        self.stop_waiting.send_replace(true);
         if result < 0 {
             let err = std::io::Error::last_os_error();
             // Already gone: the end event is on its way.

@@ -2,13 +2,15 @@
 //! fan-out to any number of watchers, input, signals and deadlines.
 
 mod handle;
+mod kill;
 mod pty;
+pub mod reaper;
 pub mod spawn;
 pub mod status;
 mod table;
+mod tree;
 
 use std::collections::BTreeMap;
-use std::os::fd::RawFd;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
@@ -17,11 +19,14 @@ use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 pub use handle::{Event, Output, ProcessHandle, Subscription};
+pub use kill::{KillReport, kill};
 pub use status::EndStatus;
 pub use table::{Found, ProcessTable, Selector};
 
 use crate::context::User;
+use crate::host::cgroups::Placement;
 use spawn::{SpawnSpec, StdioMode};
+use tree::ProcessTree;
 
 /// Bytes per read from a stdout/stderr pipe.
 const PIPE_CHUNK: usize = 32 * 1024;
@@ -106,8 +111,8 @@ pub struct StartSpec {
     pub stdio: StdioMode,
     /// The process is killed when this passes.
     pub deadline: Option<Instant>,
-    /// `cgroup.procs` of the cgroup to join.
-    pub cgroup_procs: Option<RawFd>,
+    /// The cgroup to join.
+    pub placement: Placement,
 }
 
 /// A started process and the starter's subscription to it.
@@ -131,6 +136,7 @@ pub fn start(table: &Arc<ProcessTable>, spec: StartSpec) -> Result<Started, Proc
         return Err(ProcessError::CwdMissing(spec.cwd.display().to_string()));
     }
     let spawn_error = |source| ProcessError::Spawn { command: spec.config.cmd.clone(), source };
+    let spawning = table.children().spawning();
     let spawned = spawn::spawn(&SpawnSpec {
         program: &spec.config.cmd,
         args: &spec.config.args,
@@ -138,16 +144,21 @@ pub fn start(table: &Arc<ProcessTable>, spec: StartSpec) -> Result<Started, Proc
         cwd: &spec.cwd,
         user: &spec.user,
         stdio: spec.stdio,
-        cgroup_procs: spec.cgroup_procs,
+        cgroup_procs: spec.placement.procs_fd(),
     })
     .map_err(spawn_error)?;
     let mut child = spawned.child;
     let pid = child.id().ok_or_else(|| spawn_error(std::io::Error::other("child exited before its pid was read")))?;
+    spawning.register(pid);
+    let tree = match spec.placement {
+        Placement::Own(cgroup) => ProcessTree::Cgroup(cgroup),
+        Placement::Outside | Placement::Shared(_) => ProcessTree::Walk,
+    };
     let input = match spawned.pty_master {
         Some(master) => handle::Input::Pty(pty::PtyMaster::new(master).map_err(ProcessError::Io)?),
         None => handle::Input::Pipe(tokio::sync::Mutex::new(child.stdin.take())),
     };
-    let handle = Arc::new(ProcessHandle::new(pid, spec.tag, spec.config, input));
+    let handle = Arc::new(ProcessHandle::new(pid, spec.tag, spec.config, input, tree));
     let Subscription::Live(events) = handle.subscribe() else {
         unreachable!("a process that was just created has not ended");
     };
@@ -195,7 +206,8 @@ async fn pump_pty(handle: Arc<ProcessHandle>) {
 }
 
 /// Waits for the process, then for its output to drain (unless a signal or
-/// the deadline said not to), then publishes the end.
+/// the deadline said not to), then publishes the end; its cgroup goes once
+/// the last process in it is gone.
 async fn supervise(
     table: Arc<ProcessTable>,
     handle: Arc<ProcessHandle>,
@@ -212,10 +224,12 @@ async fn supervise(
     let status = tokio::select! {
         status = child.wait() => status,
         () = deadline_passed => {
-            let _ = handle.signal(nix::sys::signal::Signal::SIGKILL);
+            let _ = handle.signal(nix::sys::signal::Signal::SIGKILL).await;
             child.wait().await
         }
     };
+    table.children().forget(handle.pid());
+    handle.mark_reaped();
     let aborts: Vec<_> = readers.iter().map(|r| r.abort_handle()).collect();
     if !handle.stop_was_requested() {
         let drained = futures_util::future::join_all(readers);
@@ -231,4 +245,8 @@ async fn supervise(
     };
     table.retire(handle.pid(), handle.tag().map(str::to_owned), end.clone());
     handle.finish(end);
+    if let Some(cgroup) = handle.tree().cgroup().cloned() {
+        drop(handle);
+        cgroup.release_when_empty().await;
+    }
 }

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use super::ProcessError;
 use super::handle::ProcessHandle;
+use super::reaper::Children;
 use super::status::EndStatus;
 
 /// How long an ended process stays reachable by `Connect`.
@@ -64,9 +65,15 @@ struct Inner {
 #[derive(Debug, Default)]
 pub struct ProcessTable {
     inner: Mutex<Inner>,
+    children: Arc<Children>,
 }
 
 impl ProcessTable {
+    /// envd's children and adopted orphans.
+    pub fn children(&self) -> &Arc<Children> {
+        &self.children
+    }
+
     fn inner(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }

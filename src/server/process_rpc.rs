@@ -2,13 +2,14 @@
 //! and back. The work lives in `crate::process`.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use connectrpc::{ConnectError, ErrorCode, RequestContext, Response, ServiceRequest, ServiceResult, ServiceStream};
 use futures_util::StreamExt;
 
 use super::state::AppState;
 use super::stream::{keepalive_interval, until_deadline, with_keepalive};
-use crate::host::cgroups::Slot;
+use crate::host::cgroups::{Placement, Slot};
 use crate::process::spawn::StdioMode;
 use crate::process::{self, CommandConfig, EndStatus, Event, Found, Output, Selector, StartSpec, Subscription};
 use crate::proto::process as pb;
@@ -20,6 +21,12 @@ use pb::__buffa::oneof::stream_input_request::Event as PbInputEvent;
 
 /// Processes started by the orchestrator for maintenance: never frozen.
 const SYSTEM_TAG: &str = "_system";
+/// How long SendSignal waits for a SIGKILLed command's processes to go.
+const SIGKILL_WAIT: Duration = Duration::from_secs(5);
+/// How long it waits after SIGTERM, which a process may handle or ignore.
+const SIGTERM_WAIT: Duration = Duration::from_secs(1);
+/// Names the pids a signal left alive; absent when everything is gone.
+const SURVIVORS_HEADER: &str = "envd-kill-survivors";
 
 /// The Process service.
 #[derive(Debug, Clone)]
@@ -46,10 +53,10 @@ impl ProcessService {
             }
             None => StdioMode::Pipes { stdin: request.stdin.unwrap_or(true) },
         };
-        let cgroup_procs = match (request.tag.as_deref(), stdio) {
-            (Some(SYSTEM_TAG), _) => None,
-            (_, StdioMode::Pty { .. }) => self.state.workload.procs_fd(Slot::Ptys),
-            (_, StdioMode::Pipes { .. }) => self.state.workload.procs_fd(Slot::User),
+        let placement = match (request.tag.as_deref(), stdio) {
+            (Some(SYSTEM_TAG), _) => Placement::Outside,
+            (_, StdioMode::Pty { .. }) => self.state.workload.place(Slot::Ptys),
+            (_, StdioMode::Pipes { .. }) => self.state.workload.place(Slot::User),
         };
         Ok(StartSpec {
             config: CommandConfig {
@@ -64,7 +71,7 @@ impl ProcessService {
             env,
             stdio,
             deadline: ctx.deadline(),
-            cgroup_procs,
+            placement,
         })
     }
 }
@@ -273,14 +280,16 @@ impl pb::Process for ProcessService {
 
     async fn send_signal(
         &self,
-        _ctx: RequestContext,
+        ctx: RequestContext,
         request: ServiceRequest<'_, pb::SendSignalRequest>,
     ) -> ServiceResult<pb::SendSignalResponse> {
         let request = request.to_owned_message();
-        let handle = self.state.processes.get(&selector(request.process.as_option())?)?;
-        let signal = match request.signal.as_known() {
-            Some(pb::Signal::SIGNAL_SIGKILL) => nix::sys::signal::Signal::SIGKILL,
-            Some(pb::Signal::SIGNAL_SIGTERM) => nix::sys::signal::Signal::SIGTERM,
+        let selector = selector(request.process.as_option())?;
+        // Looked up first: an unknown process is not_found whatever the signal.
+        self.state.processes.get(&selector)?;
+        let (signal, wait) = match request.signal.as_known() {
+            Some(pb::Signal::SIGNAL_SIGKILL) => (nix::sys::signal::Signal::SIGKILL, SIGKILL_WAIT),
+            Some(pb::Signal::SIGNAL_SIGTERM) => (nix::sys::signal::Signal::SIGTERM, SIGTERM_WAIT),
             _ => {
                 return Err(ConnectError::new(
                     ErrorCode::Unimplemented,
@@ -288,8 +297,21 @@ impl pb::Process for ProcessService {
                 ));
             }
         };
-        handle.signal(signal)?;
-        Response::ok(pb::SendSignalResponse::default())
+        let wait = ctx.deadline().map_or(wait, |d| wait.min(d.saturating_duration_since(Instant::now())));
+        let report = process::kill(&self.state.processes, &selector, signal, wait).await?;
+        let response = Response::new(pb::SendSignalResponse::default());
+        if report.all_gone() {
+            return Ok(response);
+        }
+        tracing::warn!(
+            %selector,
+            ?signal,
+            survivors = ?report.survivors,
+            cgroup_populated = report.cgroup_populated,
+            "processes still alive after the signal"
+        );
+        let pids: Vec<String> = report.survivors.iter().map(u32::to_string).collect();
+        Ok(response.with_header(SURVIVORS_HEADER, pids.join(",")))
     }
 
     async fn close_stdin(

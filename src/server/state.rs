@@ -98,6 +98,14 @@ impl AppState {
         let context = ContextStore::new(initial_context(&config, saved.as_ref()));
         let freezer =
             FsFreezer::new(config.freeze_target().map(Into::into), Duration::from_secs(config.freeze_deadline));
+        let processes = Arc::new(ProcessTable::default());
+        // Orphans of killed commands come to envd, which reaps them at once.
+        match crate::process::reaper::become_subreaper() {
+            Ok(()) => {
+                tokio::spawn(processes.children().clone().reap_forever());
+            }
+            Err(err) => tracing::warn!("not a child subreaper: {err}"),
+        }
         let workload =
             Arc::new(if config.no_cgroups { Workload::default() } else { Workload::setup(&config.cgroup_root) });
         let persister = Persister::new(state_file, freezer.clone(), saved);
@@ -117,7 +125,7 @@ impl AppState {
             config,
             guard,
             context,
-            processes: Arc::new(ProcessTable::default()),
+            processes,
             metrics: MetricsSampler::default(),
             workload,
             freezer,
