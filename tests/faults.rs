@@ -233,7 +233,7 @@ async fn uploads_cut_off_mid_body_leave_nothing_behind() {
         connections.push(raw_request(&envd, &head, &vec![b'n'; 1 << 20]));
     }
     // Every upload's temporary file appears while the bodies flow.
-    let temps = || dir.names("").iter().filter(|n| n.contains(".envd-upload.")).count();
+    let temps = || dir.names("").iter().filter(|n| n.contains(".envd-upload.") || n.contains(".envd-replace.")).count();
     assert!(eventually(Duration::from_secs(20), || temps() == uploads).await, "{:?}", dir.names(""));
     let peak = sampler.peak();
     drop(connections);
