@@ -11,7 +11,7 @@ const PLOT_LEFT: f64 = 380.0;
 const PLOT_RIGHT: f64 = 900.0;
 const BAR: f64 = 14.0;
 const GAP: f64 = 4.0;
-const TOP: f64 = 96.0;
+const TOP: f64 = 110.0;
 
 fn colour(side: Side) -> &'static str {
     match side {
@@ -107,6 +107,7 @@ pub fn svg(figures: &[Figure], machine: &Machine) -> String {
          <text x=\"{LABEL_X}\" y=\"24\" class=\"title\">envd beside OpenSSH, relative to the raw operation (lower is better)</text>\n\
          <text x=\"{LABEL_X}\" y=\"42\" class=\"sub\">Each bar: cost (time, time per byte, memory) ÷ the baseline's; 1× = as fast or as small; log scale. \
          Medians. Baseline: raw, or OpenSSH where nothing raw exists.</text>\n\
+         <text x=\"{LABEL_X}\" y=\"74\" class=\"sub\">envd: Connect JSON and multipart uploads, as the SDKs speak to it; envd, binary: Connect binary protobuf, octet-stream uploads.</text>\n\
          <text x=\"{LABEL_X}\" y=\"58\" class=\"sub\">{}</text>\n\
          {grid}{body}</svg>\n",
         escape(&machine.describe())

@@ -37,9 +37,9 @@ impl Unit {
 /// Who produced a value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Side {
-    /// envd over Connect JSON, the protocol the SDKs speak.
+    /// envd as the SDKs speak to it: Connect JSON, multipart uploads.
     Envd,
-    /// envd over Connect with binary protobuf.
+    /// envd over Connect with binary protobuf; octet-stream uploads.
     EnvdProto,
     OpenSsh,
     Raw,
@@ -59,8 +59,8 @@ impl Side {
 
     pub fn label(self) -> &'static str {
         match self {
-            Side::Envd => "envd (Connect JSON)",
-            Side::EnvdProto => "envd (binary proto)",
+            Side::Envd => "envd",
+            Side::EnvdProto => "envd, binary",
             Side::OpenSsh => "OpenSSH",
             Side::Raw => "raw",
         }

@@ -36,10 +36,12 @@ pub fn table(figures: &[Figure], machine: &Machine) -> String {
     out.push_str(&format!("Machine: {}\n\n", machine.describe()));
     out.push_str(
         "Latencies are median / p99. Ratios compare costs (time, time per byte, memory): \
-         1.50× = 1.5 times as slow or as big; envd ratios are JSON / proto where both exist.\n\n",
+         1.50× = 1.5 times as slow or as big. envd: as the SDKs speak to it (Connect JSON, multipart \
+         uploads); envd, binary: Connect with binary protobuf (octet-stream uploads); envd ratios are \
+         envd / envd, binary where both exist.\n\n",
     );
     out.push_str(
-        "| figure | envd (Connect JSON) | envd (binary proto) | OpenSSH | raw | envd ÷ raw | OpenSSH ÷ raw | envd ÷ OpenSSH | envd peak RSS |\n",
+        "| figure | envd | envd, binary | OpenSSH | raw | envd ÷ raw | OpenSSH ÷ raw | envd ÷ OpenSSH | envd peak RSS |\n",
     );
     out.push_str("|---|---|---|---|---|---|---|---|---|\n");
     let envd = [Side::Envd, Side::EnvdProto];
