@@ -346,7 +346,8 @@ impl Drop for Envd {
     }
 }
 
-fn free_port() -> u16 {
+/// A loopback port free at the time of the call.
+pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free loopback port").port()
 }
 
