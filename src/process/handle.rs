@@ -76,6 +76,8 @@ pub struct ProcessHandle {
     pidfd: Option<OwnedFd>,
     /// Set by a signal or the deadline: stop waiting for output EOF.
     stop_waiting: watch::Sender<bool>,
+    /// The end, once the process was reaped and its output drained.
+    ended: watch::Sender<Option<EndStatus>>,
 }
 
 impl ProcessHandle {
@@ -88,6 +90,7 @@ impl ProcessHandle {
             input,
             pidfd: open_pidfd(pid),
             stop_waiting: watch::channel(false).0,
+            ended: watch::channel(None).0,
         }
     }
 
@@ -157,11 +160,22 @@ impl ProcessHandle {
             fanout.end = Some(end.clone());
             std::mem::take(&mut fanout.subscribers)
         };
+        self.ended.send_replace(Some(end.clone()));
         for subscriber in subscribers {
             let end = end.clone();
             tokio::spawn(async move {
                 let _ = subscriber.send(Event::End(end)).await;
             });
+        }
+    }
+
+    /// Resolves with the end once the process has ended, without
+    /// subscribing to its output.
+    pub async fn ended(&self) -> EndStatus {
+        let mut ended = self.ended.subscribe();
+        match ended.wait_for(Option::is_some).await {
+            Ok(end) => end.clone().unwrap_or_else(|| EndStatus::from_wait_error(&std::io::Error::other("no end"))),
+            Err(_) => EndStatus::from_wait_error(&std::io::Error::other("no end")),
         }
     }
 

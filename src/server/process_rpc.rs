@@ -12,14 +12,12 @@ use crate::host::cgroups::Slot;
 use crate::process::spawn::StdioMode;
 use crate::process::{self, CommandConfig, EndStatus, Event, Found, Output, Selector, StartSpec, Subscription};
 use crate::proto::process as pb;
+use crate::restore::Recipe;
 use pb::__buffa::oneof::process_event::Event as PbEvent;
 use pb::__buffa::oneof::process_event::data_event::Output as PbOutput;
 use pb::__buffa::oneof::process_input::Input as PbInput;
 use pb::__buffa::oneof::process_selector::Selector as PbSelector;
 use pb::__buffa::oneof::stream_input_request::Event as PbInputEvent;
-
-/// Processes started by the orchestrator for maintenance: never frozen.
-const SYSTEM_TAG: &str = "_system";
 
 /// The Process service.
 #[derive(Debug, Clone)]
@@ -46,11 +44,8 @@ impl ProcessService {
             }
             None => StdioMode::Pipes { stdin: request.stdin.unwrap_or(true) },
         };
-        let cgroup_procs = match (request.tag.as_deref(), stdio) {
-            (Some(SYSTEM_TAG), _) => None,
-            (_, StdioMode::Pty { .. }) => self.state.workload.procs_fd(Slot::Ptys),
-            (_, StdioMode::Pipes { .. }) => self.state.workload.procs_fd(Slot::User),
-        };
+        let cgroup_procs = Slot::for_process(request.tag.as_deref(), matches!(stdio, StdioMode::Pty { .. }))
+            .and_then(|slot| self.state.workload.procs_fd(slot));
         Ok(StartSpec {
             config: CommandConfig {
                 cmd: config.cmd,
@@ -201,8 +196,10 @@ impl pb::Process for ProcessService {
     ) -> ServiceResult<ServiceStream<pb::StartResponse>> {
         let spec = self.start_spec(&ctx, request.to_owned_message())?;
         let command = spec.config.cmd.clone();
+        let recipe = Recipe::of(&spec);
         let started = process::start(&self.state.processes, spec)?;
         tracing::debug!(pid = started.pid, %command, "process started");
+        self.state.templates.track(&started.handle, recipe);
         let keepalive = || start_response(keepalive_event());
         let stream = process_stream(started.pid, Subscription::Live(started.events), &ctx, start_response, keepalive);
         // The deadline is also the process's lifetime: when it kills the

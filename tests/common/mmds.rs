@@ -22,6 +22,7 @@ pub struct Mmds {
     stop: Arc<AtomicBool>,
     /// Successful metadata reads so far.
     pub reads: Arc<AtomicU64>,
+    metadata: Arc<Mutex<Value>>,
 }
 
 impl Mmds {
@@ -43,7 +44,8 @@ impl Mmds {
     pub fn serve(listener: TcpListener, metadata: Value) -> Mmds {
         let port = listener.local_addr().unwrap().port();
         listener.set_nonblocking(true).unwrap();
-        let m = Mutex::new(metadata);
+        let metadata = Arc::new(Mutex::new(metadata));
+        let m = metadata.clone();
         let stop = Arc::new(AtomicBool::new(false));
         let reads = Arc::new(AtomicU64::new(0));
         let (s, r) = (stop.clone(), reads.clone());
@@ -59,7 +61,13 @@ impl Mmds {
                 }
             }
         });
-        Mmds { port, stop, reads }
+        Mmds { port, stop, reads, metadata }
+    }
+
+    /// Replaces what the service answers from now on (as the host rewrites
+    /// it before resuming a snapshot into a new sandbox).
+    pub fn set(&self, metadata: Value) {
+        *self.metadata.lock().unwrap() = metadata;
     }
 
     fn answer(stream: TcpStream, metadata: &Mutex<Value>, tokens: &Mutex<Vec<String>>, reads: &AtomicU64) {
