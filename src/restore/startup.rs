@@ -175,3 +175,80 @@ fn report(process: &TemplateProcess, outcome: Outcome) {
         ),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::context::ExecContext;
+    use crate::context::state::StateFile;
+    use crate::host::fsfreeze::FsFreezer;
+    use crate::host::persist::Persister;
+    use crate::process::ProcessTable;
+    use crate::restore::RestoreOptions;
+    use crate::restore::record::TemplateRecord;
+
+    fn entry(pid: u32, start_time: Option<u64>) -> TemplateProcess {
+        TemplateProcess {
+            cmd: "server".into(),
+            args: Vec::new(),
+            request_envs: Default::default(),
+            requested_cwd: None,
+            env: Vec::new(),
+            user: "root".into(),
+            cwd: "/".into(),
+            tag: None,
+            stdio: RecordedStdio::Pipes { stdin: false },
+            ports: vec![8080],
+            pid,
+            start_time,
+        }
+    }
+
+    /// A tracker booted in `boot` over a record made in `recorded_boot`
+    /// holding this test process (alive) and a pid that is not.
+    fn tracker(name: &str, boot: &str, recorded_boot: &str, enabled: bool) -> Arc<TemplateProcesses> {
+        let dir = std::env::temp_dir().join(format!("envd-restore-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("boot_id"), boot).unwrap();
+        let me = std::process::id();
+        let alive = entry(me, ports::start_time(Path::new(PROC_ROOT), me));
+        let record = TemplateRecord {
+            boot_id: Some(recorded_boot.into()),
+            sandbox: Some("sbx".into()),
+            processes: vec![alive, entry(u32::MAX - 1, Some(1))],
+        };
+        let context = crate::context::ContextStore::new(ExecContext {
+            default_user: "root".into(),
+            default_workdir: None,
+            init_env: Default::default(),
+            internal_env: Default::default(),
+        });
+        let persister = Persister::new(StateFile::new(&dir), FsFreezer::new(None, Duration::from_secs(1)), None);
+        let options = RestoreOptions { enabled, limit: Duration::from_secs(1), boot_id_path: dir.join("boot_id") };
+        TemplateProcesses::new(Arc::new(ProcessTable::default()), context, persister, record, options)
+    }
+
+    #[tokio::test]
+    async fn the_boot_id_decides_what_is_started_again() {
+        let restart = tracker("restart", "boot-1", "boot-1", true);
+        let (pending, changed) = restart.take_pending();
+        assert!(pending.is_empty(), "an envd restart in the same boot starts nothing");
+        assert!(changed, "the entry whose process is gone was dropped");
+        assert_eq!(restart.inner().record.processes.len(), 1);
+
+        let cold_boot = tracker("reboot", "boot-2", "boot-1", true);
+        let (pending, changed) = cold_boot.take_pending();
+        assert_eq!((pending.len(), changed), (2, true));
+        assert_eq!(cold_boot.inner().record.boot_id.as_deref(), Some("boot-2"));
+
+        let off = tracker("off", "boot-2", "boot-1", false);
+        let (pending, changed) = off.take_pending();
+        assert_eq!((pending.len(), changed), (0, true));
+        assert!(off.inner().record.processes.is_empty(), "nothing runs, so nothing stays recorded");
+        for name in ["restart", "reboot", "off"] {
+            let _ = std::fs::remove_dir_all(
+                std::env::temp_dir().join(format!("envd-restore-{name}-{}", std::process::id())),
+            );
+        }
+    }
+}
