@@ -70,6 +70,17 @@ pub struct Config {
     /// Abort an upload whose body sends nothing for this long.
     #[arg(long, value_name = "SECONDS", default_value_t = 60)]
     pub upload_idle_timeout: u64,
+    /// Do not start the template's processes again after a cold boot.
+    #[arg(long)]
+    pub no_restore: bool,
+    /// Longest the first /init after a cold boot waits for the restored
+    /// processes to listen again.
+    #[arg(long, value_name = "SECONDS", default_value_t = 30)]
+    pub restore_limit: u64,
+    /// The file holding the current boot id (tells a cold boot from an
+    /// envd restart).
+    #[arg(long, value_name = "PATH", default_value = crate::restore::record::BOOT_ID_PATH)]
+    pub boot_id_path: PathBuf,
     /// Log debug details.
     #[arg(long)]
     pub verbose: bool,
@@ -93,6 +104,9 @@ const LONG_FLAGS: &[&str] = &[
     "freeze-path",
     "freeze-deadline",
     "upload-idle-timeout",
+    "no-restore",
+    "restore-limit",
+    "boot-id-path",
     "verbose",
     "help",
 ];
@@ -125,6 +139,15 @@ impl Config {
             (Some(path), _) => Some(path),
             (None, true) => None,
             (None, false) => Some(std::path::Path::new("/")),
+        }
+    }
+
+    /// How template processes are restored.
+    pub fn restore_options(&self) -> crate::restore::RestoreOptions {
+        crate::restore::RestoreOptions {
+            enabled: !self.no_restore,
+            limit: Duration::from_secs(self.restore_limit),
+            boot_id_path: self.boot_id_path.clone(),
         }
     }
 

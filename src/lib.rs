@@ -18,6 +18,8 @@ pub mod host;
 pub mod process;
 /// Generated protobuf messages and Connect service traits.
 pub mod proto;
+/// Restored processes: the template's running processes, back after a cold boot.
+pub mod restore;
 /// One listener, one router: Connect services, HTTP routes, auth, CORS.
 pub mod server;
 /// envd's own log lines, through a queue that never blocks the daemon.

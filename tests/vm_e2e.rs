@@ -7,7 +7,10 @@
 //! 2. memory resume: a background process and a file, QMP stop + migrate to
 //!    a file, a new qemu restores it, `/init` again, the process still runs;
 //! 3. filesystem-only resume: a file, the pause hook freezes `/`, qemu is
-//!    killed, a new qemu boots the same disk; no `/init` first.
+//!    killed, a new qemu boots the same disk; no `/init` first;
+//! 4. restored processes: a server started as in a template build, a
+//!    memory snapshot resumed under a new identity, then a cold boot: the
+//!    server answers when `/init` is acknowledged.
 //!
 //! Run it with `tests/vm/run.sh` (installs qemu etc., builds or reuses the
 //! cached image). It is `#[ignore]`d so that a plain `cargo test` does not
@@ -172,6 +175,7 @@ impl Run {
             memory_mib: env_or("ENVD_VM_MEMORY_MIB", 512),
             mmds_port: mmds.port,
             verbose_console: std::env::var_os("ENVD_VM_VERBOSE_CONSOLE").is_some(),
+            guest_ports: vec![harness::restored_processes::SERVER_PORT],
         };
         Ok(Run {
             spec,
@@ -658,7 +662,8 @@ fn vm_e2e_both_resume_paths() {
     let started = Instant::now();
     let result = cold_boot_phase(&mut run).and_then(|facts| {
         memory_phase(&mut run, &facts)?;
-        filesystem_phase(&mut run, &facts)
+        filesystem_phase(&mut run, &facts)?;
+        harness::restored_processes::phase(&mut run)
     });
     finish(run, result, started);
 }

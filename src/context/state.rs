@@ -10,6 +10,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::restore::record::TemplateRecord;
+
 /// The file name under the state directory.
 const FILE_NAME: &str = "exec-context.json";
 /// Bumped when the layout changes incompatibly.
@@ -29,6 +31,10 @@ pub struct SavedContext {
     /// Whether an access token was in force: after a cold boot envd then
     /// refuses token-protected requests until it knows the token or its hash.
     pub secured: bool,
+    /// The template processes a cold boot starts again (absent in files
+    /// written before they were recorded).
+    #[serde(default)]
+    pub template_processes: TemplateRecord,
 }
 
 impl SavedContext {
@@ -51,7 +57,14 @@ impl SavedContext {
         env_vars: BTreeMap<String, String>,
         secured: bool,
     ) -> Self {
-        Self { format: FORMAT, default_user, default_workdir, env_vars, secured }
+        Self {
+            format: FORMAT,
+            default_user,
+            default_workdir,
+            env_vars,
+            secured,
+            template_processes: TemplateRecord::default(),
+        }
     }
 }
 

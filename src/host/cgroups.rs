@@ -29,6 +29,10 @@ const ALLOWLIST: &[&str] = &[
     "socats",
 ];
 
+/// The tag of processes the orchestrator starts for maintenance: they
+/// stay in envd's cgroup, so a freeze never stops them.
+pub const SYSTEM_TAG: &str = "_system";
+
 /// Which cgroup a process joins.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Slot {
@@ -36,6 +40,17 @@ pub enum Slot {
     User,
     /// Terminals.
     Ptys,
+}
+
+impl Slot {
+    /// Where a process with this tag and kind of stdio goes, if anywhere.
+    pub fn for_process(tag: Option<&str>, pty: bool) -> Option<Slot> {
+        match (tag, pty) {
+            (Some(SYSTEM_TAG), _) => None,
+            (_, true) => Some(Slot::Ptys),
+            (_, false) => Some(Slot::User),
+        }
+    }
 }
 
 /// How much to freeze.

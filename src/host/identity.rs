@@ -76,6 +76,14 @@ impl Identity {
         tracing::warn!("metadata service did not answer after /init");
     }
 
+    /// One read now, bounded by `limit`, applied as after an `/init`:
+    /// the sandbox id it holds, or `None` when the service did not answer.
+    pub async fn read_now(&self, limit: Duration) -> Option<String> {
+        let metadata = tokio::time::timeout(limit, self.client.read()).await.ok()?.ok()?;
+        self.apply(&metadata, false);
+        metadata.instance_id.filter(|id| !id.is_empty())
+    }
+
     /// The token hash the service holds now (one read), for `/init`.
     pub async fn token_hash(&self) -> Option<String> {
         let hash = self.client.read().await.ok()?.access_token_hash?;

@@ -16,6 +16,11 @@ use super::persist::Persister;
 use crate::auth::{AccessGuard, Secret, sha512_hex};
 use crate::context::state::SavedContext;
 use crate::context::{ContextStore, INTERNAL_ENV_VARS};
+use crate::restore::TemplateProcesses;
+
+/// Longest wait for the metadata service's sandbox id before `/init` is
+/// acknowledged (it answers in microseconds inside a VM).
+const IDENTITY_READ_LIMIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Why `/init` was refused.
 #[derive(Debug, thiserror::Error)]
@@ -107,6 +112,9 @@ pub struct Initializer {
     workload: std::sync::Arc<Workload>,
     /// The metadata service, if any.
     identity: Option<Identity>,
+    /// Template processes: restored before the first `/init` is
+    /// acknowledged, recorded when the sandbox identity changes.
+    templates: Option<std::sync::Arc<TemplateProcesses>>,
 }
 
 impl Initializer {
@@ -121,7 +129,14 @@ impl Initializer {
             persister: None,
             workload: Default::default(),
             identity: None,
+            templates: None,
         }
+    }
+
+    /// Waits for restored processes and records template processes.
+    pub fn with_templates(mut self, templates: std::sync::Arc<TemplateProcesses>) -> Self {
+        self.templates = Some(templates);
+        self
     }
 
     /// Saves the exec context through `persister` after each change.
@@ -145,6 +160,16 @@ impl Initializer {
     /// Handles one `/init` body.
     pub async fn init(&self, body: &[u8]) -> Result<(), InitError> {
         self.init_with(body, &self.identity).await?;
+        if let Some(templates) = &self.templates {
+            templates.restored().await;
+            // Read now, not in the background: a process started right
+            // after this `/init` belongs to the new identity.
+            let sandbox = match &self.identity {
+                Some(identity) => identity.read_now(IDENTITY_READ_LIMIT).await,
+                None => None,
+            };
+            templates.identity_settled(sandbox).await;
+        }
         if let Some(identity) = self.identity.clone() {
             tokio::spawn(identity.refresh());
         }

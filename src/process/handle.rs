@@ -81,6 +81,8 @@ pub struct ProcessHandle {
     tree: ProcessTree,
     /// Set once the process itself is reaped: its pid is free again.
     reaped: watch::Sender<bool>,
+    /// The end, once the process was reaped and its output drained.
+    ended: watch::Sender<Option<EndStatus>>,
 }
 
 impl ProcessHandle {
@@ -95,6 +97,7 @@ impl ProcessHandle {
             stop_waiting: watch::channel(false).0,
             tree,
             reaped: watch::channel(false).0,
+            ended: watch::channel(None).0,
         }
     }
 
@@ -176,11 +179,22 @@ impl ProcessHandle {
             fanout.end = Some(end.clone());
             std::mem::take(&mut fanout.subscribers)
         };
+        self.ended.send_replace(Some(end.clone()));
         for subscriber in subscribers {
             let end = end.clone();
             tokio::spawn(async move {
                 let _ = subscriber.send(Event::End(end)).await;
             });
+        }
+    }
+
+    /// Resolves with the end once the process has ended, without
+    /// subscribing to its output.
+    pub async fn ended(&self) -> EndStatus {
+        let mut ended = self.ended.subscribe();
+        match ended.wait_for(Option::is_some).await {
+            Ok(end) => end.clone().unwrap_or_else(|| EndStatus::from_wait_error(&std::io::Error::other("no end"))),
+            Err(_) => EndStatus::from_wait_error(&std::io::Error::other("no end")),
         }
     }
 

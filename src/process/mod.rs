@@ -120,6 +120,8 @@ pub struct StartSpec {
 pub struct Started {
     /// Its pid, for the start event.
     pub pid: u32,
+    /// The process, for whoever keeps track of it.
+    pub handle: Arc<ProcessHandle>,
     /// Events from the first byte of output on.
     pub events: tokio::sync::mpsc::Receiver<Event>,
 }
@@ -174,8 +176,8 @@ pub fn start(table: &Arc<ProcessTable>, spec: StartSpec) -> Result<Started, Proc
     if let Some(stderr) = child.stderr.take() {
         readers.push(tokio::spawn(pump(handle.clone(), stderr, Output::Stderr)));
     }
-    tokio::spawn(supervise(table.clone(), handle, child, readers, spec.deadline));
-    Ok(Started { pid, events })
+    tokio::spawn(supervise(table.clone(), handle.clone(), child, readers, spec.deadline));
+    Ok(Started { pid, handle, events })
 }
 
 /// Each chunk is read into its own buffer and handed on without a copy:

@@ -13,14 +13,13 @@ use crate::host::cgroups::{Placement, Slot};
 use crate::process::spawn::StdioMode;
 use crate::process::{self, CommandConfig, EndStatus, Event, Found, Output, Selector, StartSpec, Subscription};
 use crate::proto::process as pb;
+use crate::restore::Recipe;
 use pb::__buffa::oneof::process_event::Event as PbEvent;
 use pb::__buffa::oneof::process_event::data_event::Output as PbOutput;
 use pb::__buffa::oneof::process_input::Input as PbInput;
 use pb::__buffa::oneof::process_selector::Selector as PbSelector;
 use pb::__buffa::oneof::stream_input_request::Event as PbInputEvent;
 
-/// Processes started by the orchestrator for maintenance: never frozen.
-const SYSTEM_TAG: &str = "_system";
 /// How long SendSignal waits for a SIGKILLed command's processes to go.
 const SIGKILL_WAIT: Duration = Duration::from_secs(5);
 /// How long it waits after SIGTERM, which a process may handle or ignore.
@@ -53,11 +52,8 @@ impl ProcessService {
             }
             None => StdioMode::Pipes { stdin: request.stdin.unwrap_or(true) },
         };
-        let placement = match (request.tag.as_deref(), stdio) {
-            (Some(SYSTEM_TAG), _) => Placement::Outside,
-            (_, StdioMode::Pty { .. }) => self.state.workload.place(Slot::Ptys),
-            (_, StdioMode::Pipes { .. }) => self.state.workload.place(Slot::User),
-        };
+        let placement = Slot::for_process(request.tag.as_deref(), matches!(stdio, StdioMode::Pty { .. }))
+            .map_or(Placement::Outside, |slot| self.state.workload.place(slot));
         Ok(StartSpec {
             config: CommandConfig {
                 cmd: config.cmd,
@@ -208,8 +204,10 @@ impl pb::Process for ProcessService {
     ) -> ServiceResult<ServiceStream<pb::StartResponse>> {
         let spec = self.start_spec(&ctx, request.to_owned_message())?;
         let command = spec.config.cmd.clone();
+        let recipe = Recipe::of(&spec);
         let started = process::start(&self.state.processes, spec)?;
         tracing::debug!(pid = started.pid, %command, "process started");
+        self.state.templates.track(&started.handle, recipe);
         let keepalive = || start_response(keepalive_event());
         let stream = process_stream(started.pid, Subscription::Live(started.events), &ctx, start_response, keepalive);
         // The deadline is also the process's lifetime: when it kills the

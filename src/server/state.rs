@@ -15,6 +15,7 @@ use crate::host::metrics::MetricsSampler;
 use crate::host::mmds::MmdsClient;
 use crate::host::persist::Persister;
 use crate::process::ProcessTable;
+use crate::restore::TemplateProcesses;
 
 /// Shared state of the daemon.
 #[derive(Debug)]
@@ -27,6 +28,8 @@ pub struct AppState {
     pub context: ContextStore,
     /// Running processes.
     pub processes: Arc<ProcessTable>,
+    /// Template processes: recorded, and restored after a cold boot.
+    pub templates: Arc<TemplateProcesses>,
     /// `/init`.
     pub initializer: Initializer,
     /// `/metrics`.
@@ -108,24 +111,37 @@ impl AppState {
         }
         let workload =
             Arc::new(if config.no_cgroups { Workload::default() } else { Workload::setup(&config.cgroup_root) });
+        let template_record = saved.as_ref().map(|s| s.template_processes.clone()).unwrap_or_default();
         let persister = Persister::new(state_file, freezer.clone(), saved);
+        let processes = Arc::new(ProcessTable::default());
+        let templates = TemplateProcesses::new(
+            processes.clone(),
+            context.clone(),
+            persister.clone(),
+            template_record,
+            config.restore_options(),
+        );
         let mut initializer = Initializer::new(!config.dev, guard.clone(), context.clone())
             .with_persister(persister)
-            .with_workload(workload.clone());
+            .with_workload(workload.clone())
+            .with_templates(templates.clone());
         if !config.dev {
             identity::write_identity_file(&config.run_dir, ".E2B_SANDBOX", "true", 0o444);
         }
+        let mut identity_known = None;
         if let Some(address) = config.metadata_address() {
             let identity = Identity::new(MmdsClient::new(address), guard.clone(), context.clone(), &config.run_dir);
-            tokio::spawn(identity.clone().poll_at_start());
+            identity_known = Some(tokio::spawn(identity.clone().poll_at_start()));
             initializer = initializer.with_identity(identity);
         }
+        templates.restore_at_start(workload.clone(), identity_known);
         Arc::new(AppState {
             initializer,
             config,
             guard,
             context,
             processes,
+            templates,
             metrics: MetricsSampler::default(),
             workload,
             freezer,

@@ -42,6 +42,7 @@ pub struct Mmds {
     pub reads: Arc<AtomicU64>,
     /// Requests of any kind so far.
     pub requests: Arc<AtomicU64>,
+    metadata: Arc<Mutex<Value>>,
 }
 
 impl Mmds {
@@ -75,7 +76,8 @@ impl Mmds {
     pub fn serve(listener: TcpListener, metadata: Value) -> Mmds {
         let port = listener.local_addr().unwrap().port();
         listener.set_nonblocking(true).unwrap();
-        let m = Mutex::new(metadata);
+        let metadata = Arc::new(Mutex::new(metadata));
+        let m = metadata.clone();
         let stop = Arc::new(AtomicBool::new(false));
         let fault = Arc::new(Mutex::new(Fault::None));
         let reads = Arc::new(AtomicU64::new(0));
@@ -95,7 +97,13 @@ impl Mmds {
                 }
             }
         });
-        Mmds { port, stop, fault, reads, requests }
+        Mmds { port, stop, fault, reads, requests, metadata }
+    }
+
+    /// Replaces what the service answers from now on (as the host rewrites
+    /// it before resuming a snapshot into a new sandbox).
+    pub fn set(&self, metadata: Value) {
+        *self.metadata.lock().unwrap() = metadata;
     }
 
     fn answer(

@@ -38,6 +38,8 @@ pub struct VmSpec {
     pub mmds_port: u16,
     /// Drop `quiet` from the kernel command line.
     pub verbose_console: bool,
+    /// Guest TCP ports forwarded from host loopback too (servers in the guest).
+    pub guest_ports: Vec<u16>,
 }
 
 /// A running qemu. Killed (SIGKILL) when dropped; the child also gets
@@ -52,6 +54,8 @@ pub struct Vm {
     pub port: u16,
     /// When qemu was spawned.
     pub started: Instant,
+    /// (guest port, host port) of `spec.guest_ports`.
+    pub forwards: Vec<(u16, u16)>,
     child: Option<Child>,
     qmp: Option<Qmp>,
 }
@@ -85,9 +89,12 @@ impl Vm {
             if !spec.verbose_console {
                 append.push_str(" quiet");
             }
+            let forwards: Vec<(u16, u16)> = spec.guest_ports.iter().map(|&guest| (guest, free_port())).collect();
+            let extra: String =
+                forwards.iter().map(|(guest, host)| format!("hostfwd=tcp:127.0.0.1:{host}-:{guest},")).collect();
             let netdev = format!(
                 "user,id=n0,restrict=on,net=169.254.169.0/24,host=169.254.169.2,\
-                 hostfwd=tcp:127.0.0.1:{port}-:{ENVD_PORT},\
+                 hostfwd=tcp:127.0.0.1:{port}-:{ENVD_PORT},{extra}\
                  guestfwd=tcp:169.254.169.254:80-cmd:socat STDIO TCP:127.0.0.1:{}",
                 spec.mmds_port
             );
@@ -128,7 +135,15 @@ impl Vm {
             let started = Instant::now();
             let child =
                 command.spawn().map_err(|e| format!("spawning qemu-system-x86_64: {e} (run tests/vm/setup.sh)"))?;
-            let mut vm = Vm { spec: spec.clone(), name: name.to_owned(), port, started, child: Some(child), qmp: None };
+            let mut vm = Vm {
+                spec: spec.clone(),
+                name: name.to_owned(),
+                port,
+                started,
+                forwards,
+                child: Some(child),
+                qmp: None,
+            };
             // A taken port makes qemu exit at once; anything else shows up later.
             std::thread::sleep(Duration::from_millis(150));
             match vm.check_alive() {
@@ -205,6 +220,11 @@ impl Vm {
         let took = start.elapsed();
         self.quit()?;
         Ok(took)
+    }
+
+    /// The host port forwarded to `guest`, if it is one of `guest_ports`.
+    pub fn host_port(&self, guest: u16) -> Option<u16> {
+        self.forwards.iter().find(|(g, _)| *g == guest).map(|(_, host)| *host)
     }
 
     /// After `start(.., Some(snapshot))`: waits for the state to load
