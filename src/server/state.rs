@@ -113,7 +113,6 @@ impl AppState {
             Arc::new(if config.no_cgroups { Workload::default() } else { Workload::setup(&config.cgroup_root) });
         let template_record = saved.as_ref().map(|s| s.template_processes.clone()).unwrap_or_default();
         let persister = Persister::new(state_file, freezer.clone(), saved);
-        let processes = Arc::new(ProcessTable::default());
         let templates = TemplateProcesses::new(
             processes.clone(),
             context.clone(),
