@@ -49,6 +49,17 @@ fn record_commit() {
     if let Some(commit) = commit {
         println!("cargo:rustc-env=ENVD_COMMIT={}", commit.trim());
     }
-    println!("cargo:rerun-if-changed=.git/HEAD");
-    println!("cargo:rerun-if-changed=.git/refs/heads");
+    // Only paths that exist: a missing one (a worktree's `.git` is a file)
+    // would rerun this script, and relink envd, on every build.
+    for name in ["HEAD", "refs/heads"] {
+        let path = std::process::Command::new("git")
+            .args(["rev-parse", "--git-path", name])
+            .output()
+            .ok()
+            .filter(|out| out.status.success())
+            .and_then(|out| String::from_utf8(out.stdout).ok());
+        if let Some(path) = path.map(|p| p.trim().to_owned()).filter(|p| std::path::Path::new(p).exists()) {
+            println!("cargo:rerun-if-changed={path}");
+        }
+    }
 }

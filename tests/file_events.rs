@@ -17,16 +17,13 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::fs_rpc::{
+    CREATE_WATCHER, GET_WATCHER_EVENTS as GET_EVENTS, MAKE_DIR as MKDIR, MOVE, REMOVE, WATCH_DIR as WATCH,
+};
 use common::*;
 use http::{Method, StatusCode};
 use serde_json::{Value, json};
 
-const WATCH: &str = "/filesystem.Filesystem/WatchDir";
-const CREATE_WATCHER: &str = "/filesystem.Filesystem/CreateWatcher";
-const GET_EVENTS: &str = "/filesystem.Filesystem/GetWatcherEvents";
-const MKDIR: &str = "/filesystem.Filesystem/MakeDir";
-const MOVE: &str = "/filesystem.Filesystem/Move";
-const REMOVE: &str = "/filesystem.Filesystem/Remove";
 const BOUNDARY: &str = "envd-events-boundary";
 
 const CREATE: &str = "EVENT_TYPE_CREATE";
@@ -92,17 +89,6 @@ impl Watch {
             if matches!(self, Watch::Polling { .. }) {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
-        }
-    }
-}
-
-async fn next_fs_event(stream: &mut ConnectStream) -> Value {
-    loop {
-        let frame = stream.next_frame().await.expect("stream still open");
-        assert!(!frame.is_end(), "stream ended: {:?}", frame.end_error());
-        let message = frame.json();
-        if message.get("keepalive").is_none() {
-            return message["filesystem"].clone();
         }
     }
 }

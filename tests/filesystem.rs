@@ -8,19 +8,13 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::time::Duration;
 
+use common::fs_rpc::{
+    CREATE_WATCHER, GET_WATCHER_EVENTS as GET_EVENTS, LIST_DIR as LIST, MAKE_DIR as MKDIR, MOVE, REMOVE,
+    REMOVE_WATCHER, STAT, WATCH_DIR as WATCH,
+};
 use common::*;
 use http::StatusCode;
 use serde_json::{Value, json};
-
-const STAT: &str = "/filesystem.Filesystem/Stat";
-const LIST: &str = "/filesystem.Filesystem/ListDir";
-const MKDIR: &str = "/filesystem.Filesystem/MakeDir";
-const MOVE: &str = "/filesystem.Filesystem/Move";
-const REMOVE: &str = "/filesystem.Filesystem/Remove";
-const WATCH: &str = "/filesystem.Filesystem/WatchDir";
-const CREATE_WATCHER: &str = "/filesystem.Filesystem/CreateWatcher";
-const GET_EVENTS: &str = "/filesystem.Filesystem/GetWatcherEvents";
-const REMOVE_WATCHER: &str = "/filesystem.Filesystem/RemoveWatcher";
 
 fn set_xattr(path: &Path, name: &str, value: &str) {
     let status = std::process::Command::new("setfattr").args(["-n", name, "-v", value]).arg(path).status();
@@ -200,18 +194,6 @@ fn current_umask() -> u32 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap();
     let line = status.lines().find(|l| l.starts_with("Umask:")).unwrap();
     u32::from_str_radix(line.split_whitespace().nth(1).unwrap(), 8).unwrap()
-}
-
-/// The next filesystem event of a WatchDir stream, skipping keep-alives.
-async fn next_fs_event(stream: &mut ConnectStream) -> Value {
-    loop {
-        let frame = stream.next_frame().await.expect("stream still open");
-        assert!(!frame.is_end(), "stream ended: {:?}", frame.end_error());
-        let message = frame.json();
-        if message.get("keepalive").is_none() {
-            return message["filesystem"].clone();
-        }
-    }
 }
 
 #[tokio::test]

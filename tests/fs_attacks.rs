@@ -13,17 +13,10 @@ use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
 use common::attacker::Swapper;
+use common::fs_rpc::{CREATE_WATCHER, LIST_DIR as LIST, MAKE_DIR as MKDIR, MOVE, REMOVE, STAT, WATCH_DIR as WATCH};
 use common::*;
 use http::{Method, StatusCode};
 use serde_json::json;
-
-const STAT: &str = "/filesystem.Filesystem/Stat";
-const LIST: &str = "/filesystem.Filesystem/ListDir";
-const MKDIR: &str = "/filesystem.Filesystem/MakeDir";
-const MOVE: &str = "/filesystem.Filesystem/Move";
-const REMOVE: &str = "/filesystem.Filesystem/Remove";
-const WATCH: &str = "/filesystem.Filesystem/WatchDir";
-const CREATE_WATCHER: &str = "/filesystem.Filesystem/CreateWatcher";
 
 /// Requests made against each racing attacker.
 const ITERATIONS: usize = 300;

@@ -17,16 +17,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use common::footprint::{Footprint, Row, Sampler, Slack, knob, print_table, settle};
+use common::fs_rpc::{LIST_DIR, STAT, WATCH_DIR as WATCH};
 use common::pb::process_event::Event as PbEvent;
 use common::pb::process_event::data_event::Output as PbOutput;
 use common::*;
 use prost::Message;
 use serde_json::json;
 use tokio::task::JoinSet;
-
-const STAT: &str = "/filesystem.Filesystem/Stat";
-const LIST_DIR: &str = "/filesystem.Filesystem/ListDir";
-const WATCH: &str = "/filesystem.Filesystem/WatchDir";
 
 /// How far above the baseline envd may settle once a load is gone: freed
 /// heap that the allocator keeps, and no descriptor at all.

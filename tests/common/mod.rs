@@ -90,6 +90,18 @@ pub mod fs_rpc {
     pub const REMOVE_WATCHER: &str = "/filesystem.Filesystem/RemoveWatcher";
 }
 
+/// The next filesystem event of a WatchDir stream, skipping keep-alives.
+pub async fn next_fs_event(stream: &mut ConnectStream) -> Value {
+    loop {
+        let frame = stream.next_frame().await.expect("stream still open");
+        assert!(!frame.is_end(), "stream ended: {:?}", frame.end_error());
+        let message = frame.json();
+        if message.get("keepalive").is_none() {
+            return message["filesystem"].clone();
+        }
+    }
+}
+
 /// How long any single wait on envd may take before the test fails.
 pub const PATIENCE: Duration = Duration::from_secs(30);
 /// How long envd may take to answer `/health` after its start.
