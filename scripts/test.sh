@@ -32,6 +32,9 @@ bash tests/sdk/run.sh
 step "E2B JS SDK against envd"
 bash tests/sdk-js/run.sh
 
+step "benchmark smoke run (every figure produced; speed is not judged)"
+bash scripts/bench.sh --quick --out target/bench-quick
+
 if [[ -z "${ENVD_SKIP_VM:-}" && -x tests/vm/run.sh ]]; then
     step "VM end-to-end: memory resume and cold boot"
     # The image is cached outside the clone so fresh clones reuse it.
