@@ -13,6 +13,7 @@ mod rpc_gate;
 mod state;
 mod stream;
 
+use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -95,14 +96,36 @@ async fn serve(config: Config) -> Result<(), ServerError> {
     }
 }
 
+/// The Connect services of `rpc` as envd serves them: behind the routing
+/// checks, with envd's message limits.
+#[doc(hidden)]
+pub fn rpc_service(
+    rpc: connectrpc::Router,
+) -> impl tower::Service<axum::extract::Request, Response = axum::response::Response, Error = Infallible, Future = impl Send>
++ Clone
++ Send
++ 'static {
+    let methods = rpc_gate::method_kinds(&rpc);
+    let rpc = connectrpc::ConnectRpcService::new(rpc)
+        .with_limits(Limits::unlimited().with_max_message_size(MAX_MESSAGE_BYTES));
+    rpc_gate::gate(rpc, methods)
+}
+
+/// Parsers of outside input that live inside the server, for the fuzz
+/// targets (see `fuzz/`).
+#[doc(hidden)]
+pub mod parsers {
+    pub use super::files_http::{PartSummary, check_signed_query, read_multipart};
+    pub use super::rpc_gate::valid_timeout;
+    pub use super::rpc_service;
+    pub use super::stream::keepalive_interval;
+}
+
 fn router(state: Arc<AppState>) -> axum::Router {
     let rpc = connectrpc::Router::new()
         .add_service(Arc::new(ProcessService::new(state.clone())))
         .add_service(Arc::new(filesystem_rpc::FilesystemService::new(state.clone())));
-    let methods = rpc_gate::method_kinds(&rpc);
-    let rpc = connectrpc::ConnectRpcService::new(rpc)
-        .with_limits(Limits::unlimited().with_max_message_size(MAX_MESSAGE_BYTES));
-    let rpc = rpc_gate::gate(rpc, methods);
+    let rpc = rpc_service(rpc);
     axum::Router::new()
         .route("/health", get(http_api::health))
         .route("/init", post(http_api::init))
