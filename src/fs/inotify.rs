@@ -1,11 +1,20 @@
 //! A thin async inotify: one non-blocking instance per watcher, read
 //! through tokio's reactor. The only unsafe calls of the watchers live here.
+//!
+//! Instances are counted against `fs.inotify.max_user_instances`, which the
+//! kernel applies per uid: envd runs as root, so every instance it holds is
+//! one fewer for every other root process of the VM (systemd, editors,
+//! language servers). An [`InotifyBudget`] takes a slot before the instance
+//! is created and the slot is returned after its descriptor is closed, so
+//! envd never holds more than half of the kernel's limit.
 
 use std::ffi::{CString, OsString};
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
@@ -25,6 +34,68 @@ const HEADER: usize = 16;
 /// One read takes whatever fits; the kernel queue holds the rest.
 const READ_BUFFER: usize = 64 * 1024;
 
+/// Where the kernel states its per-uid limit of inotify instances.
+pub const MAX_USER_INSTANCES: &str = "/proc/sys/fs/inotify/max_user_instances";
+/// The kernel's default, assumed when the limit cannot be read.
+const DEFAULT_MAX_USER_INSTANCES: usize = 128;
+
+/// How many inotify instances envd may hold at once: half of the kernel's
+/// per-uid limit, the other half left to the rest of the system. Clones
+/// share one count.
+#[derive(Debug, Clone)]
+pub struct InotifyBudget {
+    limit: usize,
+    kernel_limit: usize,
+    used: Arc<AtomicUsize>,
+}
+
+/// One taken slot of an [`InotifyBudget`], given back on drop.
+#[derive(Debug)]
+pub struct InotifySlot {
+    used: Arc<AtomicUsize>,
+}
+
+impl Drop for InotifySlot {
+    fn drop(&mut self) {
+        self.used.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl InotifyBudget {
+    /// Half of the limit stated in `limit_file` (the kernel default when
+    /// it cannot be read).
+    pub fn from_kernel(limit_file: &Path) -> Self {
+        let kernel_limit = std::fs::read_to_string(limit_file)
+            .ok()
+            .and_then(|text| text.trim().parse::<usize>().ok())
+            .unwrap_or(DEFAULT_MAX_USER_INSTANCES);
+        Self { limit: kernel_limit / 2, kernel_limit, used: Arc::default() }
+    }
+
+    /// A budget of exactly `limit` instances (for tests).
+    pub fn new(limit: usize) -> Self {
+        Self { limit, kernel_limit: limit.saturating_mul(2), used: Arc::default() }
+    }
+
+    /// The most instances envd may hold.
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
+    /// The kernel's per-uid limit the budget was derived from.
+    pub fn kernel_limit(&self) -> usize {
+        self.kernel_limit
+    }
+
+    /// A slot, unless all are taken.
+    pub fn take(&self) -> Option<InotifySlot> {
+        self.used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| (used < self.limit).then_some(used + 1))
+            .ok()
+            .map(|_| InotifySlot { used: self.used.clone() })
+    }
+}
+
 /// One inotify record.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RawEvent {
@@ -43,11 +114,13 @@ pub struct RawEvent {
 pub struct Inotify {
     fd: AsyncFd<OwnedFd>,
     buffer: Vec<u8>,
+    /// Declared after `fd`: given back only once the descriptor is closed.
+    _slot: InotifySlot,
 }
 
 impl Inotify {
-    /// A new instance; needs a tokio runtime.
-    pub fn new() -> io::Result<Self> {
+    /// A new instance, counted in `slot`'s budget; needs a tokio runtime.
+    pub fn new(slot: InotifySlot) -> io::Result<Self> {
         // SAFETY: plain syscall with flags; the result is checked below.
         let raw = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
         if raw < 0 {
@@ -58,7 +131,7 @@ impl Inotify {
         // SAFETY: the OwnedFd is moved into the AsyncFd and stays open, the
         // same descriptor, until the AsyncFd is dropped.
         let fd = unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }.map_err(|e| e.into_parts().1)?;
-        Ok(Self { fd, buffer: vec![0; READ_BUFFER] })
+        Ok(Self { fd, buffer: vec![0; READ_BUFFER], _slot: slot })
     }
 
     /// Watches the directory `path` (following a final symlink only when
@@ -139,11 +212,31 @@ mod tests {
         assert_eq!(events[1].name, None);
     }
 
+    #[test]
+    fn budget_counts_slots_until_dropped() {
+        let budget = InotifyBudget::new(2);
+        let first = budget.take().unwrap();
+        let _second = budget.clone().take().unwrap();
+        assert!(budget.take().is_none(), "clones share the count");
+        drop(first);
+        assert!(budget.take().is_some());
+    }
+
+    #[test]
+    fn budget_is_half_the_kernel_limit() {
+        let file = std::env::temp_dir().join(format!("envd-inotify-limit-{}", std::process::id()));
+        std::fs::write(&file, "1000\n").unwrap();
+        assert_eq!(InotifyBudget::from_kernel(&file).limit(), 500);
+        std::fs::remove_file(&file).unwrap();
+        let missing = InotifyBudget::from_kernel(&file);
+        assert_eq!((missing.limit(), missing.kernel_limit()), (64, 128));
+    }
+
     #[tokio::test]
     async fn reports_a_created_file() {
         let dir = std::env::temp_dir().join(format!("envd-inotify-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let mut inotify = Inotify::new().unwrap();
+        let mut inotify = Inotify::new(InotifyBudget::new(1).take().unwrap()).unwrap();
         let wd = inotify.add_watch(&dir, false).unwrap();
         std::fs::write(dir.join("x"), b"1").unwrap();
         let events = inotify.read().await.unwrap();

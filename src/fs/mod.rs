@@ -28,6 +28,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 pub use entry::{Entry, FileKind, Owners};
+pub use inotify::{InotifyBudget, MAX_USER_INSTANCES};
 
 /// Who owns what an operation creates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -88,6 +89,9 @@ pub enum FsError {
     /// A watcher's kernel or envd queue overflowed.
     #[error("{0}")]
     WatchOverflow(String),
+    /// envd's share of the kernel's inotify instances or watches is used up.
+    #[error("{0}")]
+    WatchLimit(String),
     /// Any other system error.
     #[error("{op} {}: {source}", .path.display())]
     Io {

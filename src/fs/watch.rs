@@ -11,7 +11,7 @@ use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 
 use super::entry::{Entry, Owners, entry_info};
-use super::inotify::{Inotify, RawEvent};
+use super::inotify::{Inotify, InotifyBudget, MAX_USER_INSTANCES, RawEvent};
 use super::temp_events::{Seen, TempEvents};
 use super::transfer::is_temp_name;
 use super::{FsError, display};
@@ -79,9 +79,10 @@ pub struct Watcher {
 }
 
 impl Watcher {
-    /// Validates `root` and starts watching it. Needs a tokio runtime;
-    /// blocking for large recursive trees.
-    pub fn start(root: &Path, options: WatchOptions) -> Result<Self, FsError> {
+    /// Validates `root` and starts watching it with an inotify instance
+    /// from `budget`. Needs a tokio runtime; blocking for large recursive
+    /// trees.
+    pub fn start(root: &Path, options: WatchOptions, budget: &InotifyBudget) -> Result<Self, FsError> {
         // The root may itself be a symlink to a directory: it is followed
         // under the rule for users' symlinks, and watched where it leads.
         let (dir, _) = super::resolve::open_dir(root)?;
@@ -90,7 +91,15 @@ impl Watcher {
         if !options.allow_network_mounts && is_network_mount(&real_root)? {
             return Err(FsError::NetworkMount(root.to_owned()));
         }
-        let inotify = Inotify::new().map_err(|e| watch_error(root, e))?;
+        let slot = budget.take().ok_or_else(|| {
+            FsError::WatchLimit(format!(
+                "too many watchers: envd holds at most {} inotify instances (half of {MAX_USER_INSTANCES} = {}); \
+                 remove a watcher or close a WatchDir stream",
+                budget.limit(),
+                budget.kernel_limit()
+            ))
+        })?;
+        let inotify = Inotify::new(slot).map_err(|e| watch_error(root, e))?;
         let root_wd = inotify.add_watch(&real_root, true).map_err(|e| watch_error(root, e))?;
         let mut watcher = Self {
             inotify,
@@ -262,10 +271,20 @@ fn is_network_mount(path: &Path) -> Result<bool, FsError> {
     Ok(NETWORK_MAGICS.contains(&magic))
 }
 
-/// inotify failures (limits reached, bad fd) are internal: never "not
-/// found" or "disk full", whatever the errno.
+/// The kernel's inotify limits are a resource limit to the client; other
+/// inotify failures (bad fd, no memory) are internal: never "not found" or
+/// "disk full", whatever the errno.
 fn watch_error(path: &Path, source: std::io::Error) -> FsError {
-    FsError::Io { op: "watch", path: path.to_owned(), source }
+    match source.raw_os_error() {
+        Some(libc::EMFILE) => FsError::WatchLimit(format!(
+            "the system's inotify instances are exhausted ({MAX_USER_INSTANCES}); remove a watcher and retry"
+        )),
+        Some(libc::ENOSPC) => FsError::WatchLimit(format!(
+            "too many watched directories under {}: /proc/sys/fs/inotify/max_user_watches reached",
+            path.display()
+        )),
+        _ => FsError::Io { op: "watch", path: path.to_owned(), source },
+    }
 }
 
 #[cfg(test)]
@@ -302,7 +321,9 @@ mod tests {
         let root = std::env::temp_dir().join(format!("envd-watch-{}", std::process::id()));
         std::fs::create_dir_all(&root).unwrap();
         let options = WatchOptions { recursive: true, include_entry: true, ..Default::default() };
-        let mut watcher = Watcher::start(&root, options).unwrap();
+        let budget = InotifyBudget::new(1);
+        let mut watcher = Watcher::start(&root, options, &budget).unwrap();
+        assert!(matches!(Watcher::start(&root, options, &budget), Err(FsError::WatchLimit(_))));
         std::fs::create_dir_all(root.join("a/b")).unwrap();
         let events = collect(&mut watcher, 2).await;
         assert_eq!(events, [("a".to_owned(), EventKind::Create), ("a/b".to_owned(), EventKind::Create)]);
@@ -311,6 +332,7 @@ mod tests {
         assert_eq!((event.name.as_str(), event.kind), ("a/b/f", EventKind::Create));
         assert_eq!(event.entry.map(|e| e.path), Some(display(&root.join("a/b/f"))));
         std::fs::remove_dir_all(&root).unwrap();
-        assert!(matches!(Watcher::start(&root, options), Err(FsError::NotFound(_))));
+        drop(watcher);
+        assert!(matches!(Watcher::start(&root, options, &budget), Err(FsError::NotFound(_))));
     }
 }

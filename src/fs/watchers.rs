@@ -7,17 +7,21 @@
 //! instance closed, and every later poll returns the failure, so the client
 //! knows events were lost. A watcher that nobody polls for `idle_ttl`
 //! expires and is forgotten (later polls: not found).
+//!
+//! Each live watcher holds one inotify instance from the budget it shares
+//! with `WatchDir` streams; a failed, removed or expired watcher gives its
+//! instance back at once.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
-use tokio::task::AbortHandle;
+use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::watch::{FsEvent, WatchOptions, Watcher};
-use super::{FsError, random};
+use super::{FsError, InotifyBudget, random};
 
 /// Events a polling watcher holds between two polls.
 pub const DEFAULT_MAX_EVENTS: usize = 10_000;
@@ -45,7 +49,7 @@ struct Queue {
 #[derive(Debug)]
 struct Polled {
     queue: Mutex<Queue>,
-    task: Mutex<Option<AbortHandle>>,
+    task: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl Polled {
@@ -53,10 +57,13 @@ impl Polled {
         self.queue.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn stop(&self) {
-        if let Some(task) = self.task.lock().unwrap_or_else(|e| e.into_inner()).take() {
+    /// Aborts the pump; its watcher is dropped once the returned task ends.
+    fn stop(&self) -> Option<JoinHandle<()>> {
+        let task = self.task.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(task) = &task {
             task.abort();
         }
+        task
     }
 }
 
@@ -68,18 +75,18 @@ pub struct PollingWatchers {
     table: Arc<Table>,
     max_events: usize,
     idle_ttl: Duration,
-}
-
-impl Default for PollingWatchers {
-    fn default() -> Self {
-        Self::new(DEFAULT_MAX_EVENTS, DEFAULT_IDLE_TTL)
-    }
+    inotify: InotifyBudget,
 }
 
 impl PollingWatchers {
+    /// A registry with the default bounds, taking instances from `inotify`.
+    pub fn with_budget(inotify: InotifyBudget) -> Self {
+        Self::new(DEFAULT_MAX_EVENTS, DEFAULT_IDLE_TTL, inotify)
+    }
+
     /// A registry with these bounds.
-    pub fn new(max_events: usize, idle_ttl: Duration) -> Self {
-        Self { table: Arc::default(), max_events, idle_ttl }
+    pub fn new(max_events: usize, idle_ttl: Duration, inotify: InotifyBudget) -> Self {
+        Self { table: Arc::default(), max_events, idle_ttl, inotify }
     }
 
     fn table(&self) -> MutexGuard<'_, HashMap<String, Arc<Polled>>> {
@@ -89,7 +96,8 @@ impl PollingWatchers {
     /// Starts watching `root`; returns the new watcher's id (`w` + 20
     /// characters from `[a-z0-9]`).
     pub async fn create(&self, root: PathBuf, options: WatchOptions) -> Result<String, FsError> {
-        let started = tokio::task::spawn_blocking(move || Watcher::start(&root, options)).await;
+        let inotify = self.inotify.clone();
+        let started = tokio::task::spawn_blocking(move || Watcher::start(&root, options, &inotify)).await;
         let watcher = started.map_err(|e| FsError::Io {
             op: "start watcher",
             path: PathBuf::new(),
@@ -107,7 +115,7 @@ impl PollingWatchers {
             limits: (self.max_events, self.idle_ttl),
         };
         let task = tokio::spawn(pump.run(watcher));
-        *polled.task.lock().unwrap_or_else(|e| e.into_inner()) = Some(task.abort_handle());
+        *polled.task.lock().unwrap_or_else(|e| e.into_inner()) = Some(task);
         self.table().insert(id.clone(), polled);
         Ok(id)
     }
@@ -123,10 +131,14 @@ impl PollingWatchers {
         Ok(std::mem::take(&mut queue.events))
     }
 
-    /// Stops and forgets a watcher.
-    pub fn remove(&self, id: &str) -> Result<(), WatcherError> {
+    /// Stops and forgets a watcher; its inotify instance is closed when
+    /// this returns, so the slot is free for the next watcher.
+    pub async fn remove(&self, id: &str) -> Result<(), WatcherError> {
         let polled = self.table().remove(id).ok_or_else(|| WatcherError::Unknown(id.to_owned()))?;
-        polled.stop();
+        if let Some(task) = polled.stop() {
+            // Cancelled, as asked: the pump and its watcher are dropped.
+            let _ = task.await;
+        }
         Ok(())
     }
 
@@ -144,7 +156,7 @@ impl PollingWatchers {
 impl Drop for PollingWatchers {
     fn drop(&mut self) {
         for polled in self.table().values() {
-            polled.stop();
+            drop(polled.stop());
         }
     }
 }
@@ -233,7 +245,7 @@ mod tests {
     #[tokio::test]
     async fn poll_remove_and_overflow() {
         let root = dir("poll");
-        let watchers = PollingWatchers::new(3, Duration::from_secs(60));
+        let watchers = PollingWatchers::new(3, Duration::from_secs(60), InotifyBudget::new(1));
         let id = watchers.create(root.clone(), WatchOptions::default()).await.unwrap();
         assert!(id.starts_with('w') && id.len() == 21);
         std::fs::write(root.join("a"), b"").unwrap();
@@ -246,16 +258,18 @@ mod tests {
         settle().await;
         assert!(matches!(watchers.poll(&id), Err(WatcherError::Failed(_))));
         assert!(matches!(watchers.poll(&id), Err(WatcherError::Failed(_))));
-        watchers.remove(&id).unwrap();
+        let again = watchers.create(root.clone(), WatchOptions::default()).await.unwrap();
+        watchers.remove(&again).await.unwrap();
+        watchers.remove(&id).await.unwrap();
         assert_eq!(watchers.poll(&id), Err(WatcherError::Unknown(id.clone())));
-        assert_eq!(watchers.remove(&id), Err(WatcherError::Unknown(id)));
+        assert_eq!(watchers.remove(&id).await, Err(WatcherError::Unknown(id)));
         std::fs::remove_dir_all(root).unwrap();
     }
 
     #[tokio::test(start_paused = true)]
     async fn idle_watchers_expire() {
         let root = dir("idle");
-        let watchers = PollingWatchers::new(10, Duration::from_secs(60));
+        let watchers = PollingWatchers::new(10, Duration::from_secs(60), InotifyBudget::new(1));
         let id = watchers.create(root.clone(), WatchOptions::default()).await.unwrap();
         tokio::time::sleep(Duration::from_secs(45)).await;
         assert!(watchers.poll(&id).is_ok());

@@ -35,7 +35,7 @@ const FREEZE_WAIT: Duration = Duration::from_millis(100);
 /// How often `cgroup.events` is polled.
 const POLL_INTERVAL: Duration = Duration::from_millis(2);
 /// How often a lingering cgroup is checked when no inotify event came.
-const EMPTY_RECHECK: Duration = Duration::from_secs(5);
+const EMPTY_RECHECK: Duration = Duration::from_secs(1);
 /// The prefix of command cgroup names.
 pub(super) const PREFIX: &str = "cmd-";
 
@@ -115,22 +115,12 @@ impl CommandCgroup {
     }
 
     /// Holds the cgroup until its last process is gone, then lets it be
-    /// removed: wakes on `cgroup.events` changes, and rechecks now and then
-    /// in case the watch could not be set.
+    /// removed. Polled, not watched: an inotify instance per lingering
+    /// command would let a user's leftover daemons take the instances that
+    /// every root process on the machine shares.
     pub async fn release_when_empty(self: std::sync::Arc<Self>) {
-        let mut watch = crate::fs::inotify::Inotify::new().ok();
-        if let Some(inotify) = &watch
-            && inotify.add_watch(&self.dir, false).is_err()
-        {
-            watch = None;
-        }
         while self.is_populated() {
-            match watch.as_mut() {
-                Some(inotify) => {
-                    let _ = tokio::time::timeout(EMPTY_RECHECK, inotify.read()).await;
-                }
-                None => tokio::time::sleep(EMPTY_RECHECK).await,
-            }
+            tokio::time::sleep(EMPTY_RECHECK).await;
         }
     }
 }

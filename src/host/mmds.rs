@@ -68,6 +68,11 @@ pub enum MmdsError {
     BadJson(serde_json::Error),
 }
 
+/// The metadata service's JSON document, as envd reads it.
+pub fn parse_metadata(body: &[u8]) -> Result<Metadata, MmdsError> {
+    serde_json::from_slice(body).map_err(MmdsError::BadJson)
+}
+
 /// A metadata service client.
 #[derive(Debug, Clone)]
 pub struct MmdsClient {
@@ -89,7 +94,7 @@ impl MmdsClient {
             let request =
                 Request::get("/").header(TOKEN_HEADER, token).header(http::header::ACCEPT, "application/json");
             match self.send(request, Bytes::new()).await? {
-                (StatusCode::OK, body) => return serde_json::from_slice(&body).map_err(MmdsError::BadJson),
+                (StatusCode::OK, body) => return parse_metadata(&body),
                 (StatusCode::UNAUTHORIZED, _) if !retried => retried = true,
                 (status, _) => return Err(MmdsError::Status(status)),
             }

@@ -201,6 +201,8 @@ impl From<crate::fs::FsError> for ConnectError {
             | FsError::Conflict(_) => ErrorCode::InvalidArgument,
             FsError::SymlinkLoop(_) => ErrorCode::FailedPrecondition,
             FsError::PermissionDenied { .. } => ErrorCode::PermissionDenied,
+            // A watcher limit is: the client may retry after removing a watcher.
+            FsError::WatchLimit(_) => ErrorCode::ResourceExhausted,
             // Disk full is not a rate limit (resource_exhausted reads as one in the SDKs).
             FsError::NoSpace(_) | FsError::ParentIsFile(_) | FsError::WatchOverflow(_) | FsError::Io { .. } => {
                 tracing::warn!("filesystem: {err}");

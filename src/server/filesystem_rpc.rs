@@ -13,7 +13,7 @@ use super::stream::{keepalive_interval, until_deadline, with_keepalive};
 use crate::context::User;
 use crate::fs::watch::{EventKind, FsEvent, WatchOptions, Watcher};
 use crate::fs::watchers::PollingWatchers;
-use crate::fs::{self, Entry, FileKind, FsError, Owner};
+use crate::fs::{self, Entry, FileKind, FsError, InotifyBudget, Owner};
 use crate::proto::filesystem as pb;
 
 /// Very old Python SDKs (`User-Agent: connect-python`) know only the
@@ -25,13 +25,22 @@ const LEGACY_HEADER: &str = "x-e2b-legacy-sdk";
 #[derive(Debug)]
 pub struct FilesystemService {
     state: Arc<AppState>,
+    /// Shared by `WatchDir` streams and the polling watchers.
+    inotify: InotifyBudget,
     watchers: PollingWatchers,
 }
 
 impl FilesystemService {
-    /// A service over the shared state, with its own polling watchers.
+    /// A service over the shared state, with its own polling watchers; the
+    /// kernel's inotify limit is read once, here, at start-up.
     pub fn new(state: Arc<AppState>) -> Self {
-        Self { state, watchers: PollingWatchers::default() }
+        let inotify = InotifyBudget::from_kernel(std::path::Path::new(fs::MAX_USER_INSTANCES));
+        tracing::info!(
+            max_instances = inotify.limit(),
+            kernel_limit = inotify.kernel_limit(),
+            "watchers share a bounded number of inotify instances"
+        );
+        Self { state, watchers: PollingWatchers::with_budget(inotify.clone()), inotify }
     }
 
     /// The caller and `path` resolved for it.
@@ -196,7 +205,8 @@ impl pb::Filesystem for FilesystemService {
         let request = request.to_owned_message();
         let (_, path) = self.resolve(&ctx, &request.path)?;
         let options = watch_options(request.recursive, request.include_entry, request.allow_network_mounts);
-        let watcher = blocking(move || Watcher::start(&path, options)).await?;
+        let inotify = self.inotify.clone();
+        let watcher = blocking(move || Watcher::start(&path, options, &inotify)).await?;
         // The deadline bounds the watch: the watcher is dropped with the stream.
         let stream = until_deadline(watch_stream(watcher, &ctx), ctx.deadline());
         respond(&ctx, stream)
@@ -230,7 +240,7 @@ impl pb::Filesystem for FilesystemService {
         ctx: RequestContext,
         request: ServiceRequest<'_, pb::RemoveWatcherRequest>,
     ) -> ServiceResult<pb::RemoveWatcherResponse> {
-        self.watchers.remove(&request.to_owned_message().watcher_id)?;
+        self.watchers.remove(&request.to_owned_message().watcher_id).await?;
         respond(&ctx, pb::RemoveWatcherResponse::default())
     }
 }

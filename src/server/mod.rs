@@ -15,6 +15,7 @@ mod rpc_gate;
 mod state;
 mod stream;
 
+use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -133,14 +134,48 @@ async fn serve_connection(socket: tokio::net::TcpStream, app: axum::Router, _slo
     }
 }
 
+/// The Connect services of `rpc` as envd serves them: behind the routing
+/// checks, with envd's message limits.
+#[doc(hidden)]
+pub fn rpc_service(
+    rpc: connectrpc::Router,
+) -> impl tower::Service<axum::extract::Request, Response = axum::response::Response, Error = Infallible, Future = impl Send>
++ Clone
++ Send
++ 'static {
+    rpc_service_with(rpc, limits::BodyBudget::default())
+}
+
+/// The Connect services with envd's limits: small messages but for the
+/// named routes, and buffered bodies within `budget`.
+fn rpc_service_with(
+    rpc: connectrpc::Router,
+    budget: limits::BodyBudget,
+) -> impl tower::Service<axum::extract::Request, Response = axum::response::Response, Error = Infallible, Future = impl Send>
++ Clone
++ Send
++ 'static {
+    let rpc = limits::rpc_limits(rpc);
+    let methods = rpc_gate::method_kinds(&rpc);
+    let rpc = connectrpc::ConnectRpcService::new(rpc).with_limits(limits::default_rpc_limits());
+    rpc_gate::gate(rpc, methods, budget)
+}
+
+/// Parsers of outside input that live inside the server, for the fuzz
+/// targets (see `fuzz/`).
+#[doc(hidden)]
+pub mod parsers {
+    pub use super::files_http::{PartSummary, check_signed_query, read_multipart};
+    pub use super::rpc_gate::valid_timeout;
+    pub use super::rpc_service;
+    pub use super::stream::keepalive_interval;
+}
+
 fn router(state: Arc<AppState>) -> axum::Router {
     let rpc = connectrpc::Router::new()
         .add_service(Arc::new(ProcessService::new(state.clone())))
         .add_service(Arc::new(filesystem_rpc::FilesystemService::new(state.clone())));
-    let rpc = limits::rpc_limits(rpc);
-    let methods = rpc_gate::method_kinds(&rpc);
-    let rpc = connectrpc::ConnectRpcService::new(rpc).with_limits(limits::default_rpc_limits());
-    let rpc = rpc_gate::gate(rpc, methods, state.body_budget.clone());
+    let rpc = rpc_service_with(rpc, state.body_budget.clone());
     axum::Router::new()
         .route("/health", get(http_api::health))
         .route("/init", post(http_api::init))

@@ -144,7 +144,8 @@ fn drop_zero_timeout(request: &mut Request) {
     }
 }
 
-fn valid_timeout(value: &[u8]) -> bool {
+/// Whether a `Connect-Timeout-Ms` value is well formed (1 to 10 digits).
+pub fn valid_timeout(value: &[u8]) -> bool {
     !value.is_empty() && value.len() <= 10 && value.iter().all(u8::is_ascii_digit)
 }
 

@@ -5,6 +5,7 @@
 mod body;
 mod download;
 mod encoding;
+mod multipart;
 mod upload;
 
 use std::sync::Arc;
@@ -28,6 +29,7 @@ use crate::fs::transfer::Written;
 use crate::fs::{FsError, Owner};
 
 pub use download::download;
+pub use multipart::{PartSummary, read_all as read_multipart};
 pub use upload::upload;
 
 /// What went wrong with a `/files` request. Mapped to statuses in
@@ -210,6 +212,14 @@ fn parse_query(query: Result<Query<FilesQuery>, QueryRejection>) -> Result<(File
     let Query(query) = query.map_err(|rejection| QueryError(rejection.body_text()))?;
     let expiration = query.expiration()?;
     Ok((query, expiration))
+}
+
+/// The check both `/files` methods make of a request without a header
+/// token, before touching its body: query binding, expiration, signature.
+#[doc(hidden)]
+pub async fn check_signed_query(guard: &AccessGuard, uri: &http::Uri, op: Operation) -> Result<(), String> {
+    let (query, expiration) = parse_query(Query::try_from_uri(uri)).map_err(|QueryError(message)| message)?;
+    authorize(guard, &HeaderMap::new(), &query, op, expiration).await.map_err(|e| e.to_string())
 }
 
 #[cfg(test)]

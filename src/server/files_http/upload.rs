@@ -15,7 +15,8 @@ use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt;
 use http::{HeaderMap, header};
 
-use super::body::{BodyEncoding, ByteStream, HandedOut, Metered, decode, discard, reader};
+use super::body::{BodyEncoding, ByteStream, HandedOut, decode, discard, reader};
+use super::multipart;
 use super::{FilesError, FilesQuery, authorize, file_user, json_response, parse_query, written_json};
 use crate::auth::signature::Operation;
 use crate::context::{ExecContext, User};
@@ -99,8 +100,8 @@ async fn receive(
             Ok(vec![octet_stream(&plan, target, decode(raw, encoding)).await?])
         }
         "multipart/form-data" | "multipart/mixed" => {
-            let boundary = boundary(content_type)?;
-            multipart(&plan, boundary, decode(raw, encoding)).await
+            let boundary = multipart::boundary(content_type)?;
+            receive_parts(&plan, boundary, decode(raw, encoding)).await
         }
         _ => Err(FilesError::BadRequest(format!("unsupported content type '{content_type}'"))),
     }
@@ -123,17 +124,6 @@ fn metadata(headers: &HeaderMap) -> Result<Metadata, FilesError> {
         Some((key, value.as_bytes()))
     });
     Ok(Metadata::from_pairs(pairs)?)
-}
-
-fn boundary(content_type: &str) -> Result<String, FilesError> {
-    content_type
-        .split(';')
-        .skip(1)
-        .filter_map(|param| param.split_once('='))
-        .find(|(name, _)| name.trim().eq_ignore_ascii_case("boundary"))
-        .map(|(_, value)| value.trim().trim_matches('"').to_owned())
-        .filter(|b| !b.is_empty())
-        .ok_or_else(|| FilesError::BadRequest("multipart body without a boundary".into()))
 }
 
 /// What a failed body read means for the client.
@@ -162,9 +152,9 @@ async fn octet_stream(plan: &Plan, target: PathBuf, mut stream: ByteStream) -> R
     Ok(upload.commit(&plan.metadata).await?)
 }
 
-async fn multipart(plan: &Plan, boundary: String, stream: ByteStream) -> Result<Vec<Written>, FilesError> {
+async fn receive_parts(plan: &Plan, boundary: String, stream: ByteStream) -> Result<Vec<Written>, FilesError> {
     let handed_out = HandedOut::default();
-    let mut parts = multer::Multipart::new(Metered::new(stream, &handed_out), boundary);
+    let mut parts = multipart::parts(stream, boundary, &handed_out);
     let mut targets = HashSet::new();
     let mut written = Vec::new();
     while let Some(mut field) = parts.next_field().await.map_err(|e| multipart_error(e, plan.idle))? {
