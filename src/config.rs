@@ -70,6 +70,15 @@ pub struct Config {
     /// Abort an upload whose body sends nothing for this long.
     #[arg(long, value_name = "SECONDS", default_value_t = 60)]
     pub upload_idle_timeout: u64,
+    /// The hosts file that maps events.e2b.local to the /init events address.
+    #[arg(long, value_name = "PATH", default_value = "/etc/hosts")]
+    pub hosts_file: PathBuf,
+    /// The system CA bundle that the /init CA is added to.
+    #[arg(long, value_name = "PATH", default_value = "/etc/ssl/certs/ca-certificates.crt")]
+    pub ca_bundle: PathBuf,
+    /// Where the /init CA is also kept as its own certificate file.
+    #[arg(long, value_name = "PATH", default_value = "/usr/local/share/ca-certificates/e2b-ca.crt")]
+    pub ca_file: PathBuf,
     /// Log debug details.
     #[arg(long)]
     pub verbose: bool,
@@ -93,6 +102,9 @@ const LONG_FLAGS: &[&str] = &[
     "freeze-path",
     "freeze-deadline",
     "upload-idle-timeout",
+    "hosts-file",
+    "ca-bundle",
+    "ca-file",
     "verbose",
     "help",
 ];
@@ -125,6 +137,15 @@ impl Config {
             (Some(path), _) => Some(path),
             (None, true) => None,
             (None, false) => Some(std::path::Path::new("/")),
+        }
+    }
+
+    /// The system files `/init` writes.
+    pub fn system_paths(&self) -> crate::host::provision::SystemPaths {
+        crate::host::provision::SystemPaths {
+            hosts_file: self.hosts_file.clone(),
+            ca_bundle: self.ca_bundle.clone(),
+            ca_file: self.ca_file.clone(),
         }
     }
 

@@ -29,6 +29,28 @@ pub struct SavedContext {
     /// Whether an access token was in force: after a cold boot envd then
     /// refuses token-protected requests until it knows the token or its hash.
     pub secured: bool,
+    /// What `/init` set up in the system besides; absent in older files.
+    #[serde(default)]
+    pub host: HostSetup,
+}
+
+/// What the host set up through `/init` beyond the exec context, brought
+/// back at start-up. None of it is secret: an address, a public CA
+/// certificate, NFS targets and paths.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostSetup {
+    /// The events address (`hyperloopIP`).
+    #[serde(default)]
+    pub events_address: Option<std::net::IpAddr>,
+    /// The CA of the egress proxy (PEM).
+    #[serde(default)]
+    pub ca_bundle: Option<String>,
+    /// The volumes of the last `/init` that mounted them all.
+    #[serde(default)]
+    pub volumes: Vec<crate::host::volumes::VolumeMount>,
+    /// The lifecycle those volumes were mounted for.
+    #[serde(default)]
+    pub lifecycle_id: String,
 }
 
 impl SavedContext {
@@ -51,7 +73,13 @@ impl SavedContext {
         env_vars: BTreeMap<String, String>,
         secured: bool,
     ) -> Self {
-        Self { format: FORMAT, default_user, default_workdir, env_vars, secured }
+        Self { format: FORMAT, default_user, default_workdir, env_vars, secured, host: HostSetup::default() }
+    }
+
+    /// The same record with `host` as the host's set-up.
+    pub fn with_host(mut self, host: HostSetup) -> Self {
+        self.host = host;
+        self
     }
 }
 
@@ -151,6 +179,12 @@ mod tests {
         assert_eq!(mode & 0o777, 0o600);
         assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1, "no temporary file left behind");
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn files_without_the_host_setup_still_load() {
+        let old = br#"{"format":1,"default_user":"u","default_workdir":null,"env_vars":{},"secured":false}"#;
+        assert_eq!(SavedContext::parse(old).unwrap().host, HostSetup::default());
     }
 
     #[test]
