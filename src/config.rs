@@ -79,6 +79,10 @@ pub struct Config {
     /// Where the /init CA is also kept as its own certificate file.
     #[arg(long, value_name = "PATH", default_value = "/usr/local/share/ca-certificates/e2b-ca.crt")]
     pub ca_file: PathBuf,
+    /// How long a command waits for NFS volumes still being mounted, and
+    /// how long they are retried after a cold boot.
+    #[arg(long, value_name = "SECONDS", default_value_t = 10)]
+    pub volume_wait: u64,
     /// Log debug details.
     #[arg(long)]
     pub verbose: bool,
@@ -105,6 +109,7 @@ const LONG_FLAGS: &[&str] = &[
     "hosts-file",
     "ca-bundle",
     "ca-file",
+    "volume-wait",
     "verbose",
     "help",
 ];
@@ -146,6 +151,7 @@ impl Config {
             hosts_file: self.hosts_file.clone(),
             ca_bundle: self.ca_bundle.clone(),
             ca_file: self.ca_file.clone(),
+            volume_wait: Duration::from_secs(self.volume_wait),
         }
     }
 

@@ -26,6 +26,9 @@ pub struct SystemPaths {
     pub ca_bundle: PathBuf,
     /// Where the CA is kept as its own file.
     pub ca_file: PathBuf,
+    /// How long commands wait for volumes being mounted (and a start-up
+    /// restore retries).
+    pub volume_wait: std::time::Duration,
 }
 
 /// Applies and restores the host's set-up.
@@ -41,7 +44,8 @@ impl Provisioner {
     /// A provisioner over `paths`; nothing is touched yet.
     pub fn new(paths: SystemPaths) -> Arc<Self> {
         let ca = CaBundle::new(paths.ca_bundle.clone(), paths.ca_file.clone());
-        Arc::new(Self { paths, record: Mutex::default(), ca, volumes: Arc::default() })
+        let volumes = Arc::new(Volumes::new(paths.volume_wait));
+        Arc::new(Self { paths, record: Mutex::default(), ca, volumes })
     }
 
     /// The volumes, for commands that must wait for them.

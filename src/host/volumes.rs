@@ -16,10 +16,11 @@
 //! 4. The ledger records the lifecycle the path is now mounted for.
 //!
 //! While volumes are being (re)mounted, a command (and a file operation
-//! under a volume path) waits for them, at most [`WAIT_FOR_VOLUMES`]: data
-//! meant for a volume must not land on the root disk underneath it. After
-//! a cold boot the saved volumes are mounted again at start-up the same
-//! way, with retries until the deadline, since the network may come up
+//! under a volume path) waits for them, at most the volume wait
+//! (`--volume-wait`, [`DEFAULT_WAIT`]): data meant for a volume must not
+//! land on the root disk underneath it. After a cold boot the saved
+//! volumes are mounted again at start-up the same way, retried for as long
+//! as commands would wait, since the network and the server may come up
 //! after envd.
 
 use std::collections::BTreeMap;
@@ -39,8 +40,8 @@ port=2049,nfsvers=3,noacl,noac,lookupcache=none";
 
 /// The most one `/init` (or the start-up restore) spends on volumes.
 pub const MOUNT_TIMEOUT: Duration = Duration::from_secs(10);
-/// The most a command waits for volumes that are still being mounted.
-pub const WAIT_FOR_VOLUMES: Duration = Duration::from_secs(10);
+/// How long commands wait for volumes, and a start-up restore retries.
+pub const DEFAULT_WAIT: Duration = Duration::from_secs(10);
 /// What a fallback lazy unmount may take after a forced one failed.
 const LAZY_UNMOUNT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Pause between start-up mount attempts.
@@ -90,19 +91,27 @@ pub struct Volumes {
     pending: watch::Sender<Arc<Vec<PathBuf>>>,
     /// One mounting pass at a time (start-up restore, `/init`).
     mounting: tokio::sync::Mutex<()>,
+    /// How long commands wait, and a start-up restore retries.
+    wait: Duration,
 }
 
 impl Default for Volumes {
     fn default() -> Self {
-        Self {
-            ledger: Mutex::default(),
-            pending: watch::Sender::new(Arc::default()),
-            mounting: tokio::sync::Mutex::default(),
-        }
+        Self::new(DEFAULT_WAIT)
     }
 }
 
 impl Volumes {
+    /// Volumes whose commands wait at most `wait` for them.
+    pub fn new(wait: Duration) -> Self {
+        Self {
+            ledger: Mutex::default(),
+            pending: watch::Sender::new(Arc::default()),
+            mounting: tokio::sync::Mutex::default(),
+            wait,
+        }
+    }
+
     /// Mounts `volumes` for `lifecycle` as `/init` asks (order of effects
     /// in the module doc); fails with the first volume that failed.
     pub async fn mount_all(&self, lifecycle: &str, volumes: &[VolumeMount]) -> Result<(), VolumeError> {
@@ -128,7 +137,7 @@ impl Volumes {
     }
 
     /// After a cold boot (or a restart of envd): mounts the saved volumes
-    /// again, in the background, with retries until [`MOUNT_TIMEOUT`].
+    /// again, in the background, with retries for the volume wait.
     /// Commands wait for them from the moment this returns.
     pub fn restore(self: &Arc<Self>, lifecycle: String, volumes: Vec<VolumeMount>) {
         let volumes: Vec<(PathBuf, String)> = volumes
@@ -151,7 +160,7 @@ impl Volumes {
         tokio::spawn(async move {
             let pending = PendingGuard { volumes: &this, paths };
             let _one_pass = this.mounting.lock().await;
-            let deadline = Instant::now() + MOUNT_TIMEOUT;
+            let deadline = Instant::now() + this.wait;
             let passes = volumes.iter().map(|(path, target)| this.restore_one(path, target, &lifecycle, deadline));
             futures_util::future::join_all(passes).await;
             drop(pending);
@@ -193,8 +202,8 @@ impl Volumes {
             return;
         }
         let mut pending = self.pending.subscribe();
-        if tokio::time::timeout(WAIT_FOR_VOLUMES, pending.wait_for(|p| !blocks(p))).await.is_err() {
-            tracing::warn!("volumes still not mounted after {WAIT_FOR_VOLUMES:?}: running without them");
+        if tokio::time::timeout(self.wait, pending.wait_for(|p| !blocks(p))).await.is_err() {
+            tracing::warn!("volumes still not mounted after {:?}: running without them", self.wait);
         }
     }
 
