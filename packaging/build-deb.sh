@@ -54,6 +54,8 @@ mkdir -p "$STAGE/DEBIAN"
   echo "Priority: optional"
   echo "Installed-Size: $(du -sk --apparent-size "$STAGE/usr" "$STAGE/lib" | awk '{s+=$1} END {print s}')"
   [ -z "$GLIBC" ] || echo "Depends: libc6 (>= $GLIBC)"
+  # /init's NFS volumes need mount.nfs; its CA goes into the system bundle.
+  echo "Recommends: nfs-common, ca-certificates"
   echo "Description: sandbox agent for E2B-compatible microVMs"
   echo " envd runs inside every sandbox VM and serves processes, terminals and"
   echo " files to the E2B SDKs and the orchestrator over Connect on port 49983."

@@ -81,6 +81,19 @@ pub struct Config {
     /// envd restart).
     #[arg(long, value_name = "PATH", default_value = crate::restore::record::BOOT_ID_PATH)]
     pub boot_id_path: PathBuf,
+    /// The hosts file that maps events.e2b.local to the /init events address.
+    #[arg(long, value_name = "PATH", default_value = "/etc/hosts")]
+    pub hosts_file: PathBuf,
+    /// The system CA bundle that the /init CA is added to.
+    #[arg(long, value_name = "PATH", default_value = "/etc/ssl/certs/ca-certificates.crt")]
+    pub ca_bundle: PathBuf,
+    /// Where the /init CA is also kept as its own certificate file.
+    #[arg(long, value_name = "PATH", default_value = "/usr/local/share/ca-certificates/e2b-ca.crt")]
+    pub ca_file: PathBuf,
+    /// How long a command waits for NFS volumes still being mounted, and
+    /// how long they are retried after a cold boot.
+    #[arg(long, value_name = "SECONDS", default_value_t = 10)]
+    pub volume_wait: u64,
     /// Log debug details.
     #[arg(long)]
     pub verbose: bool,
@@ -107,6 +120,10 @@ const LONG_FLAGS: &[&str] = &[
     "no-restore",
     "restore-limit",
     "boot-id-path",
+    "hosts-file",
+    "ca-bundle",
+    "ca-file",
+    "volume-wait",
     "verbose",
     "help",
 ];
@@ -148,6 +165,16 @@ impl Config {
             enabled: !self.no_restore,
             limit: Duration::from_secs(self.restore_limit),
             boot_id_path: self.boot_id_path.clone(),
+        }
+    }
+
+    /// The system files `/init` writes.
+    pub fn system_paths(&self) -> crate::host::provision::SystemPaths {
+        crate::host::provision::SystemPaths {
+            hosts_file: self.hosts_file.clone(),
+            ca_bundle: self.ca_bundle.clone(),
+            ca_file: self.ca_file.clone(),
+            volume_wait: Duration::from_secs(self.volume_wait),
         }
     }
 

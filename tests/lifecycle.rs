@@ -10,6 +10,7 @@ use std::process::Command;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use common::host_setup::{HostFiles, NfsStandIn, UnmountOnDrop, fingerprint_script};
 use common::mmds::{Mmds, sha512_hex};
 use common::{Envd, Scratch, rpc, test_user};
 use serde_json::{Value, json};
@@ -57,19 +58,35 @@ async fn cold_boot_restores_the_exec_context_and_the_token() {
     let run_dir_scratch = Scratch::new("cold-run");
     let run_dir = &run_dir_scratch.0;
     let mmds = Mmds::start(sandbox_metadata());
-    let args = lifecycle_args(state, run_dir, &mmds.address());
+    let mut args = lifecycle_args(state, run_dir, &mmds.address());
+    // The host's set-up is part of the fingerprint: volume, CA, events entry.
+    let (files, nfs, volumes) = (HostFiles::new("cold-files"), NfsStandIn::new("cold-nfs"), Scratch::new("cold-vol"));
+    let (export, volume) = (nfs.export("data"), volumes.path("data"));
+    let _unmount = UnmountOnDrop(volume.clone());
+    // The default user writes to the volume.
+    Command::new("chmod").arg("777").arg(&export).status().unwrap();
+    args.extend(files.args());
+    let start = || Envd::options().args(args.clone()).env("PATH", &nfs.path_env()).start();
+    let ca = common::host_setup::TestCa::new(&files.scratch.0, "cold-ca");
+    let host_fingerprint = fingerprint_script(&files, &[&volume]);
 
-    let before = {
-        let envd = Envd::options().args(args.clone()).start();
-        let init = json!({"accessToken": TOKEN, "defaultUser": user.name, "defaultWorkdir": user.home, "envVars": {"GREETING": "hello"}});
+    let (before, host_before) = {
+        let envd = start();
+        let init = json!({"accessToken": TOKEN, "defaultUser": user.name, "defaultWorkdir": user.home, "envVars": {"GREETING": "hello"},
+            "hyperloopIP": "10.0.0.2", "caBundle": ca.pem(), "lifecycleID": "life-1",
+            "volumeMounts": [{"nfs_target": "10.0.0.1:/data", "path": volume}]});
         let reply = envd.client().post_json("/init", &init).await;
         assert_eq!(reply.status, 204, "{}", reply.text());
         let client = envd.client().with_header("X-Access-Token", TOKEN);
         wait_for_identity(&client).await;
         assert_eq!(std::fs::read_to_string(run_dir.join(".E2B_SANDBOX_ID")).unwrap(), "sbx-cold-1");
-        fingerprint(&client).await
+        (fingerprint(&client).await, host_state(&client, &host_fingerprint).await)
         // envd is SIGKILLed here: no chance to save anything on the way out.
     };
+    assert!(
+        host_before.contains("events=http://10.0.0.2") && !host_before.contains("nothing mounted"),
+        "{host_before}"
+    );
     assert!(
         before.contains(&format!("{}\n", user.uid))
             && before.contains(&user.name)
@@ -81,10 +98,17 @@ async fn cold_boot_restores_the_exec_context_and_the_token() {
         assert!(!String::from_utf8_lossy(&content).contains(TOKEN), "the raw token must never reach the disk");
     }
 
-    let envd = Envd::options().args(args).start();
+    // The cold boot loses the mounts and the rebuilt /etc loses the CA and the events entry.
+    drop(UnmountOnDrop(volume.clone()));
+    files.reset();
+    let envd = start();
     let client = envd.client().with_header("X-Access-Token", TOKEN);
     wait_for_identity(&client).await;
     assert_eq!(fingerprint(&client).await, before, "a cold boot must run commands exactly as before");
+    assert_eq!(host_state(&client, &host_fingerprint).await, host_before, "and with the host's set-up back");
+    let write = common::bash(&format!("echo kept > {}/f", volume.display()));
+    assert_eq!(client.run(&write, &[]).await.exit_code(), 0);
+    assert_eq!(std::fs::read_to_string(export.join("f")).unwrap(), "kept\n", "written to the volume");
     for refused in [envd.client(), envd.client().with_header("X-Access-Token", "wrong")] {
         let reply = refused.unary(rpc::LIST, &json!({}), &[]).await;
         assert_eq!(reply.status, 401, "{}", reply.text());
@@ -96,6 +120,13 @@ async fn cold_boot_restores_the_exec_context_and_the_token() {
     let init = json!({"accessToken": TOKEN, "timestamp": "2030-01-01T00:00:00Z"});
     assert_eq!(envd.client().post_json("/init", &init).await.status, 204);
     assert_eq!(fingerprint(&client).await, before, "the orchestrator's /init changes nothing");
+    assert_eq!(host_state(&client, &host_fingerprint).await, host_before);
+}
+
+async fn host_state(client: &common::Client, script: &str) -> String {
+    let run = client.run(&common::bash(script), &[]).await;
+    assert_eq!(run.exit_code(), 0, "host fingerprint failed: {}", run.stderr_str());
+    run.stdout_str()
 }
 
 #[tokio::test]

@@ -27,6 +27,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use harness::disk;
 use harness::envd::{As, Envd};
+use harness::host_setup::{self, HostSetup};
 use harness::mmds::Mmds;
 use harness::qemu::{Vm, VmSpec};
 use serde_json::{Value, json};
@@ -149,6 +150,8 @@ struct Run {
     /// Consoles of VMs already gone, for the failure report.
     old_consoles: Vec<(String, String)>,
     report: Report,
+    /// The NFS relay and the CA of `/init`'s system set-up.
+    host: HostSetup,
 }
 
 impl Run {
@@ -165,6 +168,7 @@ impl Run {
             "accessTokenHash": sha512_hex(&token),
         });
         let mmds = Mmds::start(metadata.clone()).map_err(|e| format!("metadata service: {e}"))?;
+        let host = HostSetup::start(&work)?;
         let env_or =
             |name: &str, default: u32| std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default);
         let spec = VmSpec {
@@ -176,6 +180,7 @@ impl Run {
             mmds_port: mmds.port,
             verbose_console: std::env::var_os("ENVD_VM_VERBOSE_CONSOLE").is_some(),
             guest_ports: vec![harness::restored_processes::SERVER_PORT],
+            extra_netdev: host.netdev_rules(),
         };
         Ok(Run {
             spec,
@@ -187,6 +192,7 @@ impl Run {
             vm: None,
             old_consoles: Vec::new(),
             report: Report::default(),
+            host,
         })
     }
 
@@ -241,6 +247,7 @@ impl Run {
             body["defaultUser"] = json!(DEFAULT_USER);
             body["defaultWorkdir"] = json!(DEFAULT_WORKDIR);
         }
+        self.host.add_to_init(&mut body);
         body
     }
 
@@ -264,7 +271,8 @@ impl Run {
     }
 
     fn fingerprint(&self) -> Result<String, String> {
-        Ok(self.envd()?.sh(As::Default, FINGERPRINT)?.stdout.trim_end().to_owned())
+        let script = format!("{FINGERPRINT}\n{}", host_setup::FINGERPRINT);
+        Ok(self.envd()?.sh(As::Default, &script)?.stdout.trim_end().to_owned())
     }
 
     fn guest_clock_offset(&self) -> Result<i64, String> {
@@ -396,9 +404,12 @@ fn cold_boot_phase(run: &mut Run) -> Result<Facts, String> {
         expect_eq("/run/e2b", files.trim_end(), &format!("{sandbox_id}\ne2e-template")),
     )?;
 
+    let server = run.root(host_setup::START_NFS_SERVER)?;
+    run.report.check(P, "the guest's NFS server starts", expect_eq("nfs-server", server.trim(), "started"))?;
     run.init(true)?;
     let first = run.first_command_as_user(BOOT_TIMEOUT)?;
     run.report.time("boot -> first command as 'user' (after /init)", secs(first));
+    host_setup_checks(run)?;
     let after = run.guest_clock_offset()?;
     run.report.check(
         P,
@@ -460,6 +471,35 @@ fn cold_boot_phase(run: &mut Run) -> Result<Facts, String> {
     let counter: u64 = run.root("cat /tmp/e2e-counter")?.trim().parse().map_err(|e| format!("counter: {e}"))?;
     let boot_id = run.root("cat /proc/sys/kernel/random/boot_id")?;
     Ok(Facts { fingerprint, pid, mem_sum, counter, boot_id })
+}
+
+/// After the first `/init`: the volume is the NFS export, the CA is in the
+/// bundle once, the events address is in the hosts file.
+fn host_setup_checks(run: &mut Run) -> Result<(), String> {
+    const P: &str = "boot";
+    let envd = run.envd()?;
+    envd.sh(As::Default, &format!("echo through-the-volume > {}/e2e-file", host_setup::VOLUME))?;
+    let on_server = run.root(&format!("cat {}/e2e-file", host_setup::EXPORT))?;
+    run.report.check(
+        P,
+        "a file written in the NFS volume is on the server's export",
+        expect_eq("export", on_server.trim(), "through-the-volume"),
+    )?;
+    let ca = run.host.ca_pem().trim_end().to_owned();
+    let bundle = run.root("cat /etc/ssl/certs/ca-certificates.crt")?;
+    run.report.check(
+        P,
+        "the /init CA is in the system bundle once",
+        expect_eq("copies", &bundle.matches(&ca).count().to_string(), "1"),
+    )?;
+    let fingerprint = run.fingerprint()?;
+    let missing: Vec<String> =
+        host_setup::expected_lines().into_iter().filter(|w| !fingerprint.lines().any(|l| l == w)).collect();
+    run.report.check(
+        P,
+        "the volume, events entry and address are in the fingerprint",
+        if missing.is_empty() { Ok(()) } else { Err(format!("missing {missing:?} in {fingerprint}")) },
+    )
 }
 
 /// What the first boot left behind, to compare after each resume.

@@ -4,11 +4,16 @@
 # takes the root directory first. Needs root and, for debootstrap, the
 # package debootstrap (Debian's own mirror is the only place it contacts).
 
+# What envd runs at run time besides the C library: mount.nfs for the NFS
+# volumes of /init, and the system CA bundle that /init's CA is added to.
+ROOTFS_ENVD_PACKAGES=nfs-common,ca-certificates
+
 # rootfs_debootstrap DIR PKGS [TARBALL]: a minimal Debian bookworm (minbase)
-# in DIR with systemd as init plus the comma-separated PKGS.
+# in DIR with systemd as init, envd's run-time packages and the
+# comma-separated PKGS.
 rootfs_debootstrap() {
   local root=$1 pkgs=$2 tarball=${3:-}
-  local include=systemd,systemd-sysv${pkgs:+,$pkgs}
+  local include=systemd,systemd-sysv,$ROOTFS_ENVD_PACKAGES${pkgs:+,$pkgs}
   rm -rf "$root"
   if [ -n "$tarball" ]; then
     debootstrap --variant=minbase --include="$include" --unpack-tarball="$(realpath "$tarball")" bookworm "$root" >&2

@@ -35,6 +35,28 @@ pub struct SavedContext {
     /// written before they were recorded).
     #[serde(default)]
     pub template_processes: TemplateRecord,
+    /// What `/init` set up in the system besides; absent in older files.
+    #[serde(default)]
+    pub host: HostSetup,
+}
+
+/// What the host set up through `/init` beyond the exec context, brought
+/// back at start-up. None of it is secret: an address, a public CA
+/// certificate, NFS targets and paths.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostSetup {
+    /// The events address (`hyperloopIP`).
+    #[serde(default)]
+    pub events_address: Option<std::net::IpAddr>,
+    /// The CA of the egress proxy (PEM).
+    #[serde(default)]
+    pub ca_bundle: Option<String>,
+    /// The volumes of the last `/init` that mounted them all.
+    #[serde(default)]
+    pub volumes: Vec<crate::host::volumes::VolumeMount>,
+    /// The lifecycle those volumes were mounted for.
+    #[serde(default)]
+    pub lifecycle_id: String,
 }
 
 impl SavedContext {
@@ -64,7 +86,14 @@ impl SavedContext {
             env_vars,
             secured,
             template_processes: TemplateRecord::default(),
+            host: HostSetup::default(),
         }
+    }
+
+    /// The same record with `host` as the host's set-up.
+    pub fn with_host(mut self, host: HostSetup) -> Self {
+        self.host = host;
+        self
     }
 }
 
@@ -164,6 +193,12 @@ mod tests {
         assert_eq!(mode & 0o777, 0o600);
         assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1, "no temporary file left behind");
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn files_without_the_host_setup_still_load() {
+        let old = br#"{"format":1,"default_user":"u","default_workdir":null,"env_vars":{},"secured":false}"#;
+        assert_eq!(SavedContext::parse(old).unwrap().host, HostSetup::default());
     }
 
     #[test]

@@ -1,7 +1,9 @@
 //! `POST /init`: the host hands over the token, env vars, default user and
-//! workdir, and the time. Authorisation and ordering follow the reference
-//! exactly (CONTRACT.md 4.5); the values are applied only when the
-//! request's timestamp is newer than every one applied before.
+//! workdir, the time, the events address, its egress proxy's CA and the
+//! NFS volumes. Authorisation and ordering follow the reference exactly
+//! (CONTRACT.md 4.5); the values are applied only when the request's
+//! timestamp is newer than every one applied before. What was applied is
+//! saved even when a later step (CA, volumes) fails.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -13,6 +15,8 @@ use super::cgroups::Workload;
 use super::clock;
 use super::identity::Identity;
 use super::persist::Persister;
+use super::provision::Provisioner;
+use super::volumes::VolumeMount;
 use crate::auth::{AccessGuard, Secret, sha512_hex};
 use crate::context::state::SavedContext;
 use crate::context::{ContextStore, INTERNAL_ENV_VARS};
@@ -34,6 +38,12 @@ pub enum InitError {
     /// The request went away while waiting for another `/init`.
     #[error("another init is in progress")]
     Busy,
+    /// The CA could not be installed.
+    #[error("failed to install CA bundle: {0}")]
+    Ca(#[from] super::ca_bundle::CaError),
+    /// A volume could not be mounted.
+    #[error("failed to setup NFS volumes: {0}")]
+    Volumes(#[from] super::volumes::VolumeError),
 }
 
 /// The body of `/init`; every field is optional.
@@ -54,6 +64,21 @@ struct InitBody<'a> {
     timestamp: Option<String>,
     #[serde(default, rename = "hyperloopIP")]
     hyperloop_ip: Option<String>,
+    #[serde(default)]
+    ca_bundle: Option<String>,
+    #[serde(default)]
+    volume_mounts: Option<Vec<VolumeMount>>,
+    #[serde(default, rename = "lifecycleID")]
+    lifecycle_id: Option<String>,
+}
+
+/// The parts of `/init` that set up the system, applied after the context.
+#[derive(Debug, Default)]
+struct SystemSetup {
+    events_address: Option<std::net::IpAddr>,
+    ca_bundle: Option<String>,
+    volume_mounts: Option<Vec<VolumeMount>>,
+    lifecycle_id: Option<String>,
 }
 
 /// Parses and validates an `/init` body; an empty body means no fields.
@@ -115,6 +140,8 @@ pub struct Initializer {
     /// Template processes: restored before the first `/init` is
     /// acknowledged, recorded when the sandbox identity changes.
     templates: Option<std::sync::Arc<TemplateProcesses>>,
+    /// Hosts entry, CA and volumes; without one they are ignored.
+    provisioner: Option<std::sync::Arc<Provisioner>>,
 }
 
 impl Initializer {
@@ -130,12 +157,19 @@ impl Initializer {
             workload: Default::default(),
             identity: None,
             templates: None,
+            provisioner: None,
         }
     }
 
     /// Waits for restored processes and records template processes.
     pub fn with_templates(mut self, templates: std::sync::Arc<TemplateProcesses>) -> Self {
         self.templates = Some(templates);
+        self
+    }
+
+    /// Sets up the events address, CA and volumes through `provisioner`.
+    pub fn with_provisioner(mut self, provisioner: std::sync::Arc<Provisioner>) -> Self {
+        self.provisioner = Some(provisioner);
         self
     }
 
@@ -192,16 +226,36 @@ impl Initializer {
         if let Some(timestamp) = timestamp {
             self.sync_clock(timestamp);
         }
-        self.apply(body);
+        let system = self.apply(body);
+        let provisioned = self.provision(system).await;
         self.persist().await;
+        provisioned
+    }
+
+    /// The system half of `/init`, in the contract's order: events
+    /// address, CA, volumes; the first failure ends it.
+    async fn provision(&self, system: SystemSetup) -> Result<(), InitError> {
+        let Some(provisioner) = &self.provisioner else { return Ok(()) };
+        if let Some(address) = system.events_address {
+            provisioner.set_events_address(address);
+        }
+        if let Some(pem) = system.ca_bundle.filter(|pem| !pem.is_empty()) {
+            provisioner.install_ca(&pem).await?;
+        }
+        if let Some(volumes) = system.volume_mounts {
+            provisioner.mount_volumes(system.lifecycle_id.as_deref(), volumes).await?;
+        }
         Ok(())
     }
 
     async fn persist(&self) {
         let Some(persister) = &self.persister else { return };
         let context = self.context.snapshot();
-        let saved =
+        let mut saved =
             SavedContext::new(context.default_user, context.default_workdir, context.init_env, self.guard.is_secured());
+        if let Some(provisioner) = &self.provisioner {
+            saved = saved.with_host(provisioner.record());
+        }
         persister.save(saved).await;
     }
 
@@ -260,13 +314,15 @@ impl Initializer {
         }
     }
 
-    fn apply(&self, body: InitBody<'_>) {
+    /// Applies the exec-context half; returns the system half.
+    fn apply(&self, body: InitBody<'_>) -> SystemSetup {
+        let events_address = body.hyperloop_ip.as_deref().and_then(|ip| ip.parse::<std::net::IpAddr>().ok());
         self.context.update(|context| {
             if let Some(env) = body.env_vars {
                 context.init_env = env.into_iter().filter(|(k, _)| !INTERNAL_ENV_VARS.contains(&k.as_str())).collect();
             }
-            if let Some(ip) = body.hyperloop_ip.filter(|ip| ip.parse::<std::net::IpAddr>().is_ok()) {
-                context.internal_env.insert("E2B_EVENTS_ADDRESS".into(), format!("http://{ip}"));
+            if let Some(ip) = events_address {
+                context.internal_env.insert("E2B_EVENTS_ADDRESS".into(), events_url(ip));
             }
             if let Some(user) = body.default_user.filter(|u| !u.is_empty()) {
                 context.default_user = user;
@@ -276,7 +332,19 @@ impl Initializer {
             }
         });
         self.guard.set_token(body.access_token.map(|t| Secret::new(t.to_owned())));
+        SystemSetup {
+            events_address,
+            ca_bundle: body.ca_bundle,
+            volume_mounts: body.volume_mounts,
+            lifecycle_id: body.lifecycle_id,
+        }
     }
+}
+
+/// `E2B_EVENTS_ADDRESS` for an events address, as the reference writes it
+/// (an IPv6 address unbracketed, as there).
+pub fn events_url(address: std::net::IpAddr) -> String {
+    format!("http://{address}")
 }
 
 #[cfg(test)]

@@ -1,13 +1,19 @@
 //! What comes from or goes to the host: `/init`, the metadata service,
-//! the persisted exec context, metrics, and the pause hooks.
+//! the persisted exec context, metrics, the pause hooks, and what `/init`
+//! sets up in the system (events address, CA bundle, NFS volumes).
 
+pub mod ca_bundle;
 pub mod cgroups;
 pub mod clock;
 pub mod command_cgroup;
+pub mod events_host;
 pub mod fsfreeze;
 pub mod identity;
 pub mod init;
 pub mod metrics;
 pub mod mmds;
 pub mod persist;
+pub mod provision;
+pub mod system_files;
 pub mod systemd;
+pub mod volumes;

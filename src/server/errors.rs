@@ -109,6 +109,7 @@ pub fn init_error(err: InitError) -> Response {
         InitError::BadBody(_) => return StatusCode::BAD_REQUEST.into_response(),
         InitError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
         InitError::Busy => return StatusCode::SERVICE_UNAVAILABLE.into_response(),
+        InitError::Ca(_) | InitError::Volumes(_) => StatusCode::BAD_REQUEST,
     };
     (status, err.to_string()).into_response()
 }

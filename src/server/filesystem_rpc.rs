@@ -43,10 +43,12 @@ impl FilesystemService {
         Self { state, watchers: PollingWatchers::with_budget(inotify.clone()), inotify }
     }
 
-    /// The caller and `path` resolved for it.
-    fn resolve(&self, ctx: &RequestContext, path: &str) -> Result<(User, PathBuf), ConnectError> {
+    /// The caller and `path` resolved for it, once a volume it lies in is
+    /// mounted (bounded; free when no volume is being mounted).
+    async fn resolve(&self, ctx: &RequestContext, path: &str) -> Result<(User, PathBuf), ConnectError> {
         let user = self.state.caller(ctx)?;
         let resolved = self.state.context.snapshot().resolve_path(path, &user)?;
+        self.state.volumes.wait_ready(Some(&resolved)).await;
         Ok((user, resolved))
     }
 }
@@ -147,7 +149,7 @@ impl pb::Filesystem for FilesystemService {
         ctx: RequestContext,
         request: ServiceRequest<'_, pb::StatRequest>,
     ) -> ServiceResult<pb::StatResponse> {
-        let (_, path) = self.resolve(&ctx, request.to_owned_message().path.as_str())?;
+        let (_, path) = self.resolve(&ctx, request.to_owned_message().path.as_str()).await?;
         let entry = blocking(move || fs::ops::stat(&path)).await?;
         respond(&ctx, pb::StatResponse { entry: entry_to_pb(entry, is_legacy(&ctx)).into(), ..Default::default() })
     }
@@ -157,7 +159,7 @@ impl pb::Filesystem for FilesystemService {
         ctx: RequestContext,
         request: ServiceRequest<'_, pb::MakeDirRequest>,
     ) -> ServiceResult<pb::MakeDirResponse> {
-        let (user, path) = self.resolve(&ctx, request.to_owned_message().path.as_str())?;
+        let (user, path) = self.resolve(&ctx, request.to_owned_message().path.as_str()).await?;
         let entry = blocking(move || fs::ops::make_dir(&path, Owner::from(&user))).await?;
         respond(&ctx, pb::MakeDirResponse { entry: entry_to_pb(entry, is_legacy(&ctx)).into(), ..Default::default() })
     }
@@ -168,8 +170,8 @@ impl pb::Filesystem for FilesystemService {
         request: ServiceRequest<'_, pb::MoveRequest>,
     ) -> ServiceResult<pb::MoveResponse> {
         let request = request.to_owned_message();
-        let (user, source) = self.resolve(&ctx, &request.source)?;
-        let (_, destination) = self.resolve(&ctx, &request.destination)?;
+        let (user, source) = self.resolve(&ctx, &request.source).await?;
+        let (_, destination) = self.resolve(&ctx, &request.destination).await?;
         let entry = blocking(move || fs::ops::rename(&source, &destination, Owner::from(&user))).await?;
         respond(&ctx, pb::MoveResponse { entry: entry_to_pb(entry, is_legacy(&ctx)).into(), ..Default::default() })
     }
@@ -180,7 +182,7 @@ impl pb::Filesystem for FilesystemService {
         request: ServiceRequest<'_, pb::ListDirRequest>,
     ) -> ServiceResult<pb::ListDirResponse> {
         let request = request.to_owned_message();
-        let (_, path) = self.resolve(&ctx, &request.path)?;
+        let (_, path) = self.resolve(&ctx, &request.path).await?;
         let entries = blocking(move || fs::ops::list_dir(&path, request.depth)).await?;
         let legacy = is_legacy(&ctx);
         let entries = entries.into_iter().map(|e| entry_to_pb(e, legacy)).collect();
@@ -192,7 +194,7 @@ impl pb::Filesystem for FilesystemService {
         ctx: RequestContext,
         request: ServiceRequest<'_, pb::RemoveRequest>,
     ) -> ServiceResult<pb::RemoveResponse> {
-        let (_, path) = self.resolve(&ctx, request.to_owned_message().path.as_str())?;
+        let (_, path) = self.resolve(&ctx, request.to_owned_message().path.as_str()).await?;
         blocking(move || fs::ops::remove(&path)).await?;
         respond(&ctx, pb::RemoveResponse::default())
     }
@@ -203,7 +205,7 @@ impl pb::Filesystem for FilesystemService {
         request: ServiceRequest<'_, pb::WatchDirRequest>,
     ) -> ServiceResult<ServiceStream<pb::WatchDirResponse>> {
         let request = request.to_owned_message();
-        let (_, path) = self.resolve(&ctx, &request.path)?;
+        let (_, path) = self.resolve(&ctx, &request.path).await?;
         let options = watch_options(request.recursive, request.include_entry, request.allow_network_mounts);
         let inotify = self.inotify.clone();
         let watcher = blocking(move || Watcher::start(&path, options, &inotify)).await?;
@@ -218,7 +220,7 @@ impl pb::Filesystem for FilesystemService {
         request: ServiceRequest<'_, pb::CreateWatcherRequest>,
     ) -> ServiceResult<pb::CreateWatcherResponse> {
         let request = request.to_owned_message();
-        let (_, path) = self.resolve(&ctx, &request.path)?;
+        let (_, path) = self.resolve(&ctx, &request.path).await?;
         let options = watch_options(request.recursive, request.include_entry, request.allow_network_mounts);
         let watcher_id = self.watchers.create(path, options).await?;
         respond(&ctx, pb::CreateWatcherResponse { watcher_id, ..Default::default() })

@@ -202,6 +202,8 @@ impl pb::Process for ProcessService {
         ctx: RequestContext,
         request: ServiceRequest<'_, pb::StartRequest>,
     ) -> ServiceResult<ServiceStream<pb::StartResponse>> {
+        // After a cold boot, a command must not run before its volumes are back.
+        self.state.volumes.wait_ready(None).await;
         let spec = self.start_spec(&ctx, request.to_owned_message())?;
         let command = spec.config.cmd.clone();
         let recipe = Recipe::of(&spec);

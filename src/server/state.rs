@@ -14,6 +14,8 @@ use crate::host::init::Initializer;
 use crate::host::metrics::MetricsSampler;
 use crate::host::mmds::MmdsClient;
 use crate::host::persist::Persister;
+use crate::host::provision::Provisioner;
+use crate::host::volumes::Volumes;
 use crate::process::ProcessTable;
 use crate::restore::TemplateProcesses;
 
@@ -40,6 +42,8 @@ pub struct AppState {
     pub freezer: Arc<FsFreezer>,
     /// Bytes of request bodies buffered whole, across all requests.
     pub body_budget: super::limits::BodyBudget,
+    /// NFS volumes that commands wait for while they are being mounted.
+    pub volumes: Arc<Volumes>,
 }
 
 /// The user a request named in `Authorization: Basic`, resolved by the
@@ -72,6 +76,9 @@ fn initial_context(config: &Config, saved: Option<&SavedContext>) -> ExecContext
         context.default_user = saved.default_user.clone();
         context.default_workdir = saved.default_workdir.clone().or(context.default_workdir);
         context.init_env = saved.env_vars.clone();
+        if let Some(address) = saved.host.events_address {
+            context.internal_env.insert("E2B_EVENTS_ADDRESS".to_owned(), crate::host::init::events_url(address));
+        }
     }
     context
 }
@@ -112,6 +119,11 @@ impl AppState {
         let workload =
             Arc::new(if config.no_cgroups { Workload::default() } else { Workload::setup(&config.cgroup_root) });
         let template_record = saved.as_ref().map(|s| s.template_processes.clone()).unwrap_or_default();
+        let provisioner = Provisioner::new(config.system_paths());
+        if let Some(saved) = &saved {
+            provisioner.restore(saved.host.clone());
+        }
+        let volumes = provisioner.volumes().clone();
         let persister = Persister::new(state_file, freezer.clone(), saved);
         let templates = TemplateProcesses::new(
             processes.clone(),
@@ -123,7 +135,8 @@ impl AppState {
         let mut initializer = Initializer::new(!config.dev, guard.clone(), context.clone())
             .with_persister(persister)
             .with_workload(workload.clone())
-            .with_templates(templates.clone());
+            .with_templates(templates.clone())
+            .with_provisioner(provisioner);
         if !config.dev {
             identity::write_identity_file(&config.run_dir, ".E2B_SANDBOX", "true", 0o444);
         }
@@ -145,6 +158,7 @@ impl AppState {
             workload,
             freezer,
             body_budget: Default::default(),
+            volumes,
         })
     }
 }

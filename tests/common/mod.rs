@@ -36,6 +36,7 @@
 
 pub mod attacker;
 pub mod footprint;
+pub mod host_setup;
 pub mod mmds;
 pub mod pb;
 pub mod time;

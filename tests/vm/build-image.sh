@@ -54,11 +54,14 @@ cp "$WORK/kernel/boot/vmlinuz-$KVER" "$WORK/vmlinuz"
 # ---- 2. root filesystem: minbase + systemd (no udev), busybox for the initramfs
 R=$WORK/rootfs
 log "debootstrap bookworm"
-rootfs_debootstrap "$R" kmod,iproute2,busybox-static
+# nfs-kernel-server: the guest serves the NFS export that envd
+# mounts as an /init volume.
+rootfs_debootstrap "$R" kmod,iproute2,busybox-static,nfs-kernel-server
 mkdir -p "$R/lib/modules"; cp -a "$WORK/kernel/lib/modules/$KVER" "$R/lib/modules/"
 chroot "$R" depmod "$KVER"
 keep=$(chroot "$R" modprobe -a -S "$KVER" --show-depends \
-  virtio_pci virtio_net virtio_blk virtio_rng vmw_vsock_virtio_transport | awk '$1=="insmod"{print $2}' | sort -u)
+  virtio_pci virtio_net virtio_blk virtio_rng vmw_vsock_virtio_transport nfs nfsv3 nfsd \
+  | awk '$1=="insmod"{print $2}' | sort -u)
 T=$WORK/modules
 for f in $keep; do mkdir -p "$T$(dirname "$f")"; cp -a "$R$f" "$T$f"; done
 rm -rf "$R/lib/modules/$KVER/kernel"; cp -a "$T/lib/modules/$KVER/kernel" "$R/lib/modules/$KVER/"
@@ -96,6 +99,24 @@ ExecStart=/usr/local/sbin/vm-net
 WantedBy=sysinit.target
 UNIT
 rootfs_enable_unit "$R" vm-net.service
+
+# The NFS server for the volume test: the export, and the server starts
+# only once the test has asked for it (the marker persists across cold
+# boots), so boots of runs that do not use it stay as fast.
+mkdir -p "$R/srv/nfs/e2e"; chmod 0777 "$R/srv/nfs/e2e"
+# The test's relay on the host (tests/vm/harness/host_setup.rs) reaches the
+# server through qemu's host forwards, from the slirp host address, on
+# unprivileged ports; it finds mountd on a fixed port.
+echo '/srv/nfs/e2e 169.254.169.0/24(rw,sync,no_subtree_check,no_root_squash,insecure)' > "$R/etc/exports"
+printf '\n[mountd]\nport=20048\n' >> "$R/etc/nfs.conf"
+mkdir -p "$R/etc/systemd/system/nfs-server.service.d"
+printf '[Unit]\nConditionPathExists=/etc/envd-test-nfs\n' > "$R/etc/systemd/system/nfs-server.service.d/e2e.conf"
+# Under TCG that server is up well after envd (it waits for the network),
+# while a sandbox's NFS server is the host's, up before the boot: after a
+# cold boot, commands here wait longer for the volume to come back.
+mkdir -p "$R/etc/systemd/system/envd.service.d"
+printf '[Service]\nExecStart=\nExecStart=/usr/bin/envd --volume-wait 60\n' \
+  > "$R/etc/systemd/system/envd.service.d/e2e-volumes.conf"
 
 # ---- 3. envd, as a template gets it: the .deb and the default user
 BIN=${ENVD_BIN:-}

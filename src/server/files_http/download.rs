@@ -52,6 +52,7 @@ async fn serve(
     authorize(&state.guard, headers, query, Operation::Read, expiration).await?;
     let user = file_user(state, query.username.as_deref())?;
     let path = state.context.snapshot().resolve_path(query.path.as_deref().unwrap_or(""), &user)?;
+    state.volumes.wait_ready(Some(&path)).await;
     let opened = {
         let path = path.clone();
         tokio::task::spawn_blocking(move || open_download(&path))

@@ -200,6 +200,9 @@ pub async fn compose(State(state): State<Arc<AppState>>, body: Bytes) -> Result<
     let destination = context.resolve_path(&request.destination, &user)?;
     let sources =
         request.source_paths.iter().map(|p| context.resolve_path(p, &user)).collect::<Result<Vec<_>, PathError>>()?;
+    for path in sources.iter().chain([&destination]) {
+        state.volumes.wait_ready(Some(path)).await;
+    }
     let owner = Owner::from(&user);
     let written = tokio::task::spawn_blocking(move || crate::fs::compose::compose(&sources, &destination, owner))
         .await

@@ -47,6 +47,9 @@ pub async fn upload(
         discard(body, idle, REFUSED_BODY_DRAIN);
         return error.into_response();
     }
+    // Where a multipart upload writes is known only part by part: wait for
+    // any volume still being mounted.
+    state.volumes.wait_ready(None).await;
     match receive(&state, &query, &headers, body).await {
         Ok(written) => json_response(&serde_json::Value::Array(written.iter().map(written_json).collect())),
         Err(err) => {

@@ -40,6 +40,8 @@ pub struct VmSpec {
     pub verbose_console: bool,
     /// Guest TCP ports forwarded from host loopback too (servers in the guest).
     pub guest_ports: Vec<u16>,
+    /// More `-netdev user` rules (`,hostfwd=...,guestfwd=...`) of features under test.
+    pub extra_netdev: String,
 }
 
 /// A running qemu. Killed (SIGKILL) when dropped; the child also gets
@@ -95,8 +97,8 @@ impl Vm {
             let netdev = format!(
                 "user,id=n0,restrict=on,net=169.254.169.0/24,host=169.254.169.2,\
                  hostfwd=tcp:127.0.0.1:{port}-:{ENVD_PORT},{extra}\
-                 guestfwd=tcp:169.254.169.254:80-cmd:socat STDIO TCP:127.0.0.1:{}",
-                spec.mmds_port
+                 guestfwd=tcp:169.254.169.254:80-cmd:socat STDIO TCP:127.0.0.1:{}{}",
+                spec.mmds_port, spec.extra_netdev
             );
             let mut command = Command::new("qemu-system-x86_64");
             command
