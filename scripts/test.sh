@@ -32,6 +32,9 @@ bash tests/sdk/run.sh
 step "E2B JS SDK against envd"
 bash tests/sdk-js/run.sh
 
+step "fuzz smoke run: every fuzz target for a few seconds"
+bash scripts/fuzz.sh --smoke
+
 step "benchmark smoke run (every figure produced; speed is not judged)"
 bash scripts/bench.sh --quick --out target/bench-quick
 
