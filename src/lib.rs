@@ -10,6 +10,8 @@ pub mod auth;
 pub mod config;
 /// The exec context: default user, workdir, env vars; users and paths.
 pub mod context;
+/// Port forwarding of listeners bound only to loopback, in-process.
+pub mod forward;
 /// Filesystem operations: entries, listing, moves, watchers, transfers.
 pub mod fs;
 /// What comes from or goes to the host: /init, metrics, pause hooks.

@@ -11,6 +11,8 @@
 //! line of its own as soon as the sink takes lines again. Never a log file:
 //! one on the root filesystem would block while it is frozen.
 
+pub mod throttle;
+
 use std::io::{self, Write};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};

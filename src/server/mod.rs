@@ -25,6 +25,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tower::ServiceExt;
 
 use crate::config::Config;
+use crate::forward::{ForwardConfig, Forwarder};
 pub use errors::HttpError;
 use process_rpc::ProcessService;
 use state::AppState;
@@ -70,6 +71,11 @@ async fn serve(config: Config) -> Result<(), ServerError> {
     let listener = TcpListener::bind(addr).await.map_err(|source| ServerError::Bind { addr, source })?;
     if let Err(err) = crate::host::systemd::notify_ready() {
         tracing::warn!("telling systemd we are ready: {err}");
+    }
+    if let Some(address) = state.config.forward_target() {
+        let max_connections = state.config.forward_max_connections;
+        let forwarder = ForwardConfig { address, own_port: addr.port(), max_connections };
+        tokio::spawn(Forwarder::new(forwarder).run());
     }
     let app = router(state);
     tracing::info!(version = crate::VERSION, %addr, "envd listening");
