@@ -264,6 +264,24 @@ fn a_large_transfer_through_the_forward_arrives_intact_both_ways() {
     );
 }
 
+/// `accept`, failing the test instead of hanging when nothing comes.
+fn accept_within_patience(listener: &TcpListener) -> (TcpStream, SocketAddr) {
+    listener.set_nonblocking(true).unwrap();
+    let started = Instant::now();
+    loop {
+        match listener.accept() {
+            Ok((stream, peer)) => {
+                stream.set_nonblocking(false).unwrap();
+                return (stream, peer);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && started.elapsed() < PATIENCE => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => panic!("no connection arrived: {e}"),
+        }
+    }
+}
+
 #[test]
 fn at_the_connection_cap_new_connections_wait_and_proceed_once_one_closes() {
     const FORWARD: &str = "127.0.31.6";
@@ -277,18 +295,19 @@ fn at_the_connection_cap_new_connections_wait_and_proceed_once_one_closes() {
     });
     let mut first = probe.unwrap();
     first.write_all(b"1").unwrap();
-    let (mut first_server, _) = listener.accept().unwrap();
+    let (mut first_server, _) = accept_within_patience(&listener);
+    first_server.set_read_timeout(Some(PATIENCE)).unwrap();
     first_server.read_exact(&mut [0u8; 1]).unwrap();
     let _second = TcpStream::connect(at(FORWARD, port)).unwrap();
-    let (_second_server, _) = listener.accept().unwrap();
-    // The third is accepted by the kernel into the backlog, not relayed.
+    let (_second_server, _) = accept_within_patience(&listener);
+    // The third is accepted but not relayed until a slot is free.
     let mut third = TcpStream::connect(at(FORWARD, port)).unwrap();
     third.write_all(b"ping").unwrap();
     wait_until("the cap is logged", || envd.stderr().contains("forwarded connection limit reached"));
     // Both ends of the first connection close: its slot is free.
     drop(first);
     drop(first_server);
-    let (mut relayed, _) = listener.accept().unwrap();
+    let (mut relayed, _) = accept_within_patience(&listener);
     let mut buf = [0u8; 4];
     relayed.set_read_timeout(Some(PATIENCE)).unwrap();
     relayed.read_exact(&mut buf).unwrap();

@@ -1,8 +1,10 @@
 //! The TCP listeners of this network namespace, from the kernel's socket
 //! diagnostics (netlink `NETLINK_SOCK_DIAG`): one dump per address family,
 //! filtered to the LISTEN state by the kernel, so a scan costs two small
-//! round trips however many connections the sandbox has open (parsing
-//! `/proc/net/tcp*` would read every connection as text).
+//! round trips however many connections the sandbox has open. A kernel
+//! without the TCP diagnostics module (`inet_diag`/`tcp_diag`, often left
+//! out of minimal guest kernels) answers ENOENT; then `/proc/net/tcp` and
+//! `/proc/net/tcp6` are read instead, which lists every connection as text.
 
 use std::io::Read;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -45,8 +47,66 @@ pub enum ScanError {
     Malformed,
 }
 
-/// Every TCP listener of the namespace, IPv4 and IPv6.
-pub fn tcp_listeners() -> Result<Vec<Listener>, ScanError> {
+/// Where the listeners are read from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// Netlink socket diagnostics.
+    SockDiag,
+    /// `/proc/net/tcp` and `/proc/net/tcp6`.
+    ProcNet,
+}
+
+/// Every TCP listener of the namespace, IPv4 and IPv6, from `source`.
+pub fn tcp_listeners(source: Source) -> Result<Vec<Listener>, ScanError> {
+    match source {
+        Source::SockDiag => sock_diag_listeners(),
+        Source::ProcNet => proc_net_listeners(),
+    }
+}
+
+/// Listeners from `/proc/net/tcp{,6}`; a missing tcp6 (no IPv6) is empty.
+fn proc_net_listeners() -> Result<Vec<Listener>, ScanError> {
+    let mut listeners = parse_proc_net(&std::fs::read_to_string("/proc/net/tcp")?);
+    match std::fs::read_to_string("/proc/net/tcp6") {
+        Ok(table) => listeners.extend(parse_proc_net(&table)),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+        Err(err) => return Err(err.into()),
+    }
+    Ok(listeners)
+}
+
+/// The LISTEN rows of one table: `sl local_address rem_address st ...`,
+/// addresses as hex words of the in-memory (network order) bytes, the
+/// port in host order, state `0A` for LISTEN.
+fn parse_proc_net(table: &str) -> Vec<Listener> {
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|row| {
+            let mut columns = row.split_whitespace().skip(1);
+            let (local, _remote, state) = (columns.next()?, columns.next()?, columns.next()?);
+            if u32::from_str_radix(state, 16).ok()? != TCP_LISTEN {
+                return None;
+            }
+            let (addr, port) = local.split_once(':')?;
+            let port = u16::from_str_radix(port, 16).ok()?;
+            let mut bytes = Vec::with_capacity(16);
+            for word in addr.as_bytes().chunks(8) {
+                let word = u32::from_str_radix(std::str::from_utf8(word).ok()?, 16).ok()?;
+                bytes.extend_from_slice(&word.to_ne_bytes());
+            }
+            let addr = match bytes.len() {
+                4 => IpAddr::V4(Ipv4Addr::from(<[u8; 4]>::try_from(bytes).ok()?)),
+                16 => IpAddr::V6(Ipv6Addr::from(<[u8; 16]>::try_from(bytes).ok()?)).to_canonical(),
+                _ => return None,
+            };
+            Some(Listener { addr, port })
+        })
+        .collect()
+}
+
+/// Listeners from netlink socket diagnostics.
+fn sock_diag_listeners() -> Result<Vec<Listener>, ScanError> {
     let socket = Socket::new(
         Domain::from(libc::AF_NETLINK),
         Type::DGRAM.cloexec(),
@@ -149,15 +209,36 @@ mod tests {
     use super::*;
 
     #[test]
-    fn sees_a_loopback_listener_of_each_family() {
+    fn both_sources_see_a_loopback_listener_of_each_family() {
         let v4 = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let v6 = std::net::TcpListener::bind("[::1]:0").ok();
-        let found = tcp_listeners().unwrap();
-        let v4_port = v4.local_addr().unwrap().port();
-        assert!(found.contains(&Listener { addr: "127.0.0.1".parse().unwrap(), port: v4_port }), "{found:?}");
-        if let Some(v6) = v6 {
-            let port = v6.local_addr().unwrap().port();
-            assert!(found.contains(&Listener { addr: "::1".parse().unwrap(), port }), "{found:?}");
+        let connected = std::net::TcpStream::connect(v4.local_addr().unwrap()).unwrap();
+        for source in [Source::SockDiag, Source::ProcNet] {
+            let found = tcp_listeners(source).unwrap();
+            let v4_port = v4.local_addr().unwrap().port();
+            let v4_listener = Listener { addr: "127.0.0.1".parse().unwrap(), port: v4_port };
+            assert!(found.contains(&v4_listener), "{source:?}: {found:?}");
+            let client_port = connected.local_addr().unwrap().port();
+            assert!(!found.iter().any(|l| l.port == client_port), "{source:?}: a connection is no listener");
+            if let Some(v6) = &v6 {
+                let port = v6.local_addr().unwrap().port();
+                assert!(found.contains(&Listener { addr: "::1".parse().unwrap(), port }), "{source:?}: {found:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn proc_net_rows_are_read_in_network_order() {
+        let v4 = "  sl  local_address rem_address   st tx_queue rx_queue\n   \
+                  0: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0\n   \
+                  1: 0100007F:1F91 0100007F:9C40 01 00000000:00000000 00:00000000 00000000     0\n";
+        let v6 = "  sl  local_address                         remote_address                        st\n   \
+                  0: 00000000000000000000000001000000:0BB8 00000000000000000000000000000000:0000 0A\n   \
+                  1: 00000000000000000000000000000000:0050 00000000000000000000000000000000:0000 0A\n";
+        let listener = |addr: &str, port| Listener { addr: addr.parse().unwrap(), port };
+        if cfg!(target_endian = "little") {
+            assert_eq!(parse_proc_net(v4), [listener("127.0.0.1", 8080)]);
+            assert_eq!(parse_proc_net(v6), [listener("::1", 3000), listener("::", 80)]);
         }
     }
 

@@ -7,9 +7,10 @@
 //! and per connection, bytes moved by `splice(2)` ([`relay`]).
 //!
 //! Order of effects, every [`SCAN_INTERVAL`]:
-//! 1. read every TCP listener of the namespace ([`listeners`], netlink
-//!    socket diagnostics; the kernel has no notification of new listeners,
-//!    so this is a cheap poll, five times as often as the reference's);
+//! 1. read every TCP listener of the namespace ([`listeners`]: netlink
+//!    socket diagnostics, or `/proc/net/tcp*` on a kernel without them;
+//!    the kernel has no notification of new listeners, so this is a cheap
+//!    poll, five times as often as the reference's);
 //! 2. decide the ports to forward from that one snapshot ([`plan`]);
 //! 3. stop the forwards no longer wanted: their accept task is aborted,
 //!    which closes the forward socket, so new connections are refused at
@@ -23,10 +24,10 @@
 //!    task. A bind that fails (address taken meanwhile, forward address
 //!    absent) is retried on the next scan and told once per port.
 //!
-//! Per connection: a slot of the connection cap is taken before `accept`
-//! (at the cap, further connections wait in the kernel's backlog and a
-//! throttled line says so), then the target is connected and the two
-//! sockets are relayed until both directions end.
+//! Per connection: once accepted it takes a slot of the connection cap
+//! (at the cap it waits for one, the port's further connections wait in
+//! the kernel's backlog, and a throttled line says so), then the target is
+//! connected and the two sockets are relayed until both directions end.
 
 pub mod listeners;
 pub mod plan;
@@ -134,13 +135,19 @@ impl Forwarder {
     pub async fn run(mut self) {
         tracing::info!(address = %self.config.address, "forwarding loopback listeners");
         let scan_failed = Throttle::new(WARN_EVERY);
+        let mut source = listeners::Source::SockDiag;
         loop {
             // A dump of the LISTEN sockets takes microseconds and never
             // waits on anything but the kernel: done in place.
-            let pause = match listeners::tcp_listeners() {
+            let pause = match listeners::tcp_listeners(source) {
                 Ok(listeners) => {
                     self.reconcile(&listeners);
                     SCAN_INTERVAL
+                }
+                Err(err) if source == listeners::Source::SockDiag => {
+                    tracing::info!("reading listeners from /proc/net/tcp*: {err}");
+                    source = listeners::Source::ProcNet;
+                    Duration::ZERO
                 }
                 Err(err) => {
                     if scan_failed.admit().is_some() {
@@ -202,17 +209,19 @@ fn forward_socket(addr: SocketAddr) -> std::io::Result<TcpListener> {
 
 async fn accept_loop(listener: TcpListener, target: SocketAddr, capacity: Arc<Capacity>) {
     loop {
-        let Some(slot) = capacity.slot().await else { return };
-        match listener.accept().await {
-            Ok((client, _peer)) => {
-                tokio::spawn(forward_connection(client, target, slot));
-            }
+        let client = match listener.accept().await {
+            Ok((client, _peer)) => client,
             Err(err) => {
                 // Out of fds and the like: back off instead of spinning.
                 tracing::debug!(%target, "accept on a forwarded port: {err}");
                 tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
             }
-        }
+        };
+        // The slot is taken after accept: idle ports hold none. At the cap
+        // this one connection waits here and the next ones in the backlog.
+        let Some(slot) = capacity.slot().await else { return };
+        tokio::spawn(forward_connection(client, target, slot));
     }
 }
 

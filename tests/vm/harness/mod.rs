@@ -4,6 +4,7 @@
 
 pub mod disk;
 pub mod envd;
+pub mod forward;
 pub mod http;
 pub mod mmds;
 pub mod qemu;

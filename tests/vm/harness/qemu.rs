@@ -17,6 +17,9 @@ use serde_json::{Value, json};
 
 /// The guest port envd listens on.
 pub const ENVD_PORT: u16 = 49983;
+/// A guest port forwarded from the host like envd's, for a guest server
+/// that listens on localhost only (envd forwards it on the guest address).
+pub const FORWARD_GUEST_PORT: u16 = 18080;
 /// The guest clock starts here (the RTC), far from the host's, so that the
 /// first `/init` must step it.
 pub const RTC_BASE: &str = "2035-01-01T00:00:00";
@@ -50,6 +53,8 @@ pub struct Vm {
     pub name: String,
     /// The host port forwarded to envd.
     pub port: u16,
+    /// The host port forwarded to [`FORWARD_GUEST_PORT`] on the guest address.
+    pub forward_port: u16,
     /// When qemu was spawned.
     pub started: Instant,
     child: Option<Child>,
@@ -74,6 +79,7 @@ impl Vm {
         let mut last_error = String::new();
         for _attempt in 0..5 {
             let port = free_port();
+            let forward_port = free_port();
             let console = spec.work.join(format!("{name}.console"));
             let stderr_path = spec.work.join(format!("{name}.stderr"));
             let qmp_path = spec.work.join(format!("{name}.qmp"));
@@ -88,6 +94,7 @@ impl Vm {
             let netdev = format!(
                 "user,id=n0,restrict=on,net=169.254.169.0/24,host=169.254.169.2,\
                  hostfwd=tcp:127.0.0.1:{port}-:{ENVD_PORT},\
+                 hostfwd=tcp:127.0.0.1:{forward_port}-:{FORWARD_GUEST_PORT},\
                  guestfwd=tcp:169.254.169.254:80-cmd:socat STDIO TCP:127.0.0.1:{}",
                 spec.mmds_port
             );
@@ -128,7 +135,15 @@ impl Vm {
             let started = Instant::now();
             let child =
                 command.spawn().map_err(|e| format!("spawning qemu-system-x86_64: {e} (run tests/vm/setup.sh)"))?;
-            let mut vm = Vm { spec: spec.clone(), name: name.to_owned(), port, started, child: Some(child), qmp: None };
+            let mut vm = Vm {
+                spec: spec.clone(),
+                name: name.to_owned(),
+                port,
+                forward_port,
+                started,
+                child: Some(child),
+                qmp: None,
+            };
             // A taken port makes qemu exit at once; anything else shows up later.
             std::thread::sleep(Duration::from_millis(150));
             match vm.check_alive() {
