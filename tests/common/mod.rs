@@ -35,6 +35,7 @@
 #![allow(dead_code)]
 
 pub mod attacker;
+pub mod collector;
 pub mod mmds;
 pub mod pb;
 pub mod time;
