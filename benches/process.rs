@@ -4,6 +4,7 @@
 //!
 //! Run: `cargo bench --bench process` (as root). Uses the envd cargo
 //! built for the bench (optimised, in the active target directory).
+//! `ENVD_BENCH_ARGS` adds flags to envd's.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -31,7 +32,7 @@ fn main() {
     let ready = ready_times(&binary);
 
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    let envd = Envd::options().binary(&binary).start();
+    let envd = Envd::options().binary(&binary).args(extra_args()).start();
     let client = envd.client();
     runtime.block_on(async { assert_eq!(client.get("/health").await.status, 204) });
     std::thread::sleep(Duration::from_millis(200));
@@ -103,10 +104,16 @@ fn fmt_kib(kib: u64) -> String {
     format!("{:.1} MiB", kib as f64 / 1024.0)
 }
 
+/// Flags added to envd's (`ENVD_BENCH_ARGS`, split on whitespace), e.g.
+/// to measure with port forwarding and log shipping on.
+fn extra_args() -> Vec<String> {
+    std::env::var("ENVD_BENCH_ARGS").map(|a| a.split_whitespace().map(str::to_owned).collect()).unwrap_or_default()
+}
+
 /// Time from spawning envd to its first 204 on `/health`, sorted.
 fn ready_times(binary: &PathBuf) -> Vec<Duration> {
     let mut times: Vec<Duration> =
-        (0..READY_SAMPLES).map(|_| Envd::options().binary(binary).start().ready_after()).collect();
+        (0..READY_SAMPLES).map(|_| Envd::options().binary(binary).args(extra_args()).start().ready_after()).collect();
     times.sort();
     times
 }

@@ -22,7 +22,8 @@ pub mod process;
 pub mod proto;
 /// One listener, one router: Connect services, HTTP routes, auth, CORS.
 pub mod server;
-/// envd's own log lines, through a queue that never blocks the daemon.
+/// envd's own log lines: stderr through a queue that never blocks the
+/// daemon, and shipping to the host's collector.
 pub mod telemetry;
 
 /// The version reported by `--version` and `X-Envd-Version`.
