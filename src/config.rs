@@ -15,6 +15,9 @@ pub const DEFAULT_MMDS_ADDRESS: &str = "169.254.169.254:80";
 /// The port the SDKs and the orchestrator expect.
 pub const DEFAULT_PORT: u16 = 49983;
 
+/// The guest address the sandbox proxy connects to, as in the reference.
+pub const DEFAULT_FORWARD_ADDRESS: std::net::IpAddr = std::net::IpAddr::V4(std::net::Ipv4Addr::new(169, 254, 0, 21));
+
 /// envd's flags.
 #[derive(Parser, Debug, Clone)]
 #[command(
@@ -94,6 +97,16 @@ pub struct Config {
     /// how long they are retried after a cold boot.
     #[arg(long, value_name = "SECONDS", default_value_t = 10)]
     pub volume_wait: u64,
+    /// Address on which listeners bound only to loopback are made
+    /// reachable, port for port (default 169.254.0.21; in --dev only when given).
+    #[arg(long, value_name = "IP")]
+    pub forward_address: Option<std::net::IpAddr>,
+    /// Do not forward loopback listeners at all.
+    #[arg(long)]
+    pub no_forward: bool,
+    /// Forwarded connections open at once; further ones wait in the backlog.
+    #[arg(long, value_name = "N", default_value_t = 1024)]
+    pub forward_max_connections: usize,
     /// Log debug details.
     #[arg(long)]
     pub verbose: bool,
@@ -124,6 +137,9 @@ const LONG_FLAGS: &[&str] = &[
     "ca-bundle",
     "ca-file",
     "volume-wait",
+    "forward-address",
+    "no-forward",
+    "forward-max-connections",
     "verbose",
     "help",
 ];
@@ -178,6 +194,17 @@ impl Config {
         }
     }
 
+    /// Where loopback listeners are forwarded to, if anywhere: the
+    /// reference's address in a VM; in `--dev` only an explicit one.
+    pub fn forward_target(&self) -> Option<std::net::IpAddr> {
+        match (self.forward_address, self.dev, self.no_forward) {
+            (_, _, true) => None,
+            (Some(address), _, false) => Some(address),
+            (None, true, false) => None,
+            (None, false, false) => Some(DEFAULT_FORWARD_ADDRESS),
+        }
+    }
+
     /// How long an upload body may stay silent.
     pub fn upload_idle_timeout(&self) -> Duration {
         Duration::from_secs(self.upload_idle_timeout)
@@ -219,7 +246,12 @@ mod tests {
         assert_eq!(config.state_dir, PathBuf::from("/var/lib/envd"));
         assert_eq!(config.metadata_address(), Some("169.254.169.254:80"));
         assert_eq!(config.freeze_target(), Some(std::path::Path::new("/")));
+        assert_eq!(config.forward_target(), Some(DEFAULT_FORWARD_ADDRESS));
         assert!(!config.dev);
+        assert_eq!(parse(&["--dev"]).forward_target(), None);
+        assert_eq!(parse(&["-no-forward"]).forward_target(), None);
+        let forwarded = parse(&["--dev", "-forward-address", "127.0.0.2"]).forward_target();
+        assert_eq!(forwarded, Some("127.0.0.2".parse().unwrap()));
         let dev = parse(&["--dev"]);
         assert_eq!((dev.metadata_address(), dev.freeze_target()), (None, None));
         let explicit = parse(&["--dev", "--mmds-address", "127.0.0.1:1", "--freeze-path", "/mnt/x"]);

@@ -10,6 +10,8 @@ pub mod auth;
 pub mod config;
 /// The exec context: default user, workdir, env vars; users and paths.
 pub mod context;
+/// Port forwarding of listeners bound only to loopback, in-process.
+pub mod forward;
 /// Filesystem operations: entries, listing, moves, watchers, transfers.
 pub mod fs;
 /// What comes from or goes to the host: /init, metrics, pause hooks.
@@ -22,7 +24,8 @@ pub mod proto;
 pub mod restore;
 /// One listener, one router: Connect services, HTTP routes, auth, CORS.
 pub mod server;
-/// envd's own log lines, through a queue that never blocks the daemon.
+/// envd's own log lines: stderr through a queue that never blocks the
+/// daemon, and shipping to the host's collector.
 pub mod telemetry;
 
 /// The version reported by `--version` and `X-Envd-Version`.

@@ -18,8 +18,10 @@ fn main() -> ExitCode {
         println!("{}", option_env!("ENVD_COMMIT").unwrap_or("unknown"));
         return ExitCode::SUCCESS;
     }
-    let _log = envd::telemetry::init(config.verbose);
-    match envd::server::run(config) {
+    // Lines are shipped wherever the metadata service (which names the
+    // collector) is read.
+    let (_log, shipper) = envd::telemetry::init(config.verbose, config.metadata_address().is_some());
+    match envd::server::run(config, shipper) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             tracing::error!("envd stopped: {err}");

@@ -10,6 +10,14 @@
 //! full the line is dropped and counted, and the count is reported in a
 //! line of its own as soon as the sink takes lines again. Never a log file:
 //! one on the root filesystem would block while it is frozen.
+//!
+//! In a VM the same lines also go to the host's log collector as JSON,
+//! through a bounded buffer of their own that never blocks either
+//! ([`ship`]).
+
+pub mod json;
+pub mod ship;
+pub mod throttle;
 
 use std::io::{self, Write};
 use std::sync::Arc;
@@ -23,13 +31,22 @@ const QUEUE_LINES: usize = 2048;
 /// How long the daemon's exit waits for queued lines to be written.
 const DRAIN_ON_EXIT: Duration = Duration::from_secs(1);
 
-/// Starts the log writer and installs it as the `tracing` subscriber.
-/// Keep the guard until exit: dropping it waits briefly for the queue.
-pub fn init(verbose: bool) -> LogGuard {
+/// Starts the log writer and installs it as the `tracing` subscriber;
+/// with `ship`, lines are also queued for the host's collector (the
+/// returned shipper, see [`ship`]). Keep the guard until exit: dropping it
+/// waits briefly for the queue.
+pub fn init(verbose: bool, ship: bool) -> (LogGuard, Option<ship::LogShipper>) {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     let level = if verbose { tracing::Level::DEBUG } else { tracing::Level::INFO };
     let (sink, guard) = QueuedSink::start(io::stderr());
-    tracing_subscriber::fmt().with_max_level(level).with_writer(sink).with_ansi(false).init();
-    guard
+    let (shipper, ship_layer) = if ship { Some(ship::LogShipper::new()).unzip() } else { (None, None) };
+    tracing_subscriber::registry()
+        .with(tracing_subscriber::filter::LevelFilter::from_level(level))
+        .with(tracing_subscriber::fmt::layer().with_writer(sink).with_ansi(false))
+        .with(ship_layer)
+        .init();
+    (guard, shipper)
 }
 
 /// The writing end: cheap to clone, never blocks.

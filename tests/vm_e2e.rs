@@ -28,6 +28,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use harness::disk;
 use harness::envd::{As, Envd};
 use harness::host_setup::{self, HostSetup};
+use harness::forward;
 use harness::mmds::Mmds;
 use harness::qemu::{Vm, VmSpec};
 use serde_json::{Value, json};
@@ -460,6 +461,7 @@ fn cold_boot_phase(run: &mut Run) -> Result<Facts, String> {
         },
     )?;
 
+    let forward_server = forward_checks_after_boot(run)?;
     let envd = run.envd()?;
     let pid = envd.spawn_detached(
         As::Default,
@@ -470,7 +472,7 @@ fn cold_boot_phase(run: &mut Run) -> Result<Facts, String> {
     std::thread::sleep(Duration::from_secs(2));
     let counter: u64 = run.root("cat /tmp/e2e-counter")?.trim().parse().map_err(|e| format!("counter: {e}"))?;
     let boot_id = run.root("cat /proc/sys/kernel/random/boot_id")?;
-    Ok(Facts { fingerprint, pid, mem_sum, counter, boot_id })
+    Ok(Facts { fingerprint, pid, mem_sum, counter, boot_id, forward_server })
 }
 
 /// After the first `/init`: the volume is the NFS export, the CA is in the
@@ -509,6 +511,8 @@ struct Facts {
     mem_sum: String,
     counter: u64,
     boot_id: String,
+    /// Pid of the guest server on localhost that envd forwards.
+    forward_server: u32,
 }
 
 fn memory_phase(run: &mut Run, facts: &Facts) -> Result<(), String> {
@@ -561,6 +565,7 @@ fn memory_phase(run: &mut Run, facts: &Facts) -> Result<(), String> {
         "exec-context fingerprint unchanged",
         same_fingerprint("fingerprint", &fingerprint, &facts.fingerprint),
     )?;
+    forward_checks_after_restore(run, facts.forward_server)?;
     Ok(())
 }
 
@@ -673,6 +678,52 @@ fn filesystem_phase(run: &mut Run, facts: &Facts) -> Result<(), String> {
     let restarts = run.root("systemctl show envd -p NRestarts --value")?;
     run.report.check(P, "envd never restarted (NRestarts=0)", expect_eq("NRestarts", restarts.trim(), "0"))?;
     Ok(())
+}
+
+// ---------------------------------------------------------------------
+// Port forwarding: the host reaches a guest server on localhost through
+// the guest's address (envd runs with --forward-address = that address).
+
+const FORWARD_CONTENT: &str = "served on localhost only";
+
+/// Starts the localhost-only server and checks it is reachable from the
+/// host through the guest address; returns the server's pid.
+fn forward_checks_after_boot(run: &mut Run) -> Result<u32, String> {
+    const P: &str = "boot";
+    let envd = run.envd()?;
+    let forward_port = run.vm.as_ref().ok_or("no VM")?.forward_port;
+    let pid = forward::start_localhost_server(&envd, FORWARD_CONTENT)?;
+    let waited = forward::wait_reachable(forward_port, FORWARD_CONTENT, Duration::from_secs(20));
+    if let Ok(waited) = &waited {
+        run.report.time("guest server on 127.0.0.1 started -> reachable on the guest address", secs(*waited));
+    }
+    run.report.check(P, "host reaches a guest server on 127.0.0.1 through the guest address", waited.map(|_| ()))?;
+    let sockets = forward::guest_listeners(&envd)?;
+    run.report.check(
+        P,
+        "envd holds the forward socket; the server listens on 127.0.0.1 only",
+        if sockets.contains("169.254.169.15:") && sockets.contains("\"envd\"") && sockets.contains("127.0.0.1:") {
+            Ok(())
+        } else {
+            Err(format!("listeners: {sockets}"))
+        },
+    )?;
+    Ok(pid)
+}
+
+/// After a memory restore the forward still works; once the server is
+/// gone the guest address stops answering.
+fn forward_checks_after_restore(run: &mut Run, server: u32) -> Result<(), String> {
+    const P: &str = "memory";
+    let envd = run.envd()?;
+    let forward_port = run.vm.as_ref().ok_or("no VM")?.forward_port;
+    let reachable = forward::wait_reachable(forward_port, FORWARD_CONTENT, Duration::from_secs(20));
+    run.report.check(P, "the localhost server is still forwarded after the restore", reachable.map(|_| ()))?;
+    let gone = forward::stop_and_wait_unreachable(&envd, forward_port, server, Duration::from_secs(20));
+    if let Ok(gone) = &gone {
+        run.report.time("guest server killed -> guest address stops answering", secs(*gone));
+    }
+    run.report.check(P, "a server that went away is no longer forwarded", gone.map(|_| ()))
 }
 
 fn finish(mut run: Run, result: Result<(), String>, started: Instant) {

@@ -8,6 +8,7 @@ use std::time::Duration;
 use super::mmds::{Metadata, MmdsClient, MmdsError};
 use crate::auth::AccessGuard;
 use crate::context::ContextStore;
+use crate::telemetry::ship::{LogShipper, ShipTarget};
 
 /// First retry delay of the start-up poll, and its ceiling.
 const FIRST_RETRY: Duration = Duration::from_millis(50);
@@ -28,12 +29,19 @@ pub struct Identity {
     guard: AccessGuard,
     context: ContextStore,
     run_dir: std::path::PathBuf,
+    logs: Option<LogShipper>,
 }
 
 impl Identity {
     /// Identity from the metadata service at `client`.
     pub fn new(client: MmdsClient, guard: AccessGuard, context: ContextStore, run_dir: &Path) -> Self {
-        Self { client, guard, context, run_dir: run_dir.to_owned() }
+        Self { client, guard, context, run_dir: run_dir.to_owned(), logs: None }
+    }
+
+    /// Also points `logs` at the collector the metadata names.
+    pub fn with_log_shipper(mut self, logs: LogShipper) -> Self {
+        self.logs = Some(logs);
+        self
     }
 
     /// Start-up: poll until the service answers (a cold boot may come up
@@ -91,6 +99,13 @@ impl Identity {
     }
 
     fn apply(&self, metadata: &Metadata, with_defaults: bool) {
+        if let (Some(logs), Some(url)) = (&self.logs, metadata.address.as_ref().filter(|a| !a.trim().is_empty())) {
+            logs.set_target(ShipTarget {
+                url: url.clone(),
+                instance_id: metadata.instance_id.clone().unwrap_or_default(),
+                env_id: metadata.env_id.clone().unwrap_or_default(),
+            });
+        }
         if let Some(hash) = &metadata.access_token_hash {
             self.guard.set_token_hash(hash);
         }

@@ -27,6 +27,8 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tower::ServiceExt;
 
 use crate::config::Config;
+use crate::forward::{ForwardConfig, Forwarder};
+use crate::telemetry::ship::LogShipper;
 pub use errors::HttpError;
 use process_rpc::ProcessService;
 use state::AppState;
@@ -51,8 +53,8 @@ pub enum ServerError {
     },
 }
 
-/// Runs envd until it is killed.
-pub fn run(config: Config) -> Result<(), ServerError> {
+/// Runs envd until it is killed; `logs` ships envd's log lines to the host.
+pub fn run(config: Config, logs: Option<LogShipper>) -> Result<(), ServerError> {
     // One malloc arena per thread costs resident memory for nothing here.
     // SAFETY: mallopt only tunes glibc's allocator; called before threads start.
     unsafe {
@@ -63,15 +65,20 @@ pub fn run(config: Config) -> Result<(), ServerError> {
         .enable_all()
         .build()
         .map_err(ServerError::Runtime)?;
-    runtime.block_on(serve(config))
+    runtime.block_on(serve(config, logs))
 }
 
-async fn serve(config: Config) -> Result<(), ServerError> {
+async fn serve(config: Config, logs: Option<LogShipper>) -> Result<(), ServerError> {
     let addr = config.listen_addr();
-    let state = AppState::build(config);
+    let state = AppState::build(config, logs);
     let listener = TcpListener::bind(addr).await.map_err(|source| ServerError::Bind { addr, source })?;
     if let Err(err) = crate::host::systemd::notify_ready() {
         tracing::warn!("telling systemd we are ready: {err}");
+    }
+    if let Some(address) = state.config.forward_target() {
+        let max_connections = state.config.forward_max_connections;
+        let forwarder = ForwardConfig { address, own_port: addr.port(), max_connections };
+        tokio::spawn(Forwarder::new(forwarder).run());
     }
     let app = router(state);
     tracing::info!(version = crate::VERSION, %addr, "envd listening");

@@ -18,6 +18,7 @@ use crate::host::provision::Provisioner;
 use crate::host::volumes::Volumes;
 use crate::process::ProcessTable;
 use crate::restore::TemplateProcesses;
+use crate::telemetry::ship::LogShipper;
 
 /// Shared state of the daemon.
 #[derive(Debug)]
@@ -96,8 +97,9 @@ fn load_saved_context(file: &StateFile) -> Option<SavedContext> {
 
 impl AppState {
     /// Builds the daemon's state: the saved exec context is loaded before
-    /// the listener answers, the metadata service is polled in the background.
-    pub fn build(config: Config) -> Arc<AppState> {
+    /// the listener answers, the metadata service is polled in the
+    /// background, and log lines are shipped once it names the collector.
+    pub fn build(config: Config, logs: Option<LogShipper>) -> Arc<AppState> {
         let state_file = StateFile::new(&config.state_dir);
         let saved = load_saved_context(&state_file);
         let guard = AccessGuard::default();
@@ -142,7 +144,11 @@ impl AppState {
         }
         let mut identity_known = None;
         if let Some(address) = config.metadata_address() {
-            let identity = Identity::new(MmdsClient::new(address), guard.clone(), context.clone(), &config.run_dir);
+            let mut identity = Identity::new(MmdsClient::new(address), guard.clone(), context.clone(), &config.run_dir);
+            if let Some(logs) = logs {
+                tokio::spawn(logs.clone().run());
+                identity = identity.with_log_shipper(logs);
+            }
             identity_known = Some(tokio::spawn(identity.clone().poll_at_start()));
             initializer = initializer.with_identity(identity);
         }

@@ -37,6 +37,7 @@
 pub mod attacker;
 pub mod footprint;
 pub mod host_setup;
+pub mod collector;
 pub mod mmds;
 pub mod pb;
 pub mod time;

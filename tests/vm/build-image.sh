@@ -127,6 +127,11 @@ if [ -z "$BIN" ]; then
 fi
 DEB=$("$REPO/packaging/build-deb.sh" --binary "$BIN" --out "$WORK")
 rootfs_install_deb "$R" "$DEB"
+# The test VM's address stands in for the sandbox's forward address
+# (169.254.0.21): the host reaches guest servers on localhost through it.
+mkdir -p "$R/etc/systemd/system/envd.service.d"
+printf '[Service]\nExecStart=\nExecStart=/usr/bin/envd --forward-address 169.254.169.15\n' \
+  > "$R/etc/systemd/system/envd.service.d/forward.conf"
 rootfs_add_default_user "$R" user 1000
 
 # ---- 4. boot trimming (about half the userspace boot time under TCG)

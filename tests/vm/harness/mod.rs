@@ -5,6 +5,7 @@
 pub mod disk;
 pub mod envd;
 pub mod host_setup;
+pub mod forward;
 pub mod http;
 pub mod mmds;
 pub mod qemu;

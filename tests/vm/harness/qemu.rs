@@ -17,6 +17,9 @@ use serde_json::{Value, json};
 
 /// The guest port envd listens on.
 pub const ENVD_PORT: u16 = 49983;
+/// A guest port forwarded from the host like envd's, for a guest server
+/// that listens on localhost only (envd forwards it on the guest address).
+pub const FORWARD_GUEST_PORT: u16 = 18080;
 /// The guest clock starts here (the RTC), far from the host's, so that the
 /// first `/init` must step it.
 pub const RTC_BASE: &str = "2035-01-01T00:00:00";
@@ -54,6 +57,8 @@ pub struct Vm {
     pub name: String,
     /// The host port forwarded to envd.
     pub port: u16,
+    /// The host port forwarded to [`FORWARD_GUEST_PORT`] on the guest address.
+    pub forward_port: u16,
     /// When qemu was spawned.
     pub started: Instant,
     /// (guest port, host port) of `spec.guest_ports`.
@@ -80,6 +85,7 @@ impl Vm {
         let mut last_error = String::new();
         for _attempt in 0..5 {
             let port = free_port();
+            let forward_port = free_port();
             let console = spec.work.join(format!("{name}.console"));
             let stderr_path = spec.work.join(format!("{name}.stderr"));
             let qmp_path = spec.work.join(format!("{name}.qmp"));
@@ -97,6 +103,7 @@ impl Vm {
             let netdev = format!(
                 "user,id=n0,restrict=on,net=169.254.169.0/24,host=169.254.169.2,\
                  hostfwd=tcp:127.0.0.1:{port}-:{ENVD_PORT},{extra}\
+                 hostfwd=tcp:127.0.0.1:{forward_port}-:{FORWARD_GUEST_PORT},\
                  guestfwd=tcp:169.254.169.254:80-cmd:socat STDIO TCP:127.0.0.1:{}{}",
                 spec.mmds_port, spec.extra_netdev
             );
@@ -141,6 +148,7 @@ impl Vm {
                 spec: spec.clone(),
                 name: name.to_owned(),
                 port,
+                forward_port,
                 started,
                 forwards,
                 child: Some(child),
