@@ -434,7 +434,8 @@ def test_send_stdin_then_close_stdin(sandbox):
 
 
 def test_close_stdin_twice_is_ok(sandbox):
-    handle = sandbox.commands.run("cat", background=True, stdin=True)
+    # The command outlives its stdin, so the second close finds it running.
+    handle = sandbox.commands.run("cat; sleep 1", background=True, stdin=True)
     sandbox.commands.close_stdin(handle.pid)
     sandbox.commands.close_stdin(handle.pid)
     assert handle.wait().exit_code == 0
