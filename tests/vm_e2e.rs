@@ -27,8 +27,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use harness::disk;
 use harness::envd::{As, Envd};
-use harness::host_setup::{self, HostSetup};
 use harness::forward;
+use harness::host_setup::{self, HostSetup};
 use harness::mmds::Mmds;
 use harness::qemu::{Vm, VmSpec};
 use serde_json::{Value, json};

@@ -35,9 +35,9 @@
 #![allow(dead_code)]
 
 pub mod attacker;
+pub mod collector;
 pub mod footprint;
 pub mod host_setup;
-pub mod collector;
 pub mod mmds;
 pub mod pb;
 pub mod time;

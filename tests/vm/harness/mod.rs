@@ -4,8 +4,8 @@
 
 pub mod disk;
 pub mod envd;
-pub mod host_setup;
 pub mod forward;
+pub mod host_setup;
 pub mod http;
 pub mod mmds;
 pub mod qemu;
