@@ -237,10 +237,38 @@ async fn watch(mut stream: ConnectStream, stop: Arc<AtomicBool>, index: usize) -
     seen
 }
 
+/// The kernel's per-user inotify instance limit, raised for one test and
+/// put back afterwards: envd keeps half of it for its watchers, and the
+/// machine's default (128) leaves room for only 64.
+struct InotifyInstances(Option<String>);
+
+const MAX_USER_INSTANCES: &str = "/proc/sys/fs/inotify/max_user_instances";
+
+impl InotifyInstances {
+    fn at_least(wanted: usize) -> InotifyInstances {
+        let old = std::fs::read_to_string(MAX_USER_INSTANCES).expect("reading max_user_instances");
+        if old.trim().parse::<usize>().is_ok_and(|n| n >= wanted) {
+            return InotifyInstances(None);
+        }
+        std::fs::write(MAX_USER_INSTANCES, wanted.to_string()).expect("raising max_user_instances (as root)");
+        InotifyInstances(Some(old))
+    }
+}
+
+impl Drop for InotifyInstances {
+    fn drop(&mut self) {
+        if let Some(old) = self.0.take() {
+            let _ = std::fs::write(MAX_USER_INSTANCES, old.trim());
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_watchers_on_busy_directories_keep_up() {
     let watchers = knob("ENVD_LOAD_WATCHERS", 100);
     let directories = 20.min(watchers);
+    // envd reads the limit when it starts: raise it first.
+    let _instances = InotifyInstances::at_least(2 * watchers + 32);
     let envd = Envd::start();
     let client = envd.client();
     let root = Scratch::new("load-watch");
