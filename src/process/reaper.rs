@@ -8,7 +8,10 @@
 //! status. So every spawn registers its pid while holding the same lock the
 //! reaper takes, and the reaper waits only for children not registered:
 //! a child that exits before its pid is registered is still safe, because
-//! the reaper cannot run in between.
+//! the reaper cannot run in between. Helpers envd runs for itself (`mount`
+//! for volumes, say) are waited for by their own callers: they stay in
+//! envd's session, while every command starts a session of its own, so the
+//! reaper leaves children of envd's own session alone.
 
 use std::collections::HashSet;
 use std::io;
@@ -50,8 +53,10 @@ impl Children {
     /// Reaps every adopted orphan that has exited.
     pub fn reap_orphans(&self) {
         let own = self.own();
+        // SAFETY: getsid(0) has no preconditions.
+        let envds_session = u32::try_from(unsafe { libc::getsid(0) }).ok();
         for pid in child_pids() {
-            if own.contains(&pid) {
+            if own.contains(&pid) || super::tree::session_of(pid) == envds_session {
                 continue;
             }
             let Ok(pid) = i32::try_from(pid) else { continue };

@@ -156,6 +156,11 @@ pub(super) fn scan_proc() -> Vec<ProcEntry> {
         .collect()
 }
 
+/// The session of `pid`, while it exists (a zombie's too).
+pub(super) fn session_of(pid: u32) -> Option<u32> {
+    read_entry(pid).map(|e| e.sid)
+}
+
 fn member(pid: u32) -> Option<Member> {
     read_entry(pid).map(|e| Member { pid, start_time: e.start_time })
 }
