@@ -344,3 +344,18 @@ async fn without_cgroups_freezing_is_a_no_op() {
     assert_eq!(reply.json()["unobservable"], 1);
     assert_eq!(envd.client().send(http::Method::POST, "/unfreeze", &[], "").await.status, 204);
 }
+
+#[tokio::test]
+async fn collapse_reports_what_it_did_to_envds_own_memory() {
+    let envd = Envd::start();
+    let reply = envd.client().send(http::Method::POST, "/collapse", &[], "").await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let report = reply.json();
+    let count = |field: &str| report[field].as_u64().unwrap_or_else(|| panic!("{field} missing: {report}"));
+    assert!(count("regions") >= 1, "envd has anonymous memory: {report}");
+    assert_eq!(count("chunks"), count("collapsed") + count("alreadyHuge") + count("skipped"), "{report}");
+    assert!(report["elapsedMs"].is_u64(), "{report}");
+    // Whatever this kernel allows is printed, not asserted: collapse support
+    // depends on the kernel version and its THP settings.
+    println!("collapse on this kernel: {report}");
+}

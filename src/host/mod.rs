@@ -3,6 +3,7 @@
 
 pub mod cgroups;
 pub mod clock;
+pub mod collapse;
 pub mod fsfreeze;
 pub mod identity;
 pub mod init;

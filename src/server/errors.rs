@@ -93,6 +93,13 @@ impl From<FreezeError> for HttpError {
     }
 }
 
+impl From<crate::host::collapse::CollapseError> for HttpError {
+    fn from(err: crate::host::collapse::CollapseError) -> Self {
+        tracing::error!("/collapse: {err}");
+        HttpError::new(StatusCode::INTERNAL_SERVER_ERROR, err.to_string())
+    }
+}
+
 /// The answer to a connection accepted only to be refused because envd
 /// is out of file descriptors: retryable, and the connection is closed.
 pub fn out_of_descriptors() -> Response {

@@ -12,6 +12,7 @@ use serde::Deserialize;
 use super::errors::HttpError;
 use super::state::AppState;
 use crate::host::cgroups::FreezeMode;
+use crate::host::collapse;
 
 /// Query of `POST /freeze`.
 #[derive(Debug, Deserialize)]
@@ -64,9 +65,31 @@ pub async fn fsthaw(State(state): State<Arc<AppState>>) -> Response {
     }
 }
 
-/// `POST /upgrade` (live self-upgrade) and `POST /collapse` (hugepage
-/// collapse) are reference features envd does not have: a non-2xx answer
-/// makes the orchestrator keep envd running as it is.
+/// `POST /collapse`: hugepage collapse of envd's own memory, with its counts.
+pub async fn collapse() -> Response {
+    let outcome = tokio::task::spawn_blocking(collapse::collapse_own_memory).await;
+    match outcome {
+        Ok(Ok(report)) => {
+            tracing::info!(
+                regions = report.regions,
+                chunks = report.chunks,
+                collapsed = report.collapsed,
+                already_huge = report.already_huge,
+                skipped = report.skipped,
+                elapsed_ms = report.elapsed_ms,
+                "collapsed envd's memory"
+            );
+            let mut response = axum::Json(report).into_response();
+            response.headers_mut().insert(http::header::CACHE_CONTROL, http::HeaderValue::from_static("no-store"));
+            response
+        }
+        Ok(Err(err)) => HttpError::from(err).into_response(),
+        Err(join) => HttpError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("collapse: {join}")).into_response(),
+    }
+}
+
+/// `POST /upgrade` (live self-upgrade) is a reference feature envd does not
+/// have yet: a non-2xx answer makes the orchestrator keep envd as it is.
 pub async fn not_supported() -> Response {
     HttpError::new(StatusCode::NOT_IMPLEMENTED, "not supported by this envd").into_response()
 }

@@ -153,7 +153,7 @@ fn router(state: Arc<AppState>) -> axum::Router {
         .route("/fsfreeze", post(host_api::fsfreeze))
         .route("/fsthaw", post(host_api::fsthaw))
         .route("/upgrade", post(host_api::not_supported))
-        .route("/collapse", post(host_api::not_supported))
+        .route("/collapse", post(host_api::collapse))
         .fallback_service(rpc)
         .layer(axum::middleware::from_fn_with_state(state.clone(), middleware::authenticate))
         .layer(axum::middleware::from_fn(middleware::cors))
