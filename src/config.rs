@@ -67,6 +67,9 @@ pub struct Config {
     /// Running time after which a forgotten filesystem freeze is thawed.
     #[arg(long, value_name = "SECONDS", default_value_t = 120)]
     pub freeze_deadline: u64,
+    /// Running time after which a workload freeze that nobody thawed is thawed.
+    #[arg(long, value_name = "SECONDS", default_value_t = 600)]
+    pub freeze_watchdog: u64,
     /// Abort an upload whose body sends nothing for this long.
     #[arg(long, value_name = "SECONDS", default_value_t = 60)]
     pub upload_idle_timeout: u64,
@@ -92,6 +95,7 @@ const LONG_FLAGS: &[&str] = &[
     "no-cgroups",
     "freeze-path",
     "freeze-deadline",
+    "freeze-watchdog",
     "upload-idle-timeout",
     "verbose",
     "help",

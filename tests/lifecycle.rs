@@ -253,8 +253,9 @@ async fn fsfreeze_refuses_in_dev_mode_without_an_explicit_path() {
     assert!(reply.json()["message"].as_str().unwrap().contains("--freeze-path"), "{}", reply.text());
 }
 
-/// A cgroup v2 directory for one test, removed afterwards.
-struct TestCgroup(PathBuf);
+/// A cgroup v2 directory for one test, removed afterwards with the
+/// processes the test placed in it.
+struct TestCgroup(PathBuf, std::cell::RefCell<Vec<std::process::Child>>);
 
 impl TestCgroup {
     fn new(name: &str) -> TestCgroup {
@@ -265,20 +266,46 @@ impl TestCgroup {
             .expect("a cgroup v2 hierarchy is needed for the workload freeze tests");
         let dir = root.join(format!("envd-test-{name}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        TestCgroup(dir)
+        TestCgroup(dir, Default::default())
+    }
+}
+
+impl TestCgroup {
+    /// A cgroup below this one (parents included) holding a busy loop.
+    fn with_busy_process(&self, relative: &str) -> u32 {
+        let dir = self.0.join(relative);
+        std::fs::create_dir_all(&dir).unwrap();
+        let child = Command::new("sh").args(["-c", "while :; do :; done"]).spawn().unwrap();
+        std::fs::write(dir.join("cgroup.procs"), child.id().to_string()).unwrap();
+        let pid = child.id();
+        self.1.borrow_mut().push(child);
+        pid
     }
 }
 
 impl Drop for TestCgroup {
     fn drop(&mut self) {
-        for child in ["user", "ptys"] {
-            let dir = self.0.join(child);
-            let _ = std::fs::write(dir.join("cgroup.freeze"), "0");
-            let _ = std::fs::write(dir.join("cgroup.kill"), "1");
-            std::thread::sleep(Duration::from_millis(100));
-            let _ = std::fs::remove_dir(&dir);
+        let _ = std::fs::write(self.0.join("cgroup.freeze"), "0");
+        let _ = std::fs::write(self.0.join("cgroup.kill"), "1");
+        let mut dirs = vec![];
+        let mut queue = vec![self.0.clone()];
+        while let Some(dir) = queue.pop() {
+            for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+                if entry.path().join("cgroup.procs").exists() {
+                    let _ = std::fs::write(entry.path().join("cgroup.freeze"), "0");
+                    queue.push(entry.path());
+                }
+            }
+            dirs.push(dir);
         }
-        let _ = std::fs::remove_dir(&self.0);
+        for mut child in self.1.borrow_mut().drain(..) {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        for dir in dirs.iter().rev() {
+            let _ = std::fs::remove_dir(dir);
+        }
     }
 }
 
@@ -358,4 +385,60 @@ async fn collapse_reports_what_it_did_to_envds_own_memory() {
     // Whatever this kernel allows is printed, not asserted: collapse support
     // depends on the kernel version and its THP settings.
     println!("collapse on this kernel: {report}");
+}
+
+#[tokio::test]
+async fn a_freeze_nobody_thaws_is_thawed_by_the_watchdog() {
+    let cgroup = TestCgroup::new("watchdog");
+    let envd = Envd::options().args(["--cgroup-root", cgroup.0.to_str().unwrap(), "--freeze-watchdog", "2"]).start();
+    let client = envd.client();
+    let busy = start_busy_loop(&client, None).await;
+    let reply = client.send(http::Method::POST, "/freeze?maxWaitMs=2000", &[], "").await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert!(!progresses(busy).await, "frozen");
+    assert!(
+        common::eventually(Duration::from_secs(10), || envd.stderr().contains("the watchdog thawed it")).await,
+        "the watchdog thaw is logged: {}",
+        envd.stderr()
+    );
+    assert!(progresses(busy).await, "thawed by the watchdog");
+    client.kill(busy).await;
+}
+
+#[tokio::test]
+async fn hierarchy_freeze_stops_every_workload_cgroup_and_spares_the_guests_own_freezes() {
+    let cgroup = TestCgroup::new("hierarchy");
+    let customer = cgroup.with_busy_process("customer/app");
+    let journald = cgroup.with_busy_process("system.slice/systemd-journald.service");
+    let other_service = cgroup.with_busy_process("system.slice/other.service");
+    let paused_by_guest = cgroup.with_busy_process("paused");
+    std::fs::write(cgroup.0.join("paused/cgroup.freeze"), "1").unwrap();
+    let envd = Envd::options().args(["--cgroup-root", cgroup.0.to_str().unwrap()]).start();
+    let client = envd.client();
+
+    let reply = client.send(http::Method::POST, "/freeze?mode=hierarchy&maxWaitMs=2000", &[], "").await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let report = reply.json();
+    assert_eq!(report["mode"], "hierarchy", "{report}");
+    assert_eq!(report["allowlisted"], 1, "journald is spared: {report}");
+    assert_eq!(report["preFrozen"], 1, "the guest's own freeze is remembered: {report}");
+    assert_eq!(report["notFrozen"], 0, "{report}");
+    assert!(!progresses(customer).await, "a cgroup the customer made is frozen");
+    assert!(!progresses(other_service).await, "a service beside journald is frozen");
+    assert!(progresses(journald).await, "journald keeps running");
+
+    let init = client.post_json("/init", &json!({})).await;
+    assert_eq!(init.status, 204);
+    let audit: Value = serde_json::from_str(init.header("x-envd-freeze-audit")).expect("the audit header");
+    assert_eq!(audit["violations"], 0, "{audit}");
+    assert_eq!(audit["escaped"], 0, "{audit}");
+    assert_eq!(audit["truncated"], false, "{audit}");
+    assert!(audit["frozen"].as_u64().unwrap() >= 4, "{audit}");
+    assert!(progresses(customer).await, "thawed by /init");
+    assert!(progresses(other_service).await, "thawed by /init");
+    assert!(!progresses(paused_by_guest).await, "the guest's own freeze survives the thaw");
+    assert_eq!(std::fs::read_to_string(cgroup.0.join("paused/cgroup.freeze")).unwrap().trim(), "1");
+
+    let again = client.post_json("/init", &json!({})).await;
+    assert_eq!(again.header("x-envd-freeze-audit"), "", "no audit without a hierarchy freeze in effect");
 }

@@ -13,6 +13,7 @@ use super::cgroups::Workload;
 use super::clock;
 use super::identity::Identity;
 use super::persist::Persister;
+use super::workload_freeze::FreezeAudit;
 use crate::auth::{AccessGuard, Secret, sha512_hex};
 use crate::context::state::SavedContext;
 use crate::context::{ContextStore, INTERNAL_ENV_VARS};
@@ -142,34 +143,37 @@ impl Initializer {
         self
     }
 
-    /// Handles one `/init` body.
-    pub async fn init(&self, body: &[u8]) -> Result<(), InitError> {
-        self.init_with(body, &self.identity).await?;
+    /// Handles one `/init` body; returns the audit of the frozen set found
+    /// before the thaw, if a hierarchy freeze was in effect.
+    pub async fn init(&self, body: &[u8]) -> Result<Option<FreezeAudit>, InitError> {
+        let audit = self.init_with(body, &self.identity).await?;
         if let Some(identity) = self.identity.clone() {
             tokio::spawn(identity.refresh());
         }
-        Ok(())
+        Ok(audit)
     }
 
-    async fn init_with(&self, body: &[u8], metadata: &impl TokenHashSource) -> Result<(), InitError> {
+    async fn init_with(&self, body: &[u8], metadata: &impl TokenHashSource) -> Result<Option<FreezeAudit>, InitError> {
         let (body, timestamp) = parse_body(body)?;
         let _one_at_a_time = self.lock.lock().await;
         self.authorize(body.access_token, metadata).await?;
+        // The audit must see the frozen set before anything thaws it.
+        let audit = self.workload.audit();
         // From here on the workload is thawed, even for a stale request:
         // this is how a resumed sandbox's processes start running again.
-        if let Err(err) = self.workload.thaw() {
+        if let Err(err) = self.workload.thaw().await {
             tracing::warn!("thawing the workload: {err}");
         }
         if !self.is_newest(timestamp) {
             tracing::info!("stale /init: nothing applied");
-            return Ok(());
+            return Ok(audit);
         }
         if let Some(timestamp) = timestamp {
             self.sync_clock(timestamp);
         }
         self.apply(body);
         self.persist().await;
-        Ok(())
+        Ok(audit)
     }
 
     async fn persist(&self) {

@@ -11,3 +11,4 @@ pub mod metrics;
 pub mod mmds;
 pub mod persist;
 pub mod systemd;
+pub mod workload_freeze;

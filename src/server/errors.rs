@@ -93,6 +93,13 @@ impl From<FreezeError> for HttpError {
     }
 }
 
+/// A freeze that could not have the lock within its budget: 503 with an
+/// empty body, as the reference answers.
+pub fn freeze_busy(err: crate::host::workload_freeze::FreezeBusy) -> Response {
+    tracing::info!("/freeze refused: {err}");
+    StatusCode::SERVICE_UNAVAILABLE.into_response()
+}
+
 impl From<crate::host::collapse::CollapseError> for HttpError {
     fn from(err: crate::host::collapse::CollapseError) -> Self {
         tracing::error!("/collapse: {err}");

@@ -9,10 +9,10 @@ use axum::response::{IntoResponse, Response};
 use http::StatusCode;
 use serde::Deserialize;
 
-use super::errors::HttpError;
+use super::errors::{HttpError, freeze_busy};
 use super::state::AppState;
-use crate::host::cgroups::FreezeMode;
 use crate::host::collapse;
+use crate::host::workload_freeze::FreezeMode;
 
 /// Query of `POST /freeze`.
 #[derive(Debug, Deserialize)]
@@ -31,7 +31,10 @@ pub async fn freeze(State(state): State<Arc<AppState>>, Query(query): Query<Free
         _ => FreezeMode::Legacy,
     };
     let wait = query.max_wait_ms.filter(|ms| *ms > 0).map(|ms| Duration::from_millis(ms.unsigned_abs()));
-    let report = state.workload.freeze(mode, query.max_cgroups.unwrap_or(0), wait).await;
+    let report = match state.workload.freeze(mode, query.max_cgroups.unwrap_or(0), wait).await {
+        Ok(report) => report,
+        Err(busy) => return freeze_busy(busy),
+    };
     tracing::info!(requested = report.requested, frozen = report.frozen, failed = report.failed, "workload frozen");
     match wait {
         Some(_) => axum::Json(report).into_response(),
@@ -41,7 +44,7 @@ pub async fn freeze(State(state): State<Arc<AppState>>, Query(query): Query<Free
 
 /// `POST /unfreeze`.
 pub async fn unfreeze(State(state): State<Arc<AppState>>) -> Response {
-    match state.workload.thaw() {
+    match state.workload.thaw().await {
         Ok(()) => StatusCode::NO_CONTENT.into_response(),
         Err(err) => {
             HttpError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("thawing the workload: {err}")).into_response()

@@ -36,7 +36,16 @@ pub async fn init(State(state): State<Arc<AppState>>, headers: http::HeaderMap, 
         }
     };
     let mut response = match state.initializer.init(&body).await {
-        Ok(()) => no_store(StatusCode::NO_CONTENT.into_response()),
+        Ok(audit) => {
+            let mut response = no_store(StatusCode::NO_CONTENT.into_response());
+            if let Some(audit) = audit {
+                tracing::info!(?audit, "frozen set at /init");
+                if let Ok(value) = HeaderValue::from_str(&serde_json::json!(audit).to_string()) {
+                    response.headers_mut().insert("x-envd-freeze-audit", value);
+                }
+            }
+            response
+        }
         Err(err) => {
             tracing::warn!("/init refused: {err}");
             init_error(err)

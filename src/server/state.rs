@@ -98,8 +98,8 @@ impl AppState {
         let context = ContextStore::new(initial_context(&config, saved.as_ref()));
         let freezer =
             FsFreezer::new(config.freeze_target().map(Into::into), Duration::from_secs(config.freeze_deadline));
-        let workload =
-            Arc::new(if config.no_cgroups { Workload::default() } else { Workload::setup(&config.cgroup_root) });
+        let workload = if config.no_cgroups { Workload::default() } else { Workload::setup(&config.cgroup_root) };
+        let workload = Arc::new(workload.with_freeze_watchdog(Duration::from_secs(config.freeze_watchdog)));
         let persister = Persister::new(state_file, freezer.clone(), saved);
         let mut initializer = Initializer::new(!config.dev, guard.clone(), context.clone())
             .with_persister(persister)
