@@ -201,7 +201,7 @@ impl pb::Process for ProcessService {
     ) -> ServiceResult<ServiceStream<pb::StartResponse>> {
         let spec = self.start_spec(&ctx, request.to_owned_message())?;
         let command = spec.config.cmd.clone();
-        let started = process::start(&self.state.processes, spec)?;
+        let started = process::start(&self.state.processes, spec).await?;
         tracing::debug!(pid = started.pid, %command, "process started");
         let keepalive = || start_response(keepalive_event());
         let stream = process_stream(started.pid, Subscription::Live(started.events), &ctx, start_response, keepalive);
