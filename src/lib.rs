@@ -22,6 +22,8 @@ pub mod proto;
 pub mod server;
 /// envd's own log lines, through a queue that never blocks the daemon.
 pub mod telemetry;
+/// Live upgrade: the same process execs a new envd, which takes over.
+pub mod upgrade;
 
 /// The version reported by `--version` and `X-Envd-Version`.
 ///

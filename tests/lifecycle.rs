@@ -10,6 +10,7 @@ use std::process::Command;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use common::cgroup::TestCgroup;
 use common::mmds::{Mmds, sha512_hex};
 use common::{Envd, Scratch, rpc, test_user};
 use serde_json::{Value, json};
@@ -251,62 +252,6 @@ async fn fsfreeze_refuses_in_dev_mode_without_an_explicit_path() {
     let reply = envd.client().send(http::Method::POST, "/fsfreeze", &[], "").await;
     assert_eq!(reply.status, 409);
     assert!(reply.json()["message"].as_str().unwrap().contains("--freeze-path"), "{}", reply.text());
-}
-
-/// A cgroup v2 directory for one test, removed afterwards with the
-/// processes the test placed in it.
-struct TestCgroup(PathBuf, std::cell::RefCell<Vec<std::process::Child>>);
-
-impl TestCgroup {
-    fn new(name: &str) -> TestCgroup {
-        let root = ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"]
-            .iter()
-            .map(PathBuf::from)
-            .find(|p| p.join("cgroup.procs").exists() && p.join("cgroup.subtree_control").exists())
-            .expect("a cgroup v2 hierarchy is needed for the workload freeze tests");
-        let dir = root.join(format!("envd-test-{name}-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        TestCgroup(dir, Default::default())
-    }
-}
-
-impl TestCgroup {
-    /// A cgroup below this one (parents included) holding a busy loop.
-    fn with_busy_process(&self, relative: &str) -> u32 {
-        let dir = self.0.join(relative);
-        std::fs::create_dir_all(&dir).unwrap();
-        let child = Command::new("sh").args(["-c", "while :; do :; done"]).spawn().unwrap();
-        std::fs::write(dir.join("cgroup.procs"), child.id().to_string()).unwrap();
-        let pid = child.id();
-        self.1.borrow_mut().push(child);
-        pid
-    }
-}
-
-impl Drop for TestCgroup {
-    fn drop(&mut self) {
-        let _ = std::fs::write(self.0.join("cgroup.freeze"), "0");
-        let _ = std::fs::write(self.0.join("cgroup.kill"), "1");
-        let mut dirs = vec![];
-        let mut queue = vec![self.0.clone()];
-        while let Some(dir) = queue.pop() {
-            for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
-                if entry.path().join("cgroup.procs").exists() {
-                    let _ = std::fs::write(entry.path().join("cgroup.freeze"), "0");
-                    queue.push(entry.path());
-                }
-            }
-            dirs.push(dir);
-        }
-        for mut child in self.1.borrow_mut().drain(..) {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        std::thread::sleep(Duration::from_millis(200));
-        for dir in dirs.iter().rev() {
-            let _ = std::fs::remove_dir(dir);
-        }
-    }
 }
 
 fn cpu_ticks(pid: u32) -> u64 {

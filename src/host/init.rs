@@ -108,6 +108,8 @@ pub struct Initializer {
     workload: std::sync::Arc<Workload>,
     /// The metadata service, if any.
     identity: Option<Identity>,
+    /// An authorised `/init` has been seen by this image of envd.
+    initialized: std::sync::atomic::AtomicBool,
 }
 
 impl Initializer {
@@ -122,6 +124,7 @@ impl Initializer {
             persister: None,
             workload: Default::default(),
             identity: None,
+            initialized: Default::default(),
         }
     }
 
@@ -135,6 +138,11 @@ impl Initializer {
     pub fn with_workload(mut self, workload: std::sync::Arc<Workload>) -> Self {
         self.workload = workload;
         self
+    }
+
+    /// Whether an authorised `/init` reached this image of envd.
+    pub fn is_initialized(&self) -> bool {
+        self.initialized.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Authorises against, and refreshes identity from, the metadata service.
@@ -157,6 +165,7 @@ impl Initializer {
         let (body, timestamp) = parse_body(body)?;
         let _one_at_a_time = self.lock.lock().await;
         self.authorize(body.access_token, metadata).await?;
+        self.initialized.store(true, std::sync::atomic::Ordering::SeqCst);
         // The audit must see the frozen set before anything thaws it.
         let audit = self.workload.audit();
         // From here on the workload is thawed, even for a stale request:

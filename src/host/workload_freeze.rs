@@ -174,16 +174,38 @@ impl Workload {
         max_cgroups: i64,
         wait: Option<Duration>,
     ) -> Result<(FreezeHold, FreezeReport), FreezeBusy> {
+        let hold = self.lock_freezing(wait).await?;
+        let report = self.freeze_held(&hold, mode, max_cgroups, wait).await;
+        Ok((hold, report))
+    }
+
+    /// Takes the freeze lock, waiting at most `wait` (not at all if none).
+    pub async fn lock_freezing(&self, wait: Option<Duration>) -> Result<FreezeHold, FreezeBusy> {
         let lock = self.freezing.lock.clone();
-        let hold = match wait {
-            Some(budget) => tokio::time::timeout(budget, lock.lock_owned()).await.map_err(|_| FreezeBusy)?,
-            None => lock.try_lock_owned().map_err(|_| FreezeBusy)?,
-        };
+        match wait {
+            Some(budget) => tokio::time::timeout(budget, lock.lock_owned()).await.map_err(|_| FreezeBusy),
+            None => lock.try_lock_owned().map_err(|_| FreezeBusy),
+        }
+    }
+
+    /// Freezes under a lock already held.
+    pub async fn freeze_held(
+        self: &Arc<Self>,
+        _hold: &FreezeHold,
+        mode: FreezeMode,
+        max_cgroups: i64,
+        wait: Option<Duration>,
+    ) -> FreezeReport {
         let report = self.freeze_locked(mode, max_cgroups, wait).await;
         if report.requested > 0 {
             self.arm_watchdog();
         }
-        Ok((hold, report))
+        report
+    }
+
+    /// Thaws under a lock already held.
+    pub fn thaw_held(&self, _hold: &FreezeHold) -> std::io::Result<()> {
+        self.thaw_locked()
     }
 
     async fn freeze_locked(&self, mode: FreezeMode, max_cgroups: i64, wait: Option<Duration>) -> FreezeReport {

@@ -205,6 +205,9 @@ pub fn adopt(table: &Arc<ProcessTable>, adopted: Adopted) -> Result<(), ProcessE
     Ok(())
 }
 
+/// The handle, its pump tasks, and the starter's subscription.
+type Registered = (Arc<ProcessHandle>, Vec<tokio::task::JoinHandle<()>>, Option<Subscription>);
+
 /// Builds the handle, enters it in the table, subscribes (so the first
 /// subscriber sees every byte) and starts its pumps.
 fn register(
@@ -215,7 +218,7 @@ fn register(
     fds: Fds,
     deadline: Option<Instant>,
     backlog: bool,
-) -> Result<(Arc<ProcessHandle>, Vec<tokio::task::JoinHandle<()>>, Option<Subscription>), ProcessError> {
+) -> Result<Registered, ProcessError> {
     let receiver = |fd: Option<OwnedFd>| fd.map(pipe::Receiver::from_owned_fd).transpose().map_err(ProcessError::Io);
     let stdout = receiver(fds.stdout)?;
     let stderr = receiver(fds.stderr)?;

@@ -13,6 +13,7 @@ use super::errors::{HttpError, freeze_busy};
 use super::state::AppState;
 use crate::host::collapse;
 use crate::host::workload_freeze::FreezeMode;
+use crate::upgrade;
 
 /// Query of `POST /freeze`.
 #[derive(Debug, Deserialize)]
@@ -91,8 +92,14 @@ pub async fn collapse() -> Response {
     }
 }
 
-/// `POST /upgrade` (live self-upgrade) is a reference feature envd does not
-/// have yet: a non-2xx answer makes the orchestrator keep envd as it is.
-pub async fn not_supported() -> Response {
-    HttpError::new(StatusCode::NOT_IMPLEMENTED, "not supported by this envd").into_response()
+/// `POST /upgrade`: on success envd execs the new binary and this request's
+/// connection drops (the orchestrator reads that as success); any answer
+/// means the running envd stays.
+pub async fn upgrade(State(state): State<Arc<AppState>>, headers: http::HeaderMap, body: axum::body::Body) -> Response {
+    let target = headers.get("x-envd-upgrade-bin").map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+    let empty =
+        headers.get(http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).is_some_and(|v| v.trim() == "0");
+    let request = upgrade::Request { target, body, empty };
+    let err = upgrade::perform(&state.upgrade_daemon(), state.initializer.is_initialized(), request).await;
+    HttpError::from(err).into_response()
 }

@@ -52,6 +52,11 @@ pub async fn init(State(state): State<Arc<AppState>>, headers: http::HeaderMap, 
         }
     };
     response.headers_mut().insert("x-envd-version", HeaderValue::from_static(crate::VERSION));
+    if let Some(handover) = state.handover.get()
+        && let Ok(value) = HeaderValue::from_str(&serde_json::json!(handover).to_string())
+    {
+        response.headers_mut().insert("x-envd-handover", value);
+    }
     response
 }
 

@@ -37,6 +37,25 @@ pub struct AppState {
     pub freezer: Arc<FsFreezer>,
     /// Bytes of request bodies buffered whole, across all requests.
     pub body_budget: super::limits::BodyBudget,
+    /// The listening socket, handed over by `/upgrade`.
+    pub listener_fd: std::sync::OnceLock<std::os::fd::RawFd>,
+    /// What this image took over from the one before, for `/init`.
+    pub handover: std::sync::OnceLock<crate::upgrade::HandoverReport>,
+}
+
+impl AppState {
+    /// What `/upgrade` hands over, and where.
+    pub fn upgrade_daemon(&self) -> crate::upgrade::Daemon {
+        crate::upgrade::Daemon {
+            processes: self.processes.clone(),
+            guard: self.guard.clone(),
+            context: self.context.clone(),
+            workload: self.workload.clone(),
+            listener: self.listener_fd.get().copied().unwrap_or(-1),
+            run_dir: self.config.run_dir.clone(),
+            upgrade_path: self.config.upgrade_path.clone(),
+        }
+    }
 }
 
 /// The user a request named in `Authorization: Basic`, resolved by the
@@ -122,6 +141,8 @@ impl AppState {
             workload,
             freezer,
             body_budget: Default::default(),
+            listener_fd: Default::default(),
+            handover: Default::default(),
         })
     }
 }
