@@ -62,11 +62,16 @@ impl Upgradable {
             panic!("the upgrade was refused: {} {}\n{}", reply.status, reply.text(), self.envd.stderr());
         }
         assert!(common::pid_alive(pid), "envd is still the same process");
+        let frozen = std::fs::read_to_string(self._cgroup.0.join("user/cgroup.freeze")).unwrap();
+        assert_eq!(frozen.trim(), "1", "the workload stays frozen until /init");
         let init = self.client().post_json("/init", &json!({"accessToken": TOKEN})).await;
         assert_eq!(init.status, 204, "{}", init.text());
         let report: Value = serde_json::from_str(init.header("x-envd-handover"))
             .unwrap_or_else(|_| panic!("no handover report: {:?}\n{}", init.headers, self.envd.stderr()));
         assert_eq!(report["failed"], false, "{report}\n{}", self.envd.stderr());
+        let frozen = std::fs::read_to_string(self._cgroup.0.join("user/cgroup.freeze")).unwrap();
+        assert_eq!(frozen.trim(), "0", "/init thaws the workload");
+        assert!(self.scratch.names("run").is_empty(), "the handover file is removed once read");
         report
     }
 }
@@ -146,6 +151,12 @@ async fn processes_survive_twenty_upgrades_with_their_output_and_exit_codes() {
     .await;
     let before = client.list().await;
     let binary = own_binary();
+    let watched = daemon.scratch.path("watched");
+    std::fs::create_dir_all(&watched).unwrap();
+    let watcher = client.call(common::fs_rpc::CREATE_WATCHER, &json!({"path": watched.to_str().unwrap()})).await;
+    let watcher_id = watcher["watcherId"].as_str().unwrap().to_owned();
+    std::fs::write(watched.join("before-upgrade"), "x").unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
 
     for round in 0..UPGRADES {
         // A process that ends around the swap: its exit code must not be lost.
@@ -168,7 +179,20 @@ async fn processes_survive_twenty_upgrades_with_their_output_and_exit_codes() {
         assert_no_gap(&numbers, &format!("round {round}, terminal ticker"));
     }
 
+    std::fs::write(watched.join("after-upgrades"), "x").unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let polled = daemon.client().call(common::fs_rpc::GET_WATCHER_EVENTS, &json!({"watcherId": watcher_id})).await;
+    let names: Vec<&str> = polled["events"].as_array().unwrap().iter().filter_map(|e| e["name"].as_str()).collect();
+    assert!(names.contains(&"before-upgrade"), "the queued event survived: {polled}");
+    assert!(names.contains(&"after-upgrades"), "the watcher is armed again: {polled}");
+
+    // No fd of the handover reaches a process started afterwards.
+    for client in [daemon.client(), daemon.client().with_user(&user.name)] {
+        let run = client.run(&bash("ls /proc/self/fd | sort -n | tr '\n' ' '"), &[]).await;
+        assert_eq!(run.stdout_str(), "0 1 2 3 ", "fds of a new process");
+    }
     let log = daemon.envd.stderr();
+    assert!(!log.contains(TOKEN), "the token is never logged");
     assert_eq!(log.matches("took over the running workload").count(), UPGRADES, "{log}");
     println!(
         "{}",

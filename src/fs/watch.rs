@@ -24,7 +24,7 @@ const MAX_SYNTHESIZED: usize = 4096;
 const MAX_TEMP_RENAMES: usize = 256;
 
 /// How to watch.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct WatchOptions {
     /// The whole tree, including directories created later.
     pub recursive: bool,
@@ -35,7 +35,7 @@ pub struct WatchOptions {
 }
 
 /// What happened to an entry.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum EventKind {
     /// Created or moved in.
     Create,
@@ -50,7 +50,7 @@ pub enum EventKind {
 }
 
 /// One event, as the wire wants it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct FsEvent {
     /// Path relative to the watched directory (`.` for itself).
     pub name: String,

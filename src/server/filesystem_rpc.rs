@@ -12,7 +12,6 @@ use super::state::AppState;
 use super::stream::{keepalive_interval, until_deadline, with_keepalive};
 use crate::context::User;
 use crate::fs::watch::{EventKind, FsEvent, WatchOptions, Watcher};
-use crate::fs::watchers::PollingWatchers;
 use crate::fs::{self, Entry, FileKind, FsError, Owner};
 use crate::proto::filesystem as pb;
 
@@ -25,13 +24,12 @@ const LEGACY_HEADER: &str = "x-e2b-legacy-sdk";
 #[derive(Debug)]
 pub struct FilesystemService {
     state: Arc<AppState>,
-    watchers: PollingWatchers,
 }
 
 impl FilesystemService {
-    /// A service over the shared state, with its own polling watchers.
+    /// A service over the shared state.
     pub fn new(state: Arc<AppState>) -> Self {
-        Self { state, watchers: PollingWatchers::default() }
+        Self { state }
     }
 
     /// The caller and `path` resolved for it.
@@ -210,7 +208,7 @@ impl pb::Filesystem for FilesystemService {
         let request = request.to_owned_message();
         let (_, path) = self.resolve(&ctx, &request.path)?;
         let options = watch_options(request.recursive, request.include_entry, request.allow_network_mounts);
-        let watcher_id = self.watchers.create(path, options).await?;
+        let watcher_id = self.state.watchers.create(path, options).await?;
         respond(&ctx, pb::CreateWatcherResponse { watcher_id, ..Default::default() })
     }
 
@@ -219,7 +217,7 @@ impl pb::Filesystem for FilesystemService {
         ctx: RequestContext,
         request: ServiceRequest<'_, pb::GetWatcherEventsRequest>,
     ) -> ServiceResult<pb::GetWatcherEventsResponse> {
-        let events = self.watchers.poll(&request.to_owned_message().watcher_id)?;
+        let events = self.state.watchers.poll(&request.to_owned_message().watcher_id)?;
         let legacy = is_legacy(&ctx);
         let events = events.into_iter().map(|e| event_to_pb(e, legacy)).collect();
         respond(&ctx, pb::GetWatcherEventsResponse { events, ..Default::default() })
@@ -230,7 +228,7 @@ impl pb::Filesystem for FilesystemService {
         ctx: RequestContext,
         request: ServiceRequest<'_, pb::RemoveWatcherRequest>,
     ) -> ServiceResult<pb::RemoveWatcherResponse> {
-        self.watchers.remove(&request.to_owned_message().watcher_id)?;
+        self.state.watchers.remove(&request.to_owned_message().watcher_id)?;
         respond(&ctx, pb::RemoveWatcherResponse::default())
     }
 }

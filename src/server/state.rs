@@ -37,6 +37,8 @@ pub struct AppState {
     pub freezer: Arc<FsFreezer>,
     /// Bytes of request bodies buffered whole, across all requests.
     pub body_budget: super::limits::BodyBudget,
+    /// Polling watchers (CreateWatcher and friends).
+    pub watchers: Arc<crate::fs::watchers::PollingWatchers>,
     /// The listening socket, handed over by `/upgrade`.
     pub listener_fd: std::sync::OnceLock<std::os::fd::RawFd>,
     /// What this image took over from the one before, for `/init`.
@@ -51,6 +53,7 @@ impl AppState {
             guard: self.guard.clone(),
             context: self.context.clone(),
             workload: self.workload.clone(),
+            watchers: self.watchers.clone(),
             listener: self.listener_fd.get().copied().unwrap_or(-1),
             run_dir: self.config.run_dir.clone(),
             upgrade_path: self.config.upgrade_path.clone(),
@@ -141,6 +144,7 @@ impl AppState {
             workload,
             freezer,
             body_budget: Default::default(),
+            watchers: Default::default(),
             listener_fd: Default::default(),
             handover: Default::default(),
         })

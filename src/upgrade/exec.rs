@@ -92,6 +92,7 @@ fn prepare(daemon: &Daemon, carried: &mut Vec<OwnedFd>) -> std::io::Result<(Hand
         processes,
         ended,
         freeze: daemon.workload.freeze_record(),
+        watchers: daemon.watchers.export(),
     };
     Ok((handover, listener))
 }

@@ -22,6 +22,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::fs::watchers::WatcherState;
 use crate::host::workload_freeze::FreezeRecord;
 use crate::process::EndStatus;
 
@@ -30,7 +31,7 @@ pub const FORMAT: &str = "envd-handover";
 /// The layout version this image writes and reads.
 pub const VERSION: u32 = 1;
 /// Sections this image can take over.
-const KNOWN_SECTIONS: &[&str] = &["processes", "ended", "freeze", "secrets"];
+const KNOWN_SECTIONS: &[&str] = &["processes", "ended", "freeze", "secrets", "watchers"];
 
 /// Why a handover file was not taken over.
 #[derive(Debug, thiserror::Error)]
@@ -89,6 +90,9 @@ pub struct Handover {
     /// The workload freeze in effect.
     #[serde(default)]
     pub freeze: FreezeRecord,
+    /// Polling watchers with their queued events.
+    #[serde(default)]
+    pub watchers: Vec<WatcherState>,
 }
 
 /// The sealed memfd holding [`Secrets`].

@@ -29,6 +29,10 @@ pub struct HandoverReport {
     pub procs_failed: usize,
     /// Retained end events taken over.
     pub retained: usize,
+    /// Polling watchers re-armed.
+    pub watchers: usize,
+    /// Polling watchers that could not be re-armed.
+    pub watchers_failed: usize,
 }
 
 /// Takes over the handover at `path`; `carried` are the fds the argv
@@ -44,7 +48,11 @@ pub async fn resume(
         unsafe { libc::fcntl(*fd, libc::F_SETFD, libc::FD_CLOEXEC) };
     }
     let mut unclaimed: BTreeSet<RawFd> = carried.iter().copied().filter(|fd| *fd != daemon.listener).collect();
-    let report = match handover::read(path).and_then(|h| take_over(daemon, h, &mut unclaimed)) {
+    let taken = match handover::read(path) {
+        Ok(handover) => take_over(daemon, handover, &mut unclaimed).await,
+        Err(err) => Err(err),
+    };
+    let report = match taken {
         Ok(report) => report,
         Err(err) => {
             tracing::error!("handover refused, starting clean: {err}");
@@ -68,7 +76,7 @@ pub async fn resume(
     report
 }
 
-fn take_over(
+async fn take_over(
     daemon: &Daemon,
     handover: Handover,
     unclaimed: &mut BTreeSet<RawFd>,
@@ -129,11 +137,22 @@ fn take_over(
             .collect(),
     );
     daemon.workload.adopt_freeze_record(handover.freeze);
+    for watcher in handover.watchers {
+        let id = watcher.id.clone();
+        match daemon.watchers.restore(watcher).await {
+            Ok(_) => report.watchers += 1,
+            Err(err) => {
+                tracing::warn!(watcher = %id, "polling watcher not re-armed: {err}");
+                report.watchers_failed += 1;
+            }
+        }
+    }
     tracing::info!(
         from = %handover.from_version,
         procs = report.procs,
         procs_failed = report.procs_failed,
         retained = report.retained,
+        watchers = report.watchers,
         "took over the running workload after an upgrade"
     );
     Ok(report)

@@ -71,6 +71,7 @@ pub use incoming::{HandoverReport, parse_fd_list, resume};
 
 use crate::auth::AccessGuard;
 use crate::context::ContextStore;
+use crate::fs::watchers::PollingWatchers;
 use crate::host::cgroups::Workload;
 use crate::host::workload_freeze::FreezeMode;
 use crate::process::ProcessTable;
@@ -125,6 +126,8 @@ pub struct Daemon {
     pub context: ContextStore,
     /// The workload cgroups.
     pub workload: Arc<Workload>,
+    /// Polling watchers.
+    pub watchers: Arc<PollingWatchers>,
     /// The listening socket.
     pub listener: RawFd,
     /// Where the handover file goes (a tmpfs in a VM).
