@@ -1,5 +1,6 @@
 //! What comes from or goes to the host: `/init`, the metadata service,
-//! the persisted exec context, metrics, and the pause hooks.
+//! the persisted exec context, metrics, and the pause hooks (workload and
+//! filesystem freezes, hugepage collapse).
 
 pub mod cgroups;
 pub mod clock;

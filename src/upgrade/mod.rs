@@ -166,26 +166,28 @@ pub async fn perform(daemon: &Daemon, initialized: bool, request: Request) -> Up
         Err(err) => return err,
     };
     tracing::info!(program = %program.display(), %version, "upgrading");
+    // A freeze someone else made (a pause in progress) is theirs to undo.
+    let ours = !daemon.workload.freeze_record().active;
     let report = daemon.workload.freeze_held(&hold, FreezeMode::Legacy, 0, Some(STEP_BUDGET)).await;
     if report.not_frozen > 0 || report.failed > 0 {
-        thaw(daemon, &hold);
+        thaw(daemon, &hold, ours);
         return UpgradeError::Freeze(format!("{} not frozen, {} failed", report.not_frozen, report.failed));
     }
     let paused = match daemon.processes.gate().pause(STEP_BUDGET).await {
         Ok(paused) => paused,
         Err(err) => {
-            thaw(daemon, &hold);
+            thaw(daemon, &hold, ours);
             return err.into();
         }
     };
     let err = exec::hand_over_and_exec(daemon, &program);
     drop(paused);
-    thaw(daemon, &hold);
+    thaw(daemon, &hold, ours);
     err
 }
 
-fn thaw(daemon: &Daemon, hold: &crate::host::workload_freeze::FreezeHold) {
-    if let Err(err) = daemon.workload.thaw_held(hold) {
+fn thaw(daemon: &Daemon, hold: &crate::host::workload_freeze::FreezeHold, ours: bool) {
+    if ours && let Err(err) = daemon.workload.thaw_held(hold) {
         tracing::warn!("thawing after a failed upgrade: {err}");
     }
 }

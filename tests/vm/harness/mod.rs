@@ -7,3 +7,4 @@ pub mod envd;
 pub mod http;
 pub mod mmds;
 pub mod qemu;
+pub mod upgrade;
