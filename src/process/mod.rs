@@ -1,5 +1,8 @@
 //! Processes and terminals: spawning as a user, the process table, output
-//! fan-out to any number of watchers, input, signals and deadlines.
+//! fan-out to any number of watchers, input, signals and deadlines; and
+//! adopting a running child (its pid and fds) that an earlier image of
+//! envd started. Every pump, reaper and start runs through the table's
+//! [`gate`], so all of them can be held still at once.
 
 mod gate;
 mod handle;

@@ -166,3 +166,15 @@ pub(super) fn without_handover_flags(args: impl Iterator<Item = OsString>) -> Ve
 fn cstrings(items: impl IntoIterator<Item = Vec<u8>>) -> Option<Vec<CString>> {
     items.into_iter().map(|b| CString::new(b).ok()).collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_earlier_handovers_flags_are_not_passed_on() {
+        let args = ["--dev", "--listen-fd", "7", "--handover=/run/x", "--port", "1", "--handover-fds", "7,8"];
+        let kept = without_handover_flags(args.iter().map(OsString::from));
+        assert_eq!(kept, ["--dev", "--port", "1"].map(OsString::from));
+    }
+}

@@ -284,3 +284,61 @@ pub fn read(path: &Path) -> Result<Handover, HandoverError> {
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(required: Vec<String>) -> Handover {
+        Handover {
+            format: FORMAT.into(),
+            version: VERSION,
+            from_version: "0.0.1".into(),
+            required,
+            secrets: SecretsRef { fd: 3, len: 0, sha256: String::new() },
+            processes: Vec::new(),
+            ended: Vec::new(),
+            freeze: FreezeRecord::default(),
+            watchers: Vec::new(),
+        }
+    }
+
+    fn path(name: &str) -> PathBuf {
+        std::env::temp_dir().join(format!("envd-handover-unit-{name}-{}", std::process::id()))
+    }
+
+    #[test]
+    fn written_file_is_private_read_once_and_free_of_secrets() {
+        let file = path("roundtrip");
+        let secrets = Secrets { token: Some("tok-secret-1".into()), ..Default::default() };
+        let (fd, reference) = seal_secrets(&secrets).unwrap();
+        let mut handover = sample(vec!["processes".into()]);
+        handover.secrets = reference.clone();
+        write(&file, &handover).unwrap();
+        let text = std::fs::read_to_string(&file).unwrap();
+        assert!(!text.contains("tok-secret-1"), "the token stays out of the file");
+        assert_eq!(std::fs::metadata(&file).unwrap().mode() & 0o777, 0o600);
+        let read_back = read(&file).unwrap();
+        assert!(!file.exists(), "removed once read");
+        assert_eq!(read_back.secrets.sha256, reference.sha256);
+        assert_eq!(open_secrets(fd, &reference).unwrap().token.as_deref(), Some("tok-secret-1"));
+    }
+
+    #[test]
+    fn unknown_required_sections_and_versions_are_refused() {
+        let file = path("unknown");
+        write(&file, &sample(vec!["volumes".into()])).unwrap();
+        assert!(matches!(read(&file), Err(HandoverError::UnknownSection(s)) if s == "volumes"));
+        let mut newer = sample(Vec::new());
+        newer.version = VERSION + 1;
+        write(&file, &newer).unwrap();
+        assert!(matches!(read(&file), Err(HandoverError::Unknown { .. })));
+    }
+
+    #[test]
+    fn a_memfd_that_does_not_match_is_refused() {
+        let (fd, mut reference) = seal_secrets(&Secrets::default()).unwrap();
+        reference.sha256 = "00".into();
+        assert!(matches!(open_secrets(fd, &reference), Err(HandoverError::Secrets(_))));
+    }
+}
