@@ -73,6 +73,10 @@ pub struct Config {
     /// The one path `/upgrade` writes a delivered binary to.
     #[arg(long, value_name = "PATH", default_value = crate::upgrade::DEFAULT_UPGRADE_PATH)]
     pub upgrade_path: PathBuf,
+    /// Running time after an upgrade at which the workload is thawed if no
+    /// `/init` came.
+    #[arg(long, value_name = "SECONDS", default_value_t = 60)]
+    pub upgrade_thaw_fallback: u64,
     /// Internal (live upgrade): the listening socket to serve instead of binding.
     #[arg(long, value_name = "FD", hide = true)]
     pub listen_fd: Option<i32>,
@@ -109,6 +113,7 @@ const LONG_FLAGS: &[&str] = &[
     "freeze-deadline",
     "freeze-watchdog",
     "upgrade-path",
+    "upgrade-thaw-fallback",
     "upload-idle-timeout",
     "verbose",
     "help",

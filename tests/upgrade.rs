@@ -28,11 +28,16 @@ struct Upgradable {
 
 impl Upgradable {
     async fn start(name: &str) -> Upgradable {
+        Upgradable::start_with(name, &[]).await
+    }
+
+    async fn start_with(name: &str, args: &[&str]) -> Upgradable {
         let scratch = Scratch::new(name);
         let cgroup = TestCgroup::new(name);
         let envd = Envd::options()
             .args(["--upgrade-path", &scratch.s("envd.next"), "--run-dir", &scratch.s("run")])
             .args(["--cgroup-root", cgroup.0.to_str().unwrap()])
+            .args(args.iter().copied())
             .start();
         let reply = envd.client().post_json("/init", &json!({"accessToken": TOKEN})).await;
         assert_eq!(reply.status, 204, "{}", reply.text());
@@ -234,6 +239,24 @@ async fn processes_survive_twenty_upgrades_with_their_output_and_exit_codes() {
         let end = stream.collect().await;
         assert_eq!(end.end()["status"], "signal: killed");
     }
+}
+
+#[tokio::test]
+async fn without_an_init_after_the_upgrade_the_workload_is_thawed_after_the_fallback_time() {
+    let daemon = Upgradable::start_with("upgrade-fallback", &["--upgrade-thaw-fallback", "5"]).await;
+    let client = daemon.client();
+    let sleeper = start(&client, json!({"process": {"cmd": "/bin/sleep", "args": ["600"]}, "stdin": false})).await;
+    assert!(daemon.upgrade(Bytes::new()).await.is_err(), "envd exec'd");
+    let freeze = daemon._cgroup.0.join("user/cgroup.freeze");
+    let reads = |value: &str| std::fs::read_to_string(&freeze).is_ok_and(|v| v.trim() == value);
+    assert!(reads("1"), "frozen across the swap");
+    assert!(common::eventually(Duration::from_secs(30), || reads("0")).await, "thawed by the fallback");
+    assert!(daemon.envd.stderr().contains("no /init since the upgrade"), "{}", daemon.envd.stderr());
+    let client = daemon.client();
+    assert!(client.list().await.contains_key(&sleeper));
+    let reply = client.try_send(Method::POST, "/upgrade", &[], full("")).await.unwrap();
+    assert_eq!(reply.status, 409, "no second upgrade before an /init reached the new image");
+    client.kill(sleeper).await;
 }
 
 fn base64_of(text: &str) -> String {

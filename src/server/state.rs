@@ -57,6 +57,7 @@ impl AppState {
             listener: self.listener_fd.get().copied().unwrap_or(-1),
             run_dir: self.config.run_dir.clone(),
             upgrade_path: self.config.upgrade_path.clone(),
+            thaw_fallback: Duration::from_secs(self.config.upgrade_thaw_fallback),
         }
     }
 }

@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use super::Daemon;
 use super::handover::{self, Handover, HandoverError, Secrets};
-use super::{Daemon, THAW_FALLBACK};
 use crate::auth::{AuthState, Secret};
 use crate::context::ExecContext;
 use crate::process::{Adopted, CommandConfig, Ended, Fds};
@@ -64,8 +64,9 @@ pub async fn resume(
         drop(unsafe { OwnedFd::from_raw_fd(fd) });
     }
     let workload = daemon.workload.clone();
+    let fallback = daemon.thaw_fallback;
     tokio::spawn(async move {
-        tokio::time::sleep(THAW_FALLBACK).await;
+        tokio::time::sleep(fallback).await;
         if !initialized() {
             tracing::warn!("no /init since the upgrade: thawing the workload");
             if let Err(err) = workload.thaw().await {

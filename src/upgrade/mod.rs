@@ -48,7 +48,7 @@
 //! freeze record are taken over, and polling watchers are re-armed with
 //! their ids and queued events (streamed `WatchDir`s end with the old
 //! image; clients subscribe again). The workload stays frozen until the
-//! next `/init`, or until [`THAW_FALLBACK`] passes without one. The next
+//! next `/init`, or until `--upgrade-thaw-fallback` passes without one. The next
 //! `/init` reports the outcome in `X-Envd-Handover`.
 //!
 //! Adding state (volumes, port forwards, restored template processes): a
@@ -78,8 +78,6 @@ use crate::process::ProcessTable;
 
 /// The one path a delivered binary is written to.
 pub const DEFAULT_UPGRADE_PATH: &str = "/usr/bin/envd.next";
-/// Without an `/init` after the swap, the workload is thawed after this.
-pub const THAW_FALLBACK: Duration = Duration::from_secs(60);
 /// How long the upgrade waits for the freeze lock, the freeze and the pause.
 const STEP_BUDGET: Duration = Duration::from_secs(2);
 
@@ -134,6 +132,8 @@ pub struct Daemon {
     pub run_dir: PathBuf,
     /// Where a delivered binary goes.
     pub upgrade_path: PathBuf,
+    /// Without an `/init` after the swap, the workload is thawed after this.
+    pub thaw_fallback: Duration,
 }
 
 /// The request: the `X-Envd-Upgrade-Bin` header and the body.
