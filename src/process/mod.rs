@@ -7,10 +7,10 @@
 mod gate;
 mod handle;
 mod pty;
-mod reaper;
 pub mod spawn;
 pub mod status;
 mod table;
+mod waiter;
 
 use std::collections::BTreeMap;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
@@ -24,9 +24,9 @@ use tokio::net::unix::pipe;
 
 pub use gate::{PauseTimeout, Paused};
 pub use handle::{Event, Output, ProcessHandle, ProcessState, Subscription};
-use reaper::Reaper;
 pub use status::EndStatus;
 pub use table::{Ended, Found, ProcessTable, Selector};
+use waiter::Waiter;
 
 use crate::context::User;
 use spawn::{SpawnSpec, StdioMode};
@@ -161,7 +161,7 @@ pub async fn start(table: &Arc<ProcessTable>, spec: StartSpec) -> Result<Started
     let Some(Subscription::Live(events)) = subscription else {
         unreachable!("a process that was just created has not ended");
     };
-    tokio::spawn(supervise(table.clone(), handle, Reaper::Child(child), readers, spec.deadline));
+    tokio::spawn(supervise(table.clone(), handle, Waiter::Child(child), readers, spec.deadline));
     Ok(Started { pid, events })
 }
 
@@ -198,13 +198,13 @@ pub struct Adopted {
 /// Takes over a running child: it is listed, connectable and reaped as if
 /// started here, and its output waits for the first subscriber.
 pub fn adopt(table: &Arc<ProcessTable>, adopted: Adopted) -> Result<(), ProcessError> {
-    let reaper = match adopted.reaped {
-        Some(end) => Reaper::Reaped(end),
-        None => Reaper::pidfd(adopted.pid).map_err(ProcessError::Io)?,
+    let waiter = match adopted.reaped {
+        Some(end) => Waiter::Reaped(end),
+        None => Waiter::pidfd(adopted.pid).map_err(ProcessError::Io)?,
     };
     let (handle, readers, _) =
         register(table, adopted.pid, adopted.tag, adopted.config, adopted.fds, adopted.deadline, true)?;
-    tokio::spawn(supervise(table.clone(), handle, reaper, readers, adopted.deadline));
+    tokio::spawn(supervise(table.clone(), handle, waiter, readers, adopted.deadline));
     Ok(())
 }
 
@@ -293,7 +293,7 @@ async fn pump_pty(handle: Arc<ProcessHandle>) {
 async fn supervise(
     table: Arc<ProcessTable>,
     handle: Arc<ProcessHandle>,
-    mut reaper: Reaper,
+    mut waiter: Waiter,
     readers: Vec<tokio::task::JoinHandle<()>>,
     deadline: Option<Instant>,
 ) {
@@ -307,7 +307,7 @@ async fn supervise(
             }
         };
         tokio::select! {
-            end = reaper.wait() => {
+            end = waiter.wait() => {
                 handle.set_reaped(&end);
                 break end;
             }

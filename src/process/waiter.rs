@@ -14,7 +14,7 @@ const P_PIDFD: libc::idtype_t = 3;
 
 /// How the end of one child is learned.
 #[derive(Debug)]
-pub(super) enum Reaper {
+pub(super) enum Waiter {
     /// Started here.
     Child(tokio::process::Child),
     /// Adopted: a pidfd turns readable when the child ends.
@@ -23,8 +23,8 @@ pub(super) enum Reaper {
     Reaped(EndStatus),
 }
 
-impl Reaper {
-    /// A pidfd reaper for a child of this process.
+impl Waiter {
+    /// A pidfd waiter for a child of this process.
     pub(super) fn pidfd(pid: u32) -> std::io::Result<Self> {
         // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
         let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
@@ -37,18 +37,18 @@ impl Reaper {
         // closes or replaces it behind its back.
         let fd = unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }
             .map_err(|e| e.into_parts().1)?;
-        Ok(Reaper::Pidfd(fd))
+        Ok(Waiter::Pidfd(fd))
     }
 
     /// Waits for the end and reaps the child; cancel-safe.
     pub(super) async fn wait(&mut self) -> EndStatus {
         match self {
-            Reaper::Child(child) => match child.wait().await {
+            Waiter::Child(child) => match child.wait().await {
                 Ok(status) => EndStatus::from_exit(status),
                 Err(err) => EndStatus::from_wait_error(&err),
             },
-            Reaper::Reaped(end) => end.clone(),
-            Reaper::Pidfd(fd) => loop {
+            Waiter::Reaped(end) => end.clone(),
+            Waiter::Pidfd(fd) => loop {
                 let mut ready = match fd.readable().await {
                     Ok(ready) => ready,
                     Err(err) => return EndStatus::from_wait_error(&err),
