@@ -170,7 +170,7 @@ async fn processes_survive_twenty_upgrades_with_their_output_and_exit_codes() {
         let body = if round % 5 == 0 { binary.clone() } else { Bytes::new() };
         let report = daemon.upgrade_and_init(body).await;
         assert!(report["procs"].as_u64().unwrap() >= 4, "round {round}: {report}");
-        assert_eq!(report["procsFailed"], 0, "round {round}: {report}");
+        assert_eq!(report["procs_failed"], 0, "round {round}: {report}");
 
         let client = daemon.client();
         let ended = connect(&client, short).await.collect().await;

@@ -13,9 +13,9 @@ use crate::auth::{AuthState, Secret};
 use crate::context::ExecContext;
 use crate::process::{Adopted, CommandConfig, Ended, Fds};
 
-/// The outcome, reported by `/init` in `X-Envd-Handover`.
+/// The outcome, reported by `/init` in `X-Envd-Handover`, with the
+/// reference's field names (the orchestrator decodes them).
 #[derive(Debug, Clone, Default, Serialize)]
-#[serde(rename_all = "camelCase")]
 pub struct HandoverReport {
     /// Nothing was taken over.
     pub failed: bool,
@@ -29,6 +29,8 @@ pub struct HandoverReport {
     pub procs_failed: usize,
     /// Retained end events taken over.
     pub retained: usize,
+    /// Retained end events that could not be (always 0: they are data).
+    pub retained_failed: usize,
     /// Polling watchers re-armed.
     pub watchers: usize,
     /// Polling watchers that could not be re-armed.
