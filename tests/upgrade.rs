@@ -198,15 +198,8 @@ async fn processes_survive_twenty_upgrades_with_their_output_and_exit_codes() {
     }
     let log = daemon.envd.stderr();
     assert!(!log.contains(TOKEN), "the token is never logged");
-    assert_eq!(log.matches("took over the running workload").count(), UPGRADES, "{log}");
-    println!(
-        "{}",
-        log.lines()
-            .filter(|l| l.contains("took over") || l.contains("upgrading"))
-            .take(6)
-            .collect::<Vec<_>>()
-            .join("\n")
-    );
+    let took_over = || daemon.envd.stderr().matches("took over the running workload").count() == UPGRADES;
+    assert!(common::eventually(Duration::from_secs(10), took_over).await, "{log}");
     let client = daemon.client();
     let after = client.list().await;
     for pid in [counter, reader, terminal, ticker] {
@@ -251,7 +244,9 @@ async fn without_an_init_after_the_upgrade_the_workload_is_thawed_after_the_fall
     let reads = |value: &str| std::fs::read_to_string(&freeze).is_ok_and(|v| v.trim() == value);
     assert!(reads("1"), "frozen across the swap");
     assert!(common::eventually(Duration::from_secs(30), || reads("0")).await, "thawed by the fallback");
-    assert!(daemon.envd.stderr().contains("no /init since the upgrade"), "{}", daemon.envd.stderr());
+    let logged =
+        common::eventually(Duration::from_secs(10), || daemon.envd.stderr().contains("no /init since the upgrade"));
+    assert!(logged.await, "{}", daemon.envd.stderr());
     let client = daemon.client();
     assert!(client.list().await.contains_key(&sleeper));
     let reply = client.try_send(Method::POST, "/upgrade", &[], full("")).await.unwrap();
@@ -366,7 +361,8 @@ async fn an_unreadable_handover_makes_envd_start_clean_and_report_it() {
         assert!(report["error"].as_str().unwrap().contains(reason), "{name}: {report}");
         assert_eq!(report["procs"], 0);
         assert!(!file.exists(), "{name}: the handover file is removed once read");
-        assert!(envd.stderr().contains("starting clean"), "{name}: reported in the log");
+        let logged = common::eventually(Duration::from_secs(10), || envd.stderr().contains("starting clean")).await;
+        assert!(logged, "{name}: reported in the log");
         let client = envd.client();
         assert!(client.list().await.is_empty());
         let run = client.run(&bash("echo fresh"), &[]).await;
