@@ -70,6 +70,25 @@ pub struct Config {
     /// Running time after which a forgotten filesystem freeze is thawed.
     #[arg(long, value_name = "SECONDS", default_value_t = 120)]
     pub freeze_deadline: u64,
+    /// Running time after which a workload freeze that nobody thawed is thawed.
+    #[arg(long, value_name = "SECONDS", default_value_t = 600)]
+    pub freeze_watchdog: u64,
+    /// The one path `/upgrade` writes a delivered binary to.
+    #[arg(long, value_name = "PATH", default_value = crate::upgrade::DEFAULT_UPGRADE_PATH)]
+    pub upgrade_path: PathBuf,
+    /// Running time after an upgrade at which the workload is thawed if no
+    /// `/init` came.
+    #[arg(long, value_name = "SECONDS", default_value_t = 60)]
+    pub upgrade_thaw_fallback: u64,
+    /// Internal (live upgrade): the listening socket to serve instead of binding.
+    #[arg(long, value_name = "FD", hide = true)]
+    pub listen_fd: Option<i32>,
+    /// Internal (live upgrade): the handover file to take over.
+    #[arg(long, value_name = "PATH", hide = true)]
+    pub handover: Option<PathBuf>,
+    /// Internal (live upgrade): the fds carried across the exec.
+    #[arg(long, value_name = "FD,FD,...", hide = true, default_value = "")]
+    pub handover_fds: String,
     /// Abort an upload whose body sends nothing for this long.
     #[arg(long, value_name = "SECONDS", default_value_t = 60)]
     pub upload_idle_timeout: u64,
@@ -129,6 +148,9 @@ const LONG_FLAGS: &[&str] = &[
     "no-cgroups",
     "freeze-path",
     "freeze-deadline",
+    "freeze-watchdog",
+    "upgrade-path",
+    "upgrade-thaw-fallback",
     "upload-idle-timeout",
     "no-restore",
     "restore-limit",

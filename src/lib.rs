@@ -27,6 +27,8 @@ pub mod server;
 /// envd's own log lines: stderr through a queue that never blocks the
 /// daemon, and shipping to the host's collector.
 pub mod telemetry;
+/// Live upgrade: the same process execs a new envd, which takes over.
+pub mod upgrade;
 
 /// The version reported by `--version` and `X-Envd-Version`.
 ///

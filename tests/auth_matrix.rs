@@ -236,7 +236,13 @@ fn routes() -> Vec<Route> {
         route("POST /unfreeze", Token, Status(204), |_, _, _| Call::new(Method::POST, "/unfreeze")),
         route("POST /fsfreeze", Token, Status(409), |_, _, _| Call::new(Method::POST, "/fsfreeze")),
         route("POST /fsthaw", Token, Status(204), |_, _, _| Call::new(Method::POST, "/fsthaw")),
-        route("POST /upgrade", Token, NotUnauthorized, |_, _, _| Call::new(Method::POST, "/upgrade")),
+        // Another target than the one upgrade path: refused after auth, so
+        // a granted call does not actually replace envd mid-matrix.
+        route("POST /upgrade", Token, NotUnauthorized, |_, _, _| {
+            let mut call = Call::new(Method::POST, "/upgrade");
+            call.headers.push(("x-envd-upgrade-bin", "/nonexistent/envd".into()));
+            call
+        }),
         route("POST /collapse", Token, NotUnauthorized, |_, _, _| Call::new(Method::POST, "/collapse")),
         route("Process/List", Token, Status(200), |_, _, _| unary(rpc::LIST, json!({}))),
         route("Process/Connect", Token, Stream(Some("not_found")), |_, _, _| stream(rpc::CONNECT, pid_target())),

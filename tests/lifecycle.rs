@@ -10,6 +10,7 @@ use std::process::Command;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use common::cgroup::TestCgroup;
 use common::host_setup::{HostFiles, NfsStandIn, UnmountOnDrop, fingerprint_script};
 use common::mmds::{Mmds, sha512_hex};
 use common::{Envd, Scratch, rpc, test_user};
@@ -284,7 +285,6 @@ async fn fsfreeze_refuses_in_dev_mode_without_an_explicit_path() {
     assert!(reply.json()["message"].as_str().unwrap().contains("--freeze-path"), "{}", reply.text());
 }
 
-/// A cgroup v2 directory for one test, removed afterwards.
 fn cpu_ticks(pid: u32) -> u64 {
     // Fields after the command name: [11] utime, [12] stime.
     let stat = common::proc_stat(pid).expect("process is alive");
@@ -346,4 +346,75 @@ async fn without_cgroups_freezing_is_a_no_op() {
     assert_eq!(reply.status, 200);
     assert_eq!(reply.json()["unobservable"], 1);
     assert_eq!(envd.client().send(http::Method::POST, "/unfreeze", &[], "").await.status, 204);
+}
+
+#[tokio::test]
+async fn collapse_reports_what_it_did_to_envds_own_memory() {
+    let envd = Envd::start();
+    let reply = envd.client().send(http::Method::POST, "/collapse", &[], "").await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let report = reply.json();
+    let count = |field: &str| report[field].as_u64().unwrap_or_else(|| panic!("{field} missing: {report}"));
+    assert!(count("regions") >= 1, "envd has anonymous memory: {report}");
+    assert_eq!(count("chunks"), count("collapsed") + count("alreadyHuge") + count("skipped"), "{report}");
+    assert!(report["elapsedMs"].is_u64(), "{report}");
+    // Whatever this kernel allows is printed, not asserted: collapse support
+    // depends on the kernel version and its THP settings.
+    println!("collapse on this kernel: {report}");
+}
+
+#[tokio::test]
+async fn a_freeze_nobody_thaws_is_thawed_by_the_watchdog() {
+    let cgroup = TestCgroup::new("watchdog");
+    let envd = Envd::options().args(["--cgroup-root", cgroup.0.to_str().unwrap(), "--freeze-watchdog", "2"]).start();
+    let client = envd.client();
+    let busy = start_busy_loop(&client, None).await;
+    let reply = client.send(http::Method::POST, "/freeze?maxWaitMs=2000", &[], "").await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert!(!progresses(busy).await, "frozen");
+    assert!(
+        common::eventually(Duration::from_secs(10), || envd.stderr().contains("the watchdog thawed it")).await,
+        "the watchdog thaw is logged: {}",
+        envd.stderr()
+    );
+    assert!(progresses(busy).await, "thawed by the watchdog");
+    client.kill(busy).await;
+}
+
+#[tokio::test]
+async fn hierarchy_freeze_stops_every_workload_cgroup_and_spares_the_guests_own_freezes() {
+    let cgroup = TestCgroup::new("hierarchy");
+    let customer = cgroup.with_busy_process("customer/app");
+    let journald = cgroup.with_busy_process("system.slice/systemd-journald.service");
+    let other_service = cgroup.with_busy_process("system.slice/other.service");
+    let paused_by_guest = cgroup.with_busy_process("paused");
+    std::fs::write(cgroup.0.join("paused/cgroup.freeze"), "1").unwrap();
+    let envd = Envd::options().args(["--cgroup-root", cgroup.0.to_str().unwrap()]).start();
+    let client = envd.client();
+
+    let reply = client.send(http::Method::POST, "/freeze?mode=hierarchy&maxWaitMs=2000", &[], "").await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let report = reply.json();
+    assert_eq!(report["mode"], "hierarchy", "{report}");
+    assert_eq!(report["allowlisted"], 1, "journald is spared: {report}");
+    assert_eq!(report["preFrozen"], 1, "the guest's own freeze is remembered: {report}");
+    assert_eq!(report["notFrozen"], 0, "{report}");
+    assert!(!progresses(customer).await, "a cgroup the customer made is frozen");
+    assert!(!progresses(other_service).await, "a service beside journald is frozen");
+    assert!(progresses(journald).await, "journald keeps running");
+
+    let init = client.post_json("/init", &json!({})).await;
+    assert_eq!(init.status, 204);
+    let audit: Value = serde_json::from_str(init.header("x-envd-freeze-audit")).expect("the audit header");
+    assert_eq!(audit["violations"], 0, "{audit}");
+    assert_eq!(audit["escaped"], 0, "{audit}");
+    assert_eq!(audit["truncated"], false, "{audit}");
+    assert!(audit["frozen"].as_u64().unwrap() >= 4, "{audit}");
+    assert!(progresses(customer).await, "thawed by /init");
+    assert!(progresses(other_service).await, "thawed by /init");
+    assert!(!progresses(paused_by_guest).await, "the guest's own freeze survives the thaw");
+    assert_eq!(std::fs::read_to_string(cgroup.0.join("paused/cgroup.freeze")).unwrap().trim(), "1");
+
+    let again = client.post_json("/init", &json!({})).await;
+    assert_eq!(again.header("x-envd-freeze-audit"), "", "no audit without a hierarchy freeze in effect");
 }

@@ -565,8 +565,44 @@ fn memory_phase(run: &mut Run, facts: &Facts) -> Result<(), String> {
         "exec-context fingerprint unchanged",
         same_fingerprint("fingerprint", &fingerprint, &facts.fingerprint),
     )?;
-    forward_checks_after_restore(run, facts.forward_server)?;
-    Ok(())
+    // After the upgrade, so the forwards the new image took over are what is checked.
+    upgrade_after_resume(run, facts)?;
+    forward_checks_after_restore(run, facts.forward_server)
+}
+
+/// A live upgrade right after the memory restore, as the orchestrator does.
+fn upgrade_after_resume(run: &mut Run, facts: &Facts) -> Result<(), String> {
+    const P: &str = "upgrade";
+    let report = harness::upgrade::upgrade_in_place(&run.envd()?, &run.init_body(false));
+    run.report.check(
+        P,
+        "POST /upgrade re-execs envd; /init reports the handover",
+        report.as_ref().map(drop).map_err(Clone::clone),
+    )?;
+    let listed = run.envd()?.list()?;
+    run.report.check(
+        P,
+        "background process adopted (same pid, tag)",
+        if listed.iter().any(|(p, t)| *p == facts.pid && t.as_deref() == Some(BACKGROUND_TAG)) {
+            Ok(())
+        } else {
+            Err(format!("pid {} not in {listed:?}", facts.pid))
+        },
+    )?;
+    let before: u64 = run.root("cat /tmp/e2e-counter")?.trim().parse().map_err(|e| format!("counter: {e}"))?;
+    std::thread::sleep(Duration::from_secs(1));
+    let after: u64 = run.root("cat /tmp/e2e-counter")?.trim().parse().map_err(|e| format!("counter: {e}"))?;
+    run.report.check(
+        P,
+        "background process runs after the upgrade (counter advances)",
+        if after > before { Ok(()) } else { Err(format!("counter {after}, was {before}")) },
+    )?;
+    let fingerprint = run.fingerprint()?;
+    run.report.check(
+        P,
+        "exec-context fingerprint unchanged",
+        same_fingerprint("fingerprint", &fingerprint, &facts.fingerprint),
+    )
 }
 
 fn filesystem_phase(run: &mut Run, facts: &Facts) -> Result<(), String> {
@@ -718,7 +754,7 @@ fn forward_checks_after_restore(run: &mut Run, server: u32) -> Result<(), String
     let envd = run.envd()?;
     let forward_port = run.vm.as_ref().ok_or("no VM")?.forward_port;
     let reachable = forward::wait_reachable(forward_port, FORWARD_CONTENT, Duration::from_secs(20));
-    run.report.check(P, "the localhost server is still forwarded after the restore", reachable.map(|_| ()))?;
+    run.report.check(P, "the localhost server is still forwarded after the restore and the upgrade", reachable.map(|_| ()))?;
     let gone = forward::stop_and_wait_unreachable(&envd, forward_port, server, Duration::from_secs(20));
     if let Ok(gone) = &gone {
         run.report.time("guest server killed -> guest address stops answering", secs(*gone));

@@ -7,7 +7,7 @@ pub mod signature;
 pub mod token;
 
 pub use basic::basic_user;
-pub use token::{AccessGuard, Secret};
+pub use token::{AccessGuard, AuthState, Secret};
 
 /// Constant-time equality of two byte strings (the length is not secret).
 pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {

@@ -39,6 +39,17 @@ struct State {
     fail_closed: bool,
 }
 
+/// The guard's whole state (the token itself: never log or persist it).
+#[derive(Debug, Clone, Default)]
+pub struct AuthState {
+    /// The token.
+    pub token: Option<Secret>,
+    /// Its hash from the metadata service.
+    pub token_hash: Option<String>,
+    /// Closed until one of them is known.
+    pub fail_closed: bool,
+}
+
 /// Decides whether a request's `X-Access-Token` lets it through.
 #[derive(Debug, Clone)]
 pub struct AccessGuard {
@@ -151,6 +162,22 @@ impl AccessGuard {
         }
         state.token_hash = (hash != sha512_hex("")).then_some(hash);
         state.fail_closed = false;
+        drop(state);
+        self.changes.send_modify(|n| *n += 1);
+    }
+
+    /// Everything the guard knows, to hand to another image of envd.
+    pub fn export(&self) -> AuthState {
+        let state = self.read();
+        AuthState { token: state.token.clone(), token_hash: state.token_hash.clone(), fail_closed: state.fail_closed }
+    }
+
+    /// Takes over what another image of envd knew.
+    pub fn restore(&self, auth: AuthState) {
+        let mut state = self.write();
+        state.token = auth.token;
+        state.token_hash = auth.token_hash;
+        state.fail_closed = auth.fail_closed;
         drop(state);
         self.changes.send_modify(|n| *n += 1);
     }

@@ -29,12 +29,16 @@
 //! the kernel's backlog, and a throttled line says so), then the target is
 //! connected and the two sockets are relayed until both directions end.
 
+mod held;
 pub mod listeners;
 pub mod plan;
 pub mod relay;
 
+pub use held::{Forwards, HeldForward};
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -74,6 +78,8 @@ pub struct Forwarder {
     /// Ports whose failed bind was already told.
     told: BTreeSet<u16>,
     capacity: Arc<Capacity>,
+    /// Shared with a live upgrade.
+    shared: Arc<Forwards>,
 }
 
 /// The cap on forwarded connections, shared by every forwarded port.
@@ -117,10 +123,12 @@ impl Drop for Forward {
 }
 
 impl Forwarder {
-    /// A forwarder holding no forwards yet.
-    pub fn new(config: ForwardConfig) -> Self {
+    /// A forwarder holding no forwards yet; it serves the sockets an
+    /// earlier image handed over in `shared` from its first scan on.
+    pub fn new(config: ForwardConfig, shared: Arc<Forwards>) -> Self {
         Self {
             config,
+            shared,
             forwards: BTreeMap::new(),
             told: BTreeSet::new(),
             capacity: Arc::new(Capacity {
@@ -134,6 +142,9 @@ impl Forwarder {
     /// Scans and reconciles forever (spawned at start).
     pub async fn run(mut self) {
         tracing::info!(address = %self.config.address, "forwarding loopback listeners");
+        for (forward, socket) in self.shared.take_handed_over() {
+            self.serve_handed_over(forward, socket);
+        }
         let scan_failed = Throttle::new(WARN_EVERY);
         let mut source = listeners::Source::SockDiag;
         loop {
@@ -164,9 +175,12 @@ impl Forwarder {
     pub fn reconcile(&mut self, listeners: &[listeners::Listener]) {
         let held: BTreeSet<u16> = self.forwards.keys().copied().collect();
         let wanted = plan::plan(listeners, self.config.address, self.config.own_port, &held);
+        let shared = &self.shared;
         self.forwards.retain(|port, forward| {
             let keep = wanted.get(port) == Some(&forward.target);
             if !keep {
+                // Unlisted before the socket closes (see `held`).
+                shared.remove(*port);
                 tracing::info!(port, "port no longer forwarded");
             }
             keep
@@ -184,8 +198,7 @@ impl Forwarder {
         match forward_socket(bound) {
             Ok(listener) => {
                 tracing::info!(port, %target, "forwarding port");
-                let accepting = tokio::spawn(accept_loop(listener, target, self.capacity.clone()));
-                self.forwards.insert(port, Forward { target, accepting });
+                self.serve(port, target, listener);
                 self.told.remove(&port);
             }
             Err(err) => {
@@ -193,6 +206,28 @@ impl Forwarder {
                     tracing::warn!(port, address = %self.config.address, "cannot forward port: {err}");
                 }
             }
+        }
+    }
+}
+
+impl Forwarder {
+    fn serve(&mut self, port: u16, target: SocketAddr, listener: TcpListener) {
+        self.shared.insert(HeldForward { port, target, fd: listener.as_raw_fd() });
+        let accepting = tokio::spawn(accept_loop(listener, target, self.capacity.clone()));
+        self.forwards.insert(port, Forward { target, accepting });
+    }
+
+    /// Serves a socket an earlier image of envd handed over; the first
+    /// scan keeps it if its target still listens, else closes it.
+    fn serve_handed_over(&mut self, forward: HeldForward, socket: OwnedFd) {
+        let listener = std::net::TcpListener::from(socket);
+        let listener = listener.set_nonblocking(true).and_then(|()| TcpListener::from_std(listener));
+        match listener {
+            Ok(listener) => {
+                tracing::info!(port = forward.port, target = %forward.target, "forwarding port (handed over)");
+                self.serve(forward.port, forward.target, listener);
+            }
+            Err(err) => tracing::warn!(port = forward.port, "a handed-over forward socket is unusable: {err}"),
         }
     }
 }

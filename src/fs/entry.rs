@@ -11,7 +11,7 @@ use super::{FsError, base_name, display, xattr};
 use crate::context::users;
 
 /// What the wire calls `FileType`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum FileKind {
     /// Sockets, fifos, devices, broken symlinks.
     Unspecified,
@@ -22,7 +22,7 @@ pub enum FileKind {
 }
 
 /// One filesystem entry, ready to be put on the wire.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Entry {
     /// Last path element (`/` for the root).
     pub name: String,

@@ -23,7 +23,7 @@ const NETWORK_MAGICS: [u64; 5] = [0x6969, 0xFF53_4D42, 0x517B, 0xFE53_4D42, 0x65
 const MAX_SYNTHESIZED: usize = 4096;
 
 /// How to watch.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct WatchOptions {
     /// The whole tree, including directories created later.
     pub recursive: bool,
@@ -34,7 +34,7 @@ pub struct WatchOptions {
 }
 
 /// What happened to an entry.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum EventKind {
     /// Created or moved in.
     Create,
@@ -49,7 +49,7 @@ pub enum EventKind {
 }
 
 /// One event, as the wire wants it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct FsEvent {
     /// Path relative to the watched directory (`.` for itself).
     pub name: String,

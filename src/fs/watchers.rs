@@ -48,8 +48,26 @@ struct Queue {
 
 #[derive(Debug)]
 struct Polled {
+    root: PathBuf,
+    options: WatchOptions,
     queue: Mutex<Queue>,
     task: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// A polling watcher as data: what another image of envd needs to go on
+/// with the same id and the events queued so far.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct WatcherState {
+    /// Its id.
+    pub id: String,
+    /// The watched directory.
+    pub root: PathBuf,
+    /// How it watches.
+    pub options: WatchOptions,
+    /// Events not yet polled.
+    pub events: Vec<FsEvent>,
+    /// Why it failed, if it did.
+    pub failure: Option<String>,
 }
 
 impl Polled {
@@ -96,16 +114,50 @@ impl PollingWatchers {
     /// Starts watching `root`; returns the new watcher's id (`w` + 20
     /// characters from `[a-z0-9]`).
     pub async fn create(&self, root: PathBuf, options: WatchOptions) -> Result<String, FsError> {
-        let inotify = self.inotify.clone();
-        let started = tokio::task::spawn_blocking(move || Watcher::start(&root, options, &inotify)).await;
-        let watcher = started.map_err(|e| FsError::Io {
-            op: "start watcher",
-            path: PathBuf::new(),
-            source: std::io::Error::other(e.to_string()),
-        })??;
         let id = format!("w{}", random::lower_alnum(20));
+        let state = WatcherState { id, root, options, events: Vec::new(), failure: None };
+        self.restore(state).await
+    }
+
+    /// Every watcher as data, events included.
+    pub fn export(&self) -> Vec<WatcherState> {
+        let table = self.table();
+        table
+            .iter()
+            .map(|(id, polled)| {
+                let queue = polled.queue();
+                WatcherState {
+                    id: id.clone(),
+                    root: polled.root.clone(),
+                    options: polled.options,
+                    events: queue.events.clone(),
+                    failure: queue.failure.clone(),
+                }
+            })
+            .collect()
+    }
+
+    /// Watches again as `state` describes (a failed watcher stays failed);
+    /// returns its id.
+    pub async fn restore(&self, state: WatcherState) -> Result<String, FsError> {
+        let watcher = match state.failure {
+            Some(_) => None,
+            None => {
+                let (root, options, inotify) = (state.root.clone(), state.options, self.inotify.clone());
+                let started = tokio::task::spawn_blocking(move || Watcher::start(&root, options, &inotify)).await;
+                Some(started.map_err(|e| FsError::Io {
+                    op: "start watcher",
+                    path: PathBuf::new(),
+                    source: std::io::Error::other(e.to_string()),
+                })??)
+            }
+        };
+        let id = state.id;
+        let queue = Queue { events: state.events, failure: state.failure, last_poll: Instant::now() };
         let polled = Arc::new(Polled {
-            queue: Mutex::new(Queue { events: Vec::new(), failure: None, last_poll: Instant::now() }),
+            root: state.root,
+            options: state.options,
+            queue: Mutex::new(queue),
             task: Mutex::new(None),
         });
         let pump = Pump {
@@ -171,9 +223,10 @@ struct Pump {
 }
 
 impl Pump {
-    async fn run(self, mut watcher: Watcher) {
+    async fn run(self, watcher: Option<Watcher>) {
         let (max_events, idle_ttl) = self.limits;
         let mut check = tokio::time::interval(idle_ttl.min(Duration::from_secs(30)));
+        let Some(mut watcher) = watcher else { return self.linger(check, idle_ttl).await };
         loop {
             tokio::select! {
                 event = watcher.next() => {
@@ -194,6 +247,10 @@ impl Pump {
         // Failed: close inotify now, keep reporting the failure until
         // the client removes the watcher or it expires.
         drop(watcher);
+        self.linger(check, idle_ttl).await
+    }
+
+    async fn linger(self, mut check: tokio::time::Interval, idle_ttl: Duration) {
         loop {
             check.tick().await;
             if self.expired(idle_ttl) {

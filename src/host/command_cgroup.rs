@@ -70,6 +70,17 @@ impl CommandCgroup {
         }
     }
 
+    /// The cgroup at `dir`, made by an earlier image of envd for a command
+    /// this one takes over.
+    pub fn reopen(dir: &Path) -> io::Result<Self> {
+        let is_command = dir.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(PREFIX));
+        if !is_command {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "not a command cgroup"));
+        }
+        let procs = OpenOptions::new().write(true).open(dir.join("cgroup.procs"))?;
+        Ok(CommandCgroup { dir: dir.to_owned(), procs: procs.into() })
+    }
+
     /// The open `cgroup.procs` a child writes itself into.
     pub fn procs_fd(&self) -> RawFd {
         self.procs.as_raw_fd()

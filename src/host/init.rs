@@ -17,6 +17,7 @@ use super::identity::Identity;
 use super::persist::Persister;
 use super::provision::Provisioner;
 use super::volumes::VolumeMount;
+use super::workload_freeze::FreezeAudit;
 use crate::auth::{AccessGuard, Secret, sha512_hex};
 use crate::context::state::SavedContext;
 use crate::context::{ContextStore, INTERNAL_ENV_VARS};
@@ -142,6 +143,8 @@ pub struct Initializer {
     templates: Option<std::sync::Arc<TemplateProcesses>>,
     /// Hosts entry, CA and volumes; without one they are ignored.
     provisioner: Option<std::sync::Arc<Provisioner>>,
+    /// An authorised `/init` has been seen by this image of envd.
+    initialized: std::sync::atomic::AtomicBool,
 }
 
 impl Initializer {
@@ -158,6 +161,7 @@ impl Initializer {
             identity: None,
             templates: None,
             provisioner: None,
+            initialized: Default::default(),
         }
     }
 
@@ -185,15 +189,21 @@ impl Initializer {
         self
     }
 
+    /// Whether an authorised `/init` reached this image of envd.
+    pub fn is_initialized(&self) -> bool {
+        self.initialized.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     /// Authorises against, and refreshes identity from, the metadata service.
     pub fn with_identity(mut self, identity: Identity) -> Self {
         self.identity = Some(identity);
         self
     }
 
-    /// Handles one `/init` body.
-    pub async fn init(&self, body: &[u8]) -> Result<(), InitError> {
-        self.init_with(body, &self.identity).await?;
+    /// Handles one `/init` body; returns the audit of the frozen set found
+    /// before the thaw, if a hierarchy freeze was in effect.
+    pub async fn init(&self, body: &[u8]) -> Result<Option<FreezeAudit>, InitError> {
+        let audit = self.init_with(body, &self.identity).await?;
         if let Some(templates) = &self.templates {
             templates.restored().await;
             // Read now, not in the background: a process started right
@@ -207,21 +217,24 @@ impl Initializer {
         if let Some(identity) = self.identity.clone() {
             tokio::spawn(identity.refresh());
         }
-        Ok(())
+        Ok(audit)
     }
 
-    async fn init_with(&self, body: &[u8], metadata: &impl TokenHashSource) -> Result<(), InitError> {
+    async fn init_with(&self, body: &[u8], metadata: &impl TokenHashSource) -> Result<Option<FreezeAudit>, InitError> {
         let (body, timestamp) = parse_body(body)?;
         let _one_at_a_time = self.lock.lock().await;
         self.authorize(body.access_token, metadata).await?;
+        self.initialized.store(true, std::sync::atomic::Ordering::SeqCst);
+        // The audit must see the frozen set before anything thaws it.
+        let audit = self.workload.audit();
         // From here on the workload is thawed, even for a stale request:
         // this is how a resumed sandbox's processes start running again.
-        if let Err(err) = self.workload.thaw() {
+        if let Err(err) = self.workload.thaw().await {
             tracing::warn!("thawing the workload: {err}");
         }
         if !self.is_newest(timestamp) {
             tracing::info!("stale /init: nothing applied");
-            return Ok(());
+            return Ok(audit);
         }
         if let Some(timestamp) = timestamp {
             self.sync_clock(timestamp);
@@ -229,7 +242,7 @@ impl Initializer {
         let system = self.apply(body);
         let provisioned = self.provision(system).await;
         self.persist().await;
-        provisioned
+        provisioned.map(|()| audit)
     }
 
     /// The system half of `/init`, in the contract's order: events

@@ -1,10 +1,12 @@
 //! What comes from or goes to the host: `/init`, the metadata service,
-//! the persisted exec context, metrics, the pause hooks, and what `/init`
-//! sets up in the system (events address, CA bundle, NFS volumes).
+//! the persisted exec context, metrics, the pause hooks (workload and
+//! filesystem freezes, hugepage collapse), and what `/init` sets up in the
+//! system (events address, CA bundle, NFS volumes).
 
 pub mod ca_bundle;
 pub mod cgroups;
 pub mod clock;
+pub mod collapse;
 pub mod command_cgroup;
 pub mod events_host;
 pub mod fsfreeze;
@@ -17,3 +19,4 @@ pub mod provision;
 pub mod system_files;
 pub mod systemd;
 pub mod volumes;
+pub mod workload_freeze;

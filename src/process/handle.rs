@@ -3,16 +3,23 @@
 //!
 //! Output is read in chunks and sent to each subscriber through a small
 //! bounded channel: a slow subscriber slows the reader (back-pressure into
-//! the pipe), and with no subscriber the output is read and dropped.
+//! the pipe), and with no subscriber the output is read and dropped, except
+//! for an adopted process, whose output waits (bounded) for the first
+//! subscriber: nobody could be attached yet when it was adopted.
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::collections::VecDeque;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::Arc;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::time::Instant;
 
 use bytes::Bytes;
 use tokio::io::AsyncWriteExt;
-use tokio::process::ChildStdin;
+use tokio::net::unix::pipe;
 use tokio::sync::{mpsc, watch};
 
+use super::gate::Gate;
 use super::pty::PtyMaster;
 use super::status::EndStatus;
 use super::tree::{Member, ProcessTree};
@@ -20,6 +27,8 @@ use super::{CommandConfig, ProcessError};
 
 /// Events buffered per subscriber before the reader waits.
 const SUBSCRIBER_BUFFER: usize = 64;
+/// Output of an adopted process kept for its first subscriber.
+const BACKLOG_BYTES: usize = 1 << 20;
 
 /// Which stream a chunk of output came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,15 +63,69 @@ pub enum Subscription {
 struct Fanout {
     subscribers: Vec<mpsc::Sender<Event>>,
     end: Option<EndStatus>,
+    /// Output kept until the first subscriber (adopted processes only).
+    backlog: Option<Backlog>,
+}
+
+#[derive(Debug, Default)]
+struct Backlog {
+    chunks: VecDeque<(Output, Bytes)>,
+    bytes: usize,
+    dropped: usize,
 }
 
 /// Where input goes.
 #[derive(Debug)]
 pub(super) enum Input {
     /// A stdin pipe; `None` once closed or when stdin was not requested.
-    Pipe(tokio::sync::Mutex<Option<ChildStdin>>),
+    Pipe(tokio::sync::Mutex<Option<pipe::Sender>>),
     /// A terminal.
     Pty(PtyMaster),
+}
+
+impl Input {
+    /// A stdin pipe, or none.
+    pub(super) fn pipe(stdin: Option<pipe::Sender>) -> Self {
+        Input::Pipe(tokio::sync::Mutex::new(stdin))
+    }
+}
+
+/// A running process as its fds and state, for a process image that
+/// takes it over. The fds stay owned by the handle.
+#[derive(Debug, Clone)]
+pub struct ProcessState {
+    /// The process id.
+    pub pid: u32,
+    /// The tag given at start.
+    pub tag: Option<String>,
+    /// The command as requested.
+    pub config: CommandConfig,
+    /// stdout and stderr read ends still open.
+    pub stdout: Option<RawFd>,
+    /// See `stdout`.
+    pub stderr: Option<RawFd>,
+    /// The stdin write end, while open.
+    pub stdin: Option<RawFd>,
+    /// The terminal master.
+    pub pty: Option<RawFd>,
+    /// When the process is killed.
+    pub deadline: Option<Instant>,
+    /// Already reaped, with this status, but its output not yet drained.
+    pub reaped: Option<EndStatus>,
+    /// Its own cgroup's directory, if it has one.
+    pub cgroup: Option<std::path::PathBuf>,
+}
+
+/// The fds of a process and how it ends, for [`ProcessHandle::new`].
+#[derive(Debug)]
+pub(super) struct Parts {
+    pub(super) input: Input,
+    pub(super) outputs: [Option<RawFd>; 2],
+    pub(super) deadline: Option<Instant>,
+    pub(super) gate: Arc<Gate>,
+    pub(super) tree: ProcessTree,
+    /// Keep output for the first subscriber.
+    pub(super) backlog: bool,
 }
 
 /// A process envd started.
@@ -79,38 +142,81 @@ pub struct ProcessHandle {
     stop_waiting: watch::Sender<bool>,
     /// What a signal reaches besides the process itself.
     tree: ProcessTree,
-    /// Set once the process itself is reaped: its pid is free again.
-    reaped: watch::Sender<bool>,
     /// The end, once the process was reaped and its output drained.
     ended: watch::Sender<Option<EndStatus>>,
+    /// The stdin pipe's fd while it is open, else -1.
+    stdin_fd: AtomicI32,
+    /// stdout and stderr fds while their pumps hold them open.
+    outputs: Mutex<[Option<RawFd>; 2]>,
+    deadline: Option<Instant>,
+    /// Set once the process itself is reaped (its pid is free again),
+    /// before the output has drained.
+    reaped: Mutex<Option<EndStatus>>,
+    /// Pauses the pumps and the reaper of this process.
+    pub(super) gate: Arc<Gate>,
 }
 
 impl ProcessHandle {
-    pub(super) fn new(pid: u32, tag: Option<String>, config: CommandConfig, input: Input, tree: ProcessTree) -> Self {
+    pub(super) fn new(pid: u32, tag: Option<String>, config: CommandConfig, parts: Parts) -> Self {
+        let stdin_fd = match &parts.input {
+            Input::Pipe(stdin) => stdin.try_lock().ok().and_then(|s| s.as_ref().map(|s| s.as_raw_fd())),
+            Input::Pty(_) => None,
+        };
+        let fanout = Fanout { backlog: parts.backlog.then(Backlog::default), ..Default::default() };
         Self {
             pid,
             tag,
             config,
-            fanout: Mutex::default(),
-            input,
+            fanout: Mutex::new(fanout),
+            input: parts.input,
             pidfd: open_pidfd(pid),
             stop_waiting: watch::channel(false).0,
-            tree,
-            reaped: watch::channel(false).0,
+            tree: parts.tree,
             ended: watch::channel(None).0,
+            stdin_fd: AtomicI32::new(stdin_fd.unwrap_or(-1)),
+            outputs: Mutex::new(parts.outputs),
+            deadline: parts.deadline,
+            reaped: Mutex::default(),
+            gate: parts.gate,
         }
+    }
+
+    /// Its fds and state at this moment; consistent while the table is
+    /// paused.
+    pub fn state(&self) -> ProcessState {
+        let outputs = *self.outputs.lock().unwrap_or_else(|e| e.into_inner());
+        let stdin = self.stdin_fd.load(Ordering::SeqCst);
+        ProcessState {
+            pid: self.pid,
+            tag: self.tag.clone(),
+            config: self.config.clone(),
+            stdout: outputs[0],
+            stderr: outputs[1],
+            stdin: (stdin >= 0).then_some(stdin),
+            pty: self.pty().map(PtyMaster::raw_fd),
+            deadline: self.deadline,
+            reaped: self.reaped.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+            cgroup: self.tree.cgroup().map(|c| c.dir().to_owned()),
+        }
+    }
+
+    /// The pump of `output` is about to close its fd.
+    pub(super) fn output_closed(&self, output: Output) {
+        let index = if output == Output::Stderr { 1 } else { 0 };
+        self.outputs.lock().unwrap_or_else(|e| e.into_inner())[index] = None;
     }
 
     pub(super) fn tree(&self) -> &ProcessTree {
         &self.tree
     }
 
-    pub(super) fn mark_reaped(&self) {
-        self.reaped.send_replace(true);
+    /// Records the status of a reaped process.
+    pub(super) fn set_reaped(&self, end: &EndStatus) {
+        *self.reaped.lock().unwrap_or_else(|e| e.into_inner()) = Some(end.clone());
     }
 
     pub(super) fn is_reaped(&self) -> bool {
-        *self.reaped.borrow()
+        self.reaped.lock().unwrap_or_else(|e| e.into_inner()).is_some()
     }
 
     /// The process id.
@@ -150,14 +256,39 @@ impl ProcessHandle {
         if let Some(end) = &fanout.end {
             return Subscription::Ended(end.clone());
         }
-        let (tx, rx) = mpsc::channel(SUBSCRIBER_BUFFER);
+        let backlog = fanout.backlog.take().unwrap_or_default();
+        if backlog.dropped > 0 {
+            tracing::warn!(
+                pid = self.pid,
+                dropped = backlog.dropped,
+                "output kept for the first subscriber overflowed"
+            );
+        }
+        let (tx, rx) = mpsc::channel(SUBSCRIBER_BUFFER + backlog.chunks.len());
+        for (output, data) in backlog.chunks {
+            let _ = tx.try_send(Event::Data(output, data));
+        }
         fanout.subscribers.push(tx);
         Subscription::Live(rx)
     }
 
     /// Sends a chunk of output to every subscriber, waiting for room.
     pub(super) async fn broadcast(&self, output: Output, data: Bytes) {
-        let subscribers = self.fanout().subscribers.clone();
+        let subscribers = {
+            let mut fanout = self.fanout();
+            if let Some(backlog) = fanout.backlog.as_mut() {
+                backlog.bytes += data.len();
+                backlog.chunks.push_back((output, data));
+                while backlog.bytes > BACKLOG_BYTES
+                    && let Some((_, oldest)) = backlog.chunks.pop_front()
+                {
+                    backlog.bytes -= oldest.len();
+                    backlog.dropped += oldest.len();
+                }
+                return;
+            }
+            fanout.subscribers.clone()
+        };
         let mut lost = false;
         if let Some((last, others)) = subscribers.split_last() {
             for subscriber in others {
@@ -205,8 +336,7 @@ impl ProcessHandle {
         };
         let mut stdin = stdin.lock().await;
         let pipe = stdin.as_mut().ok_or(ProcessError::StdinClosed)?;
-        pipe.write_all(data).await.map_err(ProcessError::Input)?;
-        pipe.flush().await.map_err(ProcessError::Input)
+        pipe.write_all(data).await.map_err(ProcessError::Input)
     }
 
     /// Writes keystrokes to the terminal (PTY processes only).
@@ -219,7 +349,9 @@ impl ProcessHandle {
     pub async fn close_stdin(&self) -> Result<(), ProcessError> {
         match &self.input {
             Input::Pipe(stdin) => {
-                stdin.lock().await.take();
+                let mut stdin = stdin.lock().await;
+                self.stdin_fd.store(-1, Ordering::SeqCst);
+                stdin.take();
                 Ok(())
             }
             Input::Pty(_) => Err(ProcessError::CloseStdinOfPty),

@@ -1,6 +1,10 @@
 //! Processes and terminals: spawning as a user, the process table, output
-//! fan-out to any number of watchers, input, signals and deadlines.
+//! fan-out to any number of watchers, input, signals and deadlines; and
+//! adopting a running child (its pid and fds) that an earlier image of
+//! envd started. Every pump, reaper and start runs through the table's
+//! [`gate`], so all of them can be held still at once.
 
+mod gate;
 mod handle;
 mod kill;
 mod pty;
@@ -9,22 +13,28 @@ pub mod spawn;
 pub mod status;
 mod table;
 mod tree;
+mod waiter;
 
 use std::collections::BTreeMap;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::io::AsyncReadExt;
+use tokio::net::unix::pipe;
 
-pub use handle::{Event, Output, ProcessHandle, Subscription};
+pub use gate::{PauseTimeout, Paused};
+pub use handle::{Event, Output, ProcessHandle, ProcessState, Subscription};
 pub use kill::{KillReport, kill};
 pub use status::EndStatus;
-pub use table::{Found, ProcessTable, Selector};
+pub use table::{Ended, Found, ProcessTable, Selector};
+use waiter::Waiter;
 
 use crate::context::User;
 use crate::host::cgroups::Placement;
+use crate::host::command_cgroup::CommandCgroup;
 use spawn::{SpawnSpec, StdioMode};
 use tree::ProcessTree;
 
@@ -127,8 +137,9 @@ pub struct Started {
 }
 
 /// Starts a process, registers it, and subscribes the caller before any
-/// output is read, so the starter sees every byte.
-pub fn start(table: &Arc<ProcessTable>, spec: StartSpec) -> Result<Started, ProcessError> {
+/// output is read, so the starter sees every byte. Waits while the table
+/// is paused.
+pub async fn start(table: &Arc<ProcessTable>, spec: StartSpec) -> Result<Started, ProcessError> {
     if let StdioMode::Pty { cols, rows } = spec.stdio
         && (cols == 0 || rows == 0)
     {
@@ -137,6 +148,7 @@ pub fn start(table: &Arc<ProcessTable>, spec: StartSpec) -> Result<Started, Proc
     if !spec.cwd.is_dir() {
         return Err(ProcessError::CwdMissing(spec.cwd.display().to_string()));
     }
+    let _step = table.gate().step().await;
     let spawn_error = |source| ProcessError::Spawn { command: spec.config.cmd.clone(), source };
     let spawning = table.children().spawning();
     let spawned = spawn::spawn(&SpawnSpec {
@@ -156,39 +168,146 @@ pub fn start(table: &Arc<ProcessTable>, spec: StartSpec) -> Result<Started, Proc
         Placement::Own(cgroup) => ProcessTree::Cgroup(cgroup),
         Placement::Outside | Placement::Shared(_) => ProcessTree::Walk,
     };
-    let input = match spawned.pty_master {
-        Some(master) => handle::Input::Pty(pty::PtyMaster::new(master).map_err(ProcessError::Io)?),
-        None => handle::Input::Pipe(tokio::sync::Mutex::new(child.stdin.take())),
-    };
-    let handle = Arc::new(ProcessHandle::new(pid, spec.tag, spec.config, input, tree));
-    let Subscription::Live(events) = handle.subscribe() else {
+    let stdout = child.stdout.take().map(|p| p.into_owned_fd()).transpose().map_err(ProcessError::Io)?;
+    let stderr = child.stderr.take().map(|p| p.into_owned_fd()).transpose().map_err(ProcessError::Io)?;
+    let stdin = child.stdin.take().map(|p| p.into_owned_fd()).transpose().map_err(ProcessError::Io)?;
+    let fds = Fds { stdout, stderr, stdin, pty: spawned.pty_master };
+    let entry = Entry { pid, tag: spec.tag, config: spec.config, fds, tree, deadline: spec.deadline };
+    let (handle, readers, subscription) = register(table, entry, false)?;
+    let Some(Subscription::Live(events)) = subscription else {
         unreachable!("a process that was just created has not ended");
     };
-    table.insert(handle.clone());
+    tokio::spawn(supervise(table.clone(), handle.clone(), Waiter::Child(child), readers, spec.deadline));
+    Ok(Started { pid, handle, events })
+}
 
+/// A process's own fds, owned.
+#[derive(Debug, Default)]
+pub struct Fds {
+    /// Read end of its stdout pipe.
+    pub stdout: Option<OwnedFd>,
+    /// Read end of its stderr pipe.
+    pub stderr: Option<OwnedFd>,
+    /// Write end of its stdin pipe, while open.
+    pub stdin: Option<OwnedFd>,
+    /// Its terminal's master side.
+    pub pty: Option<OwnedFd>,
+}
+
+/// A running child of this process that an earlier image of envd started.
+#[derive(Debug)]
+pub struct Adopted {
+    /// Its pid (still our child).
+    pub pid: u32,
+    /// Its tag.
+    pub tag: Option<String>,
+    /// The command as requested.
+    pub config: CommandConfig,
+    /// Its fds.
+    pub fds: Fds,
+    /// When it is killed.
+    pub deadline: Option<Instant>,
+    /// Reaped already, with this status.
+    pub reaped: Option<EndStatus>,
+    /// Its own cgroup's directory, if it has one.
+    pub cgroup: Option<PathBuf>,
+}
+
+/// Takes over a running child: it is listed, connectable, killable (its
+/// own cgroup included) and reaped as if started here, and its output
+/// waits for the first subscriber. Returns its handle.
+pub fn adopt(table: &Arc<ProcessTable>, adopted: Adopted) -> Result<Arc<ProcessHandle>, ProcessError> {
+    let waiter = match adopted.reaped {
+        Some(end) => Waiter::Reaped(end),
+        None => {
+            let waiter = Waiter::pidfd(adopted.pid).map_err(ProcessError::Io)?;
+            // Its own waiter reaps it, never the orphan reaper.
+            table.children().spawning().register(adopted.pid);
+            waiter
+        }
+    };
+    let tree = match adopted.cgroup.map(|dir| CommandCgroup::reopen(&dir).map_err(|err| (dir, err))) {
+        Some(Ok(cgroup)) => ProcessTree::Cgroup(Arc::new(cgroup)),
+        Some(Err((dir, err))) => {
+            tracing::warn!(pid = adopted.pid, cgroup = %dir.display(), "its cgroup is not reachable, kill walks /proc: {err}");
+            ProcessTree::Walk
+        }
+        None => ProcessTree::Walk,
+    };
+    let entry = Entry {
+        pid: adopted.pid,
+        tag: adopted.tag,
+        config: adopted.config,
+        fds: adopted.fds,
+        tree,
+        deadline: adopted.deadline,
+    };
+    let (handle, readers, _) = register(table, entry, true)?;
+    tokio::spawn(supervise(table.clone(), handle.clone(), waiter, readers, adopted.deadline));
+    Ok(handle)
+}
+
+/// A process to enter in the table, started here or adopted.
+struct Entry {
+    pid: u32,
+    tag: Option<String>,
+    config: CommandConfig,
+    fds: Fds,
+    tree: ProcessTree,
+    deadline: Option<Instant>,
+}
+
+/// The handle, its pump tasks, and the starter's subscription.
+type Registered = (Arc<ProcessHandle>, Vec<tokio::task::JoinHandle<()>>, Option<Subscription>);
+
+/// Builds the handle, enters it in the table, subscribes (so the first
+/// subscriber sees every byte) and starts its pumps.
+fn register(table: &Arc<ProcessTable>, entry: Entry, backlog: bool) -> Result<Registered, ProcessError> {
+    let Entry { pid, tag, config, fds, tree, deadline } = entry;
+    let receiver = |fd: Option<OwnedFd>| fd.map(pipe::Receiver::from_owned_fd).transpose().map_err(ProcessError::Io);
+    let stdout = receiver(fds.stdout)?;
+    let stderr = receiver(fds.stderr)?;
+    let stdin = fds.stdin.map(pipe::Sender::from_owned_fd).transpose().map_err(ProcessError::Io)?;
+    let input = match fds.pty {
+        Some(master) => handle::Input::Pty(pty::PtyMaster::new(master).map_err(ProcessError::Io)?),
+        None => handle::Input::pipe(stdin),
+    };
+    let outputs = [stdout.as_ref().map(AsRawFd::as_raw_fd), stderr.as_ref().map(AsRawFd::as_raw_fd)];
+    let parts = handle::Parts { input, outputs, deadline, gate: table.gate().clone(), tree, backlog };
+    let handle = Arc::new(ProcessHandle::new(pid, tag, config, parts));
+    table.insert(handle.clone());
+    // An adopted process keeps its output for whoever subscribes first.
+    let subscription = (!backlog).then(|| handle.subscribe());
     let mut readers = Vec::new();
     if handle.is_pty() {
         readers.push(tokio::spawn(pump_pty(handle.clone())));
     }
-    if let Some(stdout) = child.stdout.take() {
+    if let Some(stdout) = stdout {
         readers.push(tokio::spawn(pump(handle.clone(), stdout, Output::Stdout)));
     }
-    if let Some(stderr) = child.stderr.take() {
+    if let Some(stderr) = stderr {
         readers.push(tokio::spawn(pump(handle.clone(), stderr, Output::Stderr)));
     }
-    tokio::spawn(supervise(table.clone(), handle.clone(), child, readers, spec.deadline));
-    Ok(Started { pid, handle, events })
+    Ok((handle, readers, subscription))
 }
 
 /// Each chunk is read into its own buffer and handed on without a copy:
 /// with one subscriber (the usual case) the same allocation ends up in the
-/// encoded message.
-async fn pump<R: AsyncRead + Unpin>(handle: Arc<ProcessHandle>, mut reader: R, output: Output) {
+/// encoded message. A pause cancels a pending read, which loses nothing.
+async fn pump(handle: Arc<ProcessHandle>, mut reader: pipe::Receiver, output: Output) {
     loop {
+        let _step = handle.gate.step().await;
         let mut chunk = Vec::with_capacity(PIPE_CHUNK);
-        match reader.read_buf(&mut chunk).await {
-            Ok(0) | Err(_) => return,
-            Ok(_) => handle.broadcast(output, Bytes::from(chunk)).await,
+        tokio::select! {
+            read = reader.read_buf(&mut chunk) => match read {
+                Ok(0) | Err(_) => {
+                    handle.output_closed(output);
+                    drop(reader);
+                    return;
+                }
+                Ok(_) => handle.broadcast(output, Bytes::from(chunk)).await,
+            },
+            () = handle.gate.pause_requested() => {}
         }
     }
 }
@@ -196,42 +315,53 @@ async fn pump<R: AsyncRead + Unpin>(handle: Arc<ProcessHandle>, mut reader: R, o
 async fn pump_pty(handle: Arc<ProcessHandle>) {
     let Some(pty) = handle.pty() else { return };
     loop {
+        let _step = handle.gate.step().await;
         let mut chunk = vec![0u8; PTY_CHUNK];
-        match pty.read(&mut chunk).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => {
-                chunk.truncate(n);
-                handle.broadcast(Output::Pty, Bytes::from(chunk)).await;
-            }
+        tokio::select! {
+            read = pty.read(&mut chunk) => match read {
+                Ok(0) | Err(_) => return,
+                Ok(n) => {
+                    chunk.truncate(n);
+                    handle.broadcast(Output::Pty, Bytes::from(chunk)).await;
+                }
+            },
+            () = handle.gate.pause_requested() => {}
         }
     }
 }
 
-/// Waits for the process, then for its output to drain (unless a signal or
-/// the deadline said not to), then publishes the end; its cgroup goes once
-/// the last process in it is gone.
+/// Waits for the process (pausably), then for its output to drain (unless
+/// a signal or the deadline said not to), then publishes the end; its
+/// cgroup goes once the last process in it is gone.
 async fn supervise(
     table: Arc<ProcessTable>,
     handle: Arc<ProcessHandle>,
-    mut child: tokio::process::Child,
+    mut waiter: Waiter,
     readers: Vec<tokio::task::JoinHandle<()>>,
     deadline: Option<Instant>,
 ) {
-    let deadline_passed = async {
-        match deadline {
-            Some(deadline) => tokio::time::sleep_until(deadline.into()).await,
-            None => std::future::pending().await,
-        }
-    };
-    let status = tokio::select! {
-        status = child.wait() => status,
-        () = deadline_passed => {
-            let _ = handle.signal(nix::sys::signal::Signal::SIGKILL).await;
-            child.wait().await
+    let mut killed = false;
+    let end = loop {
+        let _step = handle.gate.step().await;
+        let deadline_passed = async {
+            match deadline.filter(|_| !killed) {
+                Some(deadline) => tokio::time::sleep_until(deadline.into()).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            end = waiter.wait() => {
+                handle.set_reaped(&end);
+                break end;
+            }
+            () = deadline_passed => {
+                let _ = handle.signal(nix::sys::signal::Signal::SIGKILL).await;
+                killed = true;
+            }
+            () = handle.gate.pause_requested() => {}
         }
     };
     table.children().forget(handle.pid());
-    handle.mark_reaped();
     let aborts: Vec<_> = readers.iter().map(|r| r.abort_handle()).collect();
     if !handle.stop_was_requested() {
         let drained = futures_util::future::join_all(readers);
@@ -241,10 +371,6 @@ async fn supervise(
         }
     }
     aborts.iter().for_each(|a| a.abort());
-    let end = match status {
-        Ok(status) => EndStatus::from_exit(status),
-        Err(err) => EndStatus::from_wait_error(&err),
-    };
     table.retire(handle.pid(), handle.tag().map(str::to_owned), end.clone());
     handle.finish(end);
     if let Some(cgroup) = handle.tree().cgroup().cloned() {

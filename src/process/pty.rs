@@ -27,6 +27,11 @@ impl PtyMaster {
         Ok(Self { fd, write_lock: Default::default() })
     }
 
+    /// The master's fd number (owned here).
+    pub fn raw_fd(&self) -> std::os::fd::RawFd {
+        self.fd.get_ref().as_raw_fd()
+    }
+
     /// Reads what the terminal printed; `Ok(0)` once every slave side is
     /// closed (the kernel reports that as EIO).
     pub async fn read(&self, buf: &mut [u8]) -> io::Result<usize> {

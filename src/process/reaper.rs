@@ -77,6 +77,8 @@ impl Children {
                 return;
             }
         };
+        // Orphans that ended before the handler was installed.
+        self.reap_orphans();
         while sigchld.recv().await.is_some() {
             self.reap_orphans();
         }

@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::ProcessError;
+use super::gate::Gate;
 use super::handle::ProcessHandle;
 use super::reaper::Children;
 use super::status::EndStatus;
@@ -61,17 +62,59 @@ struct Inner {
     retained: VecDeque<Retained>,
 }
 
+/// A process that ended recently, as kept for a late `Connect`.
+#[derive(Debug, Clone)]
+pub struct Ended {
+    /// Its pid.
+    pub pid: u32,
+    /// Its tag.
+    pub tag: Option<String>,
+    /// How it ended.
+    pub end: EndStatus,
+    /// How long ago.
+    pub age: Duration,
+}
+
 /// Every process envd started and has not yet reaped.
 #[derive(Debug, Default)]
 pub struct ProcessTable {
     inner: Mutex<Inner>,
     children: Arc<Children>,
+    gate: Arc<Gate>,
 }
 
 impl ProcessTable {
     /// envd's children and adopted orphans.
     pub fn children(&self) -> &Arc<Children> {
         &self.children
+    }
+
+    /// Pauses and resumes every process task and start.
+    pub fn gate(&self) -> &Arc<Gate> {
+        &self.gate
+    }
+
+    /// The retained end events still within the retention time.
+    pub fn ended(&self) -> Vec<Ended> {
+        let now = Instant::now();
+        let inner = self.inner();
+        inner
+            .retained
+            .iter()
+            .map(|r| Ended { pid: r.pid, tag: r.tag.clone(), end: r.end.clone(), age: now.duration_since(r.at) })
+            .filter(|e| e.age <= RETENTION)
+            .collect()
+    }
+
+    /// Keeps end events of another image of envd, oldest first, as if they
+    /// had ended here.
+    pub fn restore_ended(&self, ended: Vec<Ended>) {
+        let now = Instant::now();
+        let mut inner = self.inner();
+        for e in ended.into_iter().filter(|e| e.age <= RETENTION) {
+            let at = now.checked_sub(e.age).unwrap_or(now);
+            inner.retained.push_back(Retained { pid: e.pid, tag: e.tag, end: e.end, at });
+        }
     }
 
     fn inner(&self) -> std::sync::MutexGuard<'_, Inner> {

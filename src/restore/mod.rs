@@ -111,6 +111,21 @@ fn env_value(env: &[(String, String)], name: &str) -> Option<String> {
     env.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone()).filter(|v| !v.is_empty())
 }
 
+/// A tracked process as data (see [`TemplateProcesses::export`]); its
+/// environment makes it a secret of the handover.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TrackedState {
+    /// Its pid.
+    pub pid: u32,
+    /// The sandbox identity it started under.
+    pub identity: Option<String>,
+    /// How to start it again.
+    pub process: TemplateProcess,
+    /// Recorded as a template process.
+    pub template: bool,
+}
+
 /// A process started through envd and still running.
 #[derive(Debug)]
 struct Tracked {
@@ -188,6 +203,31 @@ impl TemplateProcesses {
 
     fn next_serial(&self) -> u64 {
         self.serials.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Every tracked process as data, for an image of envd that takes the
+    /// processes over (`/upgrade`).
+    pub fn export(&self) -> Vec<TrackedState> {
+        let inner = self.inner();
+        let tracked = inner.tracked.iter();
+        tracked
+            .map(|(pid, t)| TrackedState {
+                pid: *pid,
+                identity: t.identity.clone(),
+                process: t.process.clone(),
+                template: t.template,
+            })
+            .collect()
+    }
+
+    /// Tracks a process another image of envd tracked, now adopted as
+    /// `handle`; the record itself came with the exec context.
+    pub fn adopt(self: &Arc<Self>, state: TrackedState, handle: &Arc<ProcessHandle>) {
+        let serial = self.next_serial();
+        let tracked =
+            Tracked { serial, identity: state.identity, process: state.process, template: state.template };
+        self.inner().tracked.insert(handle.pid(), tracked);
+        self.watch_end(handle, serial);
     }
 
     /// Forgets the process when it ends.

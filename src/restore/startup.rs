@@ -96,7 +96,7 @@ impl TemplateProcesses {
     async fn restore(self: &Arc<Self>, pending: Vec<TemplateProcess>, workload: &Workload, deadline: Instant) {
         let mut restarted = Vec::new();
         for process in pending {
-            match self.restart(&process, workload) {
+            match self.restart(&process, workload).await {
                 Ok(started) => restarted.push(started),
                 Err(err) => tracing::warn!(cmd = %process.cmd, "template process not restored: {err}"),
             }
@@ -111,7 +111,11 @@ impl TemplateProcesses {
 
     /// Starts one recorded process exactly as recorded, with the current
     /// sandbox's `E2B_*` variables, and tracks it as a template process.
-    fn restart(self: &Arc<Self>, recorded: &TemplateProcess, workload: &Workload) -> Result<Restarted, RestoreError> {
+    async fn restart(
+        self: &Arc<Self>,
+        recorded: &TemplateProcess,
+        workload: &Workload,
+    ) -> Result<Restarted, RestoreError> {
         let user = users::lookup(&recorded.user)?;
         let context = self.context.snapshot();
         let mut env: BTreeMap<String, String> = recorded.env.iter().cloned().collect();
@@ -140,7 +144,7 @@ impl TemplateProcesses {
             placement: Slot::for_process(recorded.tag.as_deref(), pty)
                 .map_or(Placement::Outside, |slot| workload.place(slot)),
         };
-        let started = process::start(&self.table, spec)?;
+        let started = process::start(&self.table, spec).await?;
         let mut process = recorded.clone();
         process.pid = started.pid;
         process.start_time = ports::start_time(Path::new(PROC_ROOT), started.pid);

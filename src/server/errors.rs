@@ -93,6 +93,36 @@ impl From<FreezeError> for HttpError {
     }
 }
 
+/// A freeze that could not have the lock within its budget: 503 with an
+/// empty body, as the reference answers.
+pub fn freeze_busy(err: crate::host::workload_freeze::FreezeBusy) -> Response {
+    tracing::info!("/freeze refused: {err}");
+    StatusCode::SERVICE_UNAVAILABLE.into_response()
+}
+
+impl From<crate::upgrade::UpgradeError> for HttpError {
+    fn from(err: crate::upgrade::UpgradeError) -> Self {
+        use crate::upgrade::UpgradeError;
+        let status = match &err {
+            UpgradeError::NotInitialized => StatusCode::CONFLICT,
+            UpgradeError::BadTarget | UpgradeError::BadBinary(_) => StatusCode::BAD_REQUEST,
+            UpgradeError::Busy | UpgradeError::Freeze(_) | UpgradeError::Pause(_) => StatusCode::SERVICE_UNAVAILABLE,
+            UpgradeError::Receive(_) | UpgradeError::Handover(_) | UpgradeError::Exec(_) => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
+        };
+        tracing::warn!("/upgrade refused, this envd keeps serving: {err}");
+        HttpError::new(status, err.to_string())
+    }
+}
+
+impl From<crate::host::collapse::CollapseError> for HttpError {
+    fn from(err: crate::host::collapse::CollapseError) -> Self {
+        tracing::error!("/collapse: {err}");
+        HttpError::new(StatusCode::INTERNAL_SERVER_ERROR, err.to_string())
+    }
+}
+
 /// The answer to a connection accepted only to be refused because envd
 /// is out of file descriptors: retryable, and the connection is closed.
 pub fn out_of_descriptors() -> Response {

@@ -12,7 +12,6 @@ use super::state::AppState;
 use super::stream::{keepalive_interval, until_deadline, with_keepalive};
 use crate::context::User;
 use crate::fs::watch::{EventKind, FsEvent, WatchOptions, Watcher};
-use crate::fs::watchers::PollingWatchers;
 use crate::fs::{self, Entry, FileKind, FsError, InotifyBudget, Owner};
 use crate::proto::filesystem as pb;
 
@@ -27,20 +26,13 @@ pub struct FilesystemService {
     state: Arc<AppState>,
     /// Shared by `WatchDir` streams and the polling watchers.
     inotify: InotifyBudget,
-    watchers: PollingWatchers,
 }
 
 impl FilesystemService {
-    /// A service over the shared state, with its own polling watchers; the
-    /// kernel's inotify limit is read once, here, at start-up.
+    /// A service over the shared state.
     pub fn new(state: Arc<AppState>) -> Self {
-        let inotify = InotifyBudget::from_kernel(std::path::Path::new(fs::MAX_USER_INSTANCES));
-        tracing::info!(
-            max_instances = inotify.limit(),
-            kernel_limit = inotify.kernel_limit(),
-            "watchers share a bounded number of inotify instances"
-        );
-        Self { state, watchers: PollingWatchers::with_budget(inotify.clone()), inotify }
+        let inotify = state.inotify.clone();
+        Self { state, inotify }
     }
 
     /// The caller and `path` resolved for it, once a volume it lies in is
@@ -222,7 +214,7 @@ impl pb::Filesystem for FilesystemService {
         let request = request.to_owned_message();
         let (_, path) = self.resolve(&ctx, &request.path).await?;
         let options = watch_options(request.recursive, request.include_entry, request.allow_network_mounts);
-        let watcher_id = self.watchers.create(path, options).await?;
+        let watcher_id = self.state.watchers.create(path, options).await?;
         respond(&ctx, pb::CreateWatcherResponse { watcher_id, ..Default::default() })
     }
 
@@ -231,7 +223,7 @@ impl pb::Filesystem for FilesystemService {
         ctx: RequestContext,
         request: ServiceRequest<'_, pb::GetWatcherEventsRequest>,
     ) -> ServiceResult<pb::GetWatcherEventsResponse> {
-        let events = self.watchers.poll(&request.to_owned_message().watcher_id)?;
+        let events = self.state.watchers.poll(&request.to_owned_message().watcher_id)?;
         let legacy = is_legacy(&ctx);
         let events = events.into_iter().map(|e| event_to_pb(e, legacy)).collect();
         respond(&ctx, pb::GetWatcherEventsResponse { events, ..Default::default() })
@@ -242,7 +234,7 @@ impl pb::Filesystem for FilesystemService {
         ctx: RequestContext,
         request: ServiceRequest<'_, pb::RemoveWatcherRequest>,
     ) -> ServiceResult<pb::RemoveWatcherResponse> {
-        self.watchers.remove(&request.to_owned_message().watcher_id).await?;
+        self.state.watchers.remove(&request.to_owned_message().watcher_id).await?;
         respond(&ctx, pb::RemoveWatcherResponse::default())
     }
 }

@@ -9,9 +9,11 @@ use axum::response::{IntoResponse, Response};
 use http::StatusCode;
 use serde::Deserialize;
 
-use super::errors::HttpError;
+use super::errors::{HttpError, freeze_busy};
 use super::state::AppState;
-use crate::host::cgroups::FreezeMode;
+use crate::host::collapse;
+use crate::host::workload_freeze::FreezeMode;
+use crate::upgrade;
 
 /// Query of `POST /freeze`.
 #[derive(Debug, Deserialize)]
@@ -30,7 +32,10 @@ pub async fn freeze(State(state): State<Arc<AppState>>, Query(query): Query<Free
         _ => FreezeMode::Legacy,
     };
     let wait = query.max_wait_ms.filter(|ms| *ms > 0).map(|ms| Duration::from_millis(ms.unsigned_abs()));
-    let report = state.workload.freeze(mode, query.max_cgroups.unwrap_or(0), wait).await;
+    let report = match state.workload.freeze(mode, query.max_cgroups.unwrap_or(0), wait).await {
+        Ok(report) => report,
+        Err(busy) => return freeze_busy(busy),
+    };
     tracing::info!(requested = report.requested, frozen = report.frozen, failed = report.failed, "workload frozen");
     match wait {
         Some(_) => axum::Json(report).into_response(),
@@ -40,7 +45,7 @@ pub async fn freeze(State(state): State<Arc<AppState>>, Query(query): Query<Free
 
 /// `POST /unfreeze`.
 pub async fn unfreeze(State(state): State<Arc<AppState>>) -> Response {
-    match state.workload.thaw() {
+    match state.workload.thaw().await {
         Ok(()) => StatusCode::NO_CONTENT.into_response(),
         Err(err) => {
             HttpError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("thawing the workload: {err}")).into_response()
@@ -64,9 +69,37 @@ pub async fn fsthaw(State(state): State<Arc<AppState>>) -> Response {
     }
 }
 
-/// `POST /upgrade` (live self-upgrade) and `POST /collapse` (hugepage
-/// collapse) are reference features envd does not have: a non-2xx answer
-/// makes the orchestrator keep envd running as it is.
-pub async fn not_supported() -> Response {
-    HttpError::new(StatusCode::NOT_IMPLEMENTED, "not supported by this envd").into_response()
+/// `POST /collapse`: hugepage collapse of envd's own memory, with its counts.
+pub async fn collapse() -> Response {
+    let outcome = tokio::task::spawn_blocking(collapse::collapse_own_memory).await;
+    match outcome {
+        Ok(Ok(report)) => {
+            tracing::info!(
+                regions = report.regions,
+                chunks = report.chunks,
+                collapsed = report.collapsed,
+                already_huge = report.already_huge,
+                skipped = report.skipped,
+                elapsed_ms = report.elapsed_ms,
+                "collapsed envd's memory"
+            );
+            let mut response = axum::Json(report).into_response();
+            response.headers_mut().insert(http::header::CACHE_CONTROL, http::HeaderValue::from_static("no-store"));
+            response
+        }
+        Ok(Err(err)) => HttpError::from(err).into_response(),
+        Err(join) => HttpError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("collapse: {join}")).into_response(),
+    }
+}
+
+/// `POST /upgrade`: on success envd execs the new binary and this request's
+/// connection drops (the orchestrator reads that as success); any answer
+/// means the running envd stays.
+pub async fn upgrade(State(state): State<Arc<AppState>>, headers: http::HeaderMap, body: axum::body::Body) -> Response {
+    let target = headers.get("x-envd-upgrade-bin").map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+    let empty =
+        headers.get(http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).is_some_and(|v| v.trim() == "0");
+    let request = upgrade::Request { target, body, empty };
+    let err = upgrade::perform(&state.upgrade_daemon(), state.initializer.is_initialized(), request).await;
+    HttpError::from(err).into_response()
 }

@@ -36,13 +36,27 @@ pub async fn init(State(state): State<Arc<AppState>>, headers: http::HeaderMap, 
         }
     };
     let mut response = match state.initializer.init(&body).await {
-        Ok(()) => no_store(StatusCode::NO_CONTENT.into_response()),
+        Ok(audit) => {
+            let mut response = no_store(StatusCode::NO_CONTENT.into_response());
+            if let Some(audit) = audit {
+                tracing::info!(?audit, "frozen set at /init");
+                if let Ok(value) = HeaderValue::from_str(&serde_json::json!(audit).to_string()) {
+                    response.headers_mut().insert("x-envd-freeze-audit", value);
+                }
+            }
+            response
+        }
         Err(err) => {
             tracing::warn!("/init refused: {err}");
             init_error(err)
         }
     };
     response.headers_mut().insert("x-envd-version", HeaderValue::from_static(crate::VERSION));
+    if let Some(handover) = state.handover.get()
+        && let Ok(value) = HeaderValue::from_str(&serde_json::json!(handover).to_string())
+    {
+        response.headers_mut().insert("x-envd-handover", value);
+    }
     response
 }
 

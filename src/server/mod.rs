@@ -70,15 +70,27 @@ pub fn run(config: Config, logs: Option<LogShipper>) -> Result<(), ServerError> 
 
 async fn serve(config: Config, logs: Option<LogShipper>) -> Result<(), ServerError> {
     let addr = config.listen_addr();
+    let listener = match config.listen_fd {
+        Some(fd) => inherited_listener(fd).map_err(|source| ServerError::Bind { addr, source })?,
+        None => TcpListener::bind(addr).await.map_err(|source| ServerError::Bind { addr, source })?,
+    };
     let state = AppState::build(config, logs);
-    let listener = TcpListener::bind(addr).await.map_err(|source| ServerError::Bind { addr, source })?;
+    let _ = state.listener_fd.set(std::os::fd::AsRawFd::as_raw_fd(&listener));
+    if let Some(path) = state.config.handover.clone() {
+        let carried = crate::upgrade::parse_fd_list(&state.config.handover_fds);
+        let initializer_state = state.clone();
+        let initialized = move || initializer_state.initializer.is_initialized();
+        let report = crate::upgrade::resume(&state.upgrade_daemon(), &path, &carried, initialized).await;
+        let _ = state.handover.set(report);
+    }
+    state.start_reaping();
     if let Err(err) = crate::host::systemd::notify_ready() {
         tracing::warn!("telling systemd we are ready: {err}");
     }
     if let Some(address) = state.config.forward_target() {
         let max_connections = state.config.forward_max_connections;
         let forwarder = ForwardConfig { address, own_port: addr.port(), max_connections };
-        tokio::spawn(Forwarder::new(forwarder).run());
+        tokio::spawn(Forwarder::new(forwarder, state.forwards.clone()).run());
     }
     let app = router(state);
     tracing::info!(version = crate::VERSION, %addr, "envd listening");
@@ -104,6 +116,18 @@ async fn serve(config: Config, logs: Option<LogShipper>) -> Result<(), ServerErr
         let _ = socket.set_nodelay(true);
         tokio::spawn(serve_connection(socket, app.clone(), slot));
     }
+}
+
+/// The listening socket an earlier image of envd handed over.
+fn inherited_listener(fd: i32) -> std::io::Result<TcpListener> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: the fd was named by the exec'ing image as its listening
+    // socket; nothing else in this image owns it.
+    let listener = unsafe { std::net::TcpListener::from_raw_fd(fd) };
+    // SAFETY: F_SETFD on the fd just taken over.
+    unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    listener.set_nonblocking(true)?;
+    TcpListener::from_std(listener)
 }
 
 /// Serves one connection; one that sends no request head within
@@ -194,8 +218,8 @@ fn router(state: Arc<AppState>) -> axum::Router {
         .route("/unfreeze", post(host_api::unfreeze))
         .route("/fsfreeze", post(host_api::fsfreeze))
         .route("/fsthaw", post(host_api::fsthaw))
-        .route("/upgrade", post(host_api::not_supported))
-        .route("/collapse", post(host_api::not_supported))
+        .route("/upgrade", post(host_api::upgrade))
+        .route("/collapse", post(host_api::collapse))
         .fallback_service(rpc)
         .layer(axum::middleware::from_fn_with_state(state.clone(), middleware::authenticate))
         .layer(axum::middleware::from_fn(middleware::cors))

@@ -207,7 +207,7 @@ impl pb::Process for ProcessService {
         let spec = self.start_spec(&ctx, request.to_owned_message())?;
         let command = spec.config.cmd.clone();
         let recipe = Recipe::of(&spec);
-        let started = process::start(&self.state.processes, spec)?;
+        let started = process::start(&self.state.processes, spec).await?;
         tracing::debug!(pid = started.pid, %command, "process started");
         self.state.templates.track(&started.handle, recipe);
         let keepalive = || start_response(keepalive_event());

@@ -7,6 +7,8 @@ use crate::auth::AccessGuard;
 use crate::config::Config;
 use crate::context::state::{SavedContext, StateFile};
 use crate::context::{ContextStore, ExecContext, User};
+use crate::fs::InotifyBudget;
+use crate::fs::watchers::PollingWatchers;
 use crate::host::cgroups::Workload;
 use crate::host::fsfreeze::FsFreezer;
 use crate::host::identity::{self, Identity};
@@ -45,6 +47,47 @@ pub struct AppState {
     pub body_budget: super::limits::BodyBudget,
     /// NFS volumes that commands wait for while they are being mounted.
     pub volumes: Arc<Volumes>,
+    /// The inotify instances `WatchDir` streams and polling watchers share.
+    pub inotify: crate::fs::InotifyBudget,
+    /// Polling watchers (CreateWatcher and friends).
+    pub watchers: Arc<PollingWatchers>,
+    /// Forwarded ports, shared with `/upgrade`.
+    pub forwards: Arc<crate::forward::Forwards>,
+    /// The listening socket, handed over by `/upgrade`.
+    pub listener_fd: std::sync::OnceLock<std::os::fd::RawFd>,
+    /// What this image took over from the one before, for `/init`.
+    pub handover: std::sync::OnceLock<crate::upgrade::HandoverReport>,
+}
+
+impl AppState {
+    /// Makes envd the subreaper of what it starts and reaps orphans from
+    /// now on. Called once the processes an earlier image handed over are
+    /// registered, so the orphan reaper never takes their exit status.
+    pub fn start_reaping(&self) {
+        match crate::process::reaper::become_subreaper() {
+            Ok(()) => {
+                tokio::spawn(self.processes.children().clone().reap_forever());
+            }
+            Err(err) => tracing::warn!("not a child subreaper: {err}"),
+        }
+    }
+
+    /// What `/upgrade` hands over, and where.
+    pub fn upgrade_daemon(&self) -> crate::upgrade::Daemon {
+        crate::upgrade::Daemon {
+            processes: self.processes.clone(),
+            guard: self.guard.clone(),
+            context: self.context.clone(),
+            workload: self.workload.clone(),
+            watchers: self.watchers.clone(),
+            templates: self.templates.clone(),
+            forwards: self.forwards.clone(),
+            listener: self.listener_fd.get().copied().unwrap_or(-1),
+            run_dir: self.config.run_dir.clone(),
+            upgrade_path: self.config.upgrade_path.clone(),
+            thaw_fallback: Duration::from_secs(self.config.upgrade_thaw_fallback),
+        }
+    }
 }
 
 /// The user a request named in `Authorization: Basic`, resolved by the
@@ -111,21 +154,20 @@ impl AppState {
         let freezer =
             FsFreezer::new(config.freeze_target().map(Into::into), Duration::from_secs(config.freeze_deadline));
         let processes = Arc::new(ProcessTable::default());
-        // Orphans of killed commands come to envd, which reaps them at once.
-        match crate::process::reaper::become_subreaper() {
-            Ok(()) => {
-                tokio::spawn(processes.children().clone().reap_forever());
-            }
-            Err(err) => tracing::warn!("not a child subreaper: {err}"),
-        }
-        let workload =
-            Arc::new(if config.no_cgroups { Workload::default() } else { Workload::setup(&config.cgroup_root) });
+        let workload = if config.no_cgroups { Workload::default() } else { Workload::setup(&config.cgroup_root) };
+        let workload = Arc::new(workload.with_freeze_watchdog(Duration::from_secs(config.freeze_watchdog)));
         let template_record = saved.as_ref().map(|s| s.template_processes.clone()).unwrap_or_default();
         let provisioner = Provisioner::new(config.system_paths());
         if let Some(saved) = &saved {
             provisioner.restore(saved.host.clone());
         }
         let volumes = provisioner.volumes().clone();
+        let inotify = InotifyBudget::from_kernel(std::path::Path::new(crate::fs::MAX_USER_INSTANCES));
+        tracing::info!(
+            max_instances = inotify.limit(),
+            kernel_limit = inotify.kernel_limit(),
+            "watchers share a bounded number of inotify instances"
+        );
         let persister = Persister::new(state_file, freezer.clone(), saved);
         let templates = TemplateProcesses::new(
             processes.clone(),
@@ -165,6 +207,11 @@ impl AppState {
             freezer,
             body_budget: Default::default(),
             volumes,
+            watchers: Arc::new(PollingWatchers::with_budget(inotify.clone())),
+            inotify,
+            forwards: Default::default(),
+            listener_fd: Default::default(),
+            handover: Default::default(),
         })
     }
 }

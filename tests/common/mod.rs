@@ -35,6 +35,7 @@
 #![allow(dead_code)]
 
 pub mod attacker;
+pub mod cgroup;
 pub mod collector;
 pub mod footprint;
 pub mod host_setup;
@@ -453,7 +454,7 @@ fn descendants(root: i32, sessions: &HashSet<i32>) -> Vec<i32> {
 // ---------------------------------------------------------------------------
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
-type ReqBody = BoxBody<Bytes, BoxError>;
+pub type ReqBody = BoxBody<Bytes, BoxError>;
 
 /// A small HTTP client for one envd; cloning shares the connection pool.
 #[derive(Clone)]
@@ -569,6 +570,29 @@ impl Client {
         Reply { status: parts.status, version: parts.version, headers: parts.headers, body }
     }
 
+    /// Sends a request whose connection may drop (a daemon that execs):
+    /// the error instead of a panic.
+    pub async fn try_send(
+        &self,
+        method: Method,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: ReqBody,
+    ) -> Result<Reply, String> {
+        let request = self.build(method, path, headers, body);
+        let response = tokio::time::timeout(PATIENCE, self.http.request(request))
+            .await
+            .map_err(|_| "no response head".to_owned())?
+            .map_err(|e| format!("{e:?}"))?;
+        let (parts, body) = response.into_parts();
+        let body = tokio::time::timeout(PATIENCE, body.collect())
+            .await
+            .map_err(|_| "no response body".to_owned())?
+            .map_err(|e| format!("{e:?}"))?
+            .to_bytes();
+        Ok(Reply { status: parts.status, version: parts.version, headers: parts.headers, body })
+    }
+
     /// `GET path`.
     pub async fn get(&self, path: &str) -> Reply {
         self.send(Method::GET, path, &[], Bytes::new()).await
@@ -669,7 +693,8 @@ fn with_headers<'a>(defaults: &[(&'a str, &'a str)], extra: &[(&'a str, &'a str)
     headers
 }
 
-fn full(body: impl Into<Bytes>) -> ReqBody {
+/// A whole request body.
+pub fn full(body: impl Into<Bytes>) -> ReqBody {
     http_body_util::Full::new(body.into()).map_err(|never: Infallible| match never {}).boxed()
 }
 

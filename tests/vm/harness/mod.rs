@@ -10,3 +10,4 @@ pub mod http;
 pub mod mmds;
 pub mod qemu;
 pub mod restored_processes;
+pub mod upgrade;

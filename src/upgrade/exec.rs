@@ -1,0 +1,185 @@
+//! The outgoing image's last steps: duplicate the carried fds, write the
+//! handover, clear close-on-exec on exactly those fds, `execve`.
+//!
+//! The duplicates are made close-on-exec, so a fork before the exec could
+//! not inherit them (starts are paused anyway, and every spawned child
+//! marks its fds above 2 close-on-exec before its own exec); the flag is
+//! cleared only in the last moment before `execve`, on this thread.
+
+use std::ffi::{CString, OsString};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use super::handover::{self, EndedEntry, Handover, ProcessEntry, Secrets};
+use super::{Daemon, UpgradeError};
+
+/// Flags of one handover, dropped from the argv of the next.
+pub(super) const HANDOVER_FLAGS: &[&str] = &["--listen-fd", "--handover", "--handover-fds"];
+
+/// Never returns on success.
+pub(super) fn hand_over_and_exec(daemon: &Daemon, program: &Path) -> UpgradeError {
+    let mut carried = Vec::new();
+    let handover_path = daemon.run_dir.join(format!("envd-handover.{}.json", std::process::id()));
+    let prepared = prepare(daemon, &mut carried).and_then(|(handover, listener)| {
+        handover::write(&handover_path, &handover)?;
+        Ok(listener)
+    });
+    let listener = match prepared {
+        Ok(listener) => listener,
+        Err(err) => return UpgradeError::Handover(err),
+    };
+    let fds: Vec<RawFd> = carried.iter().map(AsRawFd::as_raw_fd).collect();
+    tracing::info!(fds = fds.len(), "handing over and executing the new image");
+    let err = exec(program, listener, &handover_path, &fds);
+    let _ = std::fs::remove_file(&handover_path);
+    drop(carried);
+    UpgradeError::Exec(err)
+}
+
+/// The handover and the carried fds (the listener's duplicate returned).
+fn prepare(daemon: &Daemon, carried: &mut Vec<OwnedFd>) -> std::io::Result<(Handover, RawFd)> {
+    let listener = carry(daemon.listener, carried)?;
+    let auth = daemon.guard.export();
+    let context = daemon.context.snapshot();
+    let mut secrets = Secrets {
+        token: auth.token.map(|t| t.expose().to_owned()),
+        token_hash: auth.token_hash,
+        fail_closed: auth.fail_closed,
+        default_user: context.default_user,
+        default_workdir: context.default_workdir,
+        init_env: context.init_env,
+        internal_env: context.internal_env,
+        process_envs: Default::default(),
+        tracked: daemon.templates.export(),
+    };
+    let now = Instant::now();
+    let mut processes = Vec::new();
+    for handle in daemon.processes.list() {
+        let state = handle.state();
+        let mut carry_opt = |fd: Option<RawFd>| fd.map(|fd| carry(fd, carried)).transpose();
+        let entry = ProcessEntry {
+            pid: state.pid,
+            tag: state.tag,
+            cmd: state.config.cmd,
+            args: state.config.args,
+            cwd: state.config.cwd,
+            stdout_fd: carry_opt(state.stdout)?,
+            stderr_fd: carry_opt(state.stderr)?,
+            stdin_fd: carry_opt(state.stdin)?,
+            pty_fd: carry_opt(state.pty)?,
+            deadline_ms: state.deadline.map(|d| d.saturating_duration_since(now).as_millis() as u64),
+            reaped: state.reaped.as_ref().map(Into::into),
+            cgroup: state.cgroup,
+        };
+        secrets.process_envs.insert(state.pid, state.config.envs);
+        processes.push(entry);
+    }
+    let ended = daemon
+        .processes
+        .ended()
+        .into_iter()
+        .map(|e| EndedEntry { pid: e.pid, tag: e.tag, end: (&e.end).into(), age_ms: e.age.as_millis() as u64 })
+        .collect();
+    let forwards = daemon.forwards.carry_all(|fd| carry(fd, carried))?;
+    let (memfd, secrets_ref) = handover::seal_secrets(&secrets)?;
+    drop(secrets);
+    carried.push(memfd);
+    let handover = Handover {
+        format: handover::FORMAT.to_owned(),
+        version: handover::VERSION,
+        from_version: crate::VERSION.to_owned(),
+        required: vec!["processes".into(), "secrets".into()],
+        secrets: secrets_ref,
+        processes,
+        ended,
+        freeze: daemon.workload.freeze_record(),
+        watchers: daemon.watchers.export(),
+        forwards,
+        next_command_cgroup: daemon.workload.next_command_cgroup(),
+    };
+    Ok((handover, listener))
+}
+
+/// A close-on-exec duplicate of `fd`, kept in `carried`.
+fn carry(fd: RawFd, carried: &mut Vec<OwnedFd>) -> std::io::Result<RawFd> {
+    // SAFETY: F_DUPFD_CLOEXEC on an fd this process holds open; the new fd
+    // is owned by `carried` from here on.
+    let dup = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 3) };
+    if dup < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a fresh fd that nothing else owns.
+    carried.push(unsafe { OwnedFd::from_raw_fd(dup) });
+    Ok(dup)
+}
+
+/// Clears close-on-exec on `fds` and execs; returns why it failed.
+fn exec(program: &Path, listener: RawFd, handover: &Path, fds: &[RawFd]) -> std::io::Error {
+    let list = fds.iter().map(ToString::to_string).collect::<Vec<_>>().join(",");
+    let mut args = vec![OsString::from(program)];
+    args.extend(without_handover_flags(std::env::args_os().skip(1)));
+    args.extend(["--listen-fd".into(), listener.to_string().into()]);
+    args.extend(["--handover".into(), handover.as_os_str().to_owned()]);
+    args.extend(["--handover-fds".into(), list.into()]);
+    let Some(argv) = cstrings(args.iter().map(|a| a.as_bytes().to_vec())) else {
+        return std::io::Error::other("an argument contains a NUL byte");
+    };
+    let envp = cstrings(std::env::vars_os().map(|(k, v)| [k.as_bytes(), b"=", v.as_bytes()].concat()));
+    let Some(envp) = envp else { return std::io::Error::other("the environment contains a NUL byte") };
+    let Some(path) = cstrings([PathBuf::from(program).as_os_str().as_bytes().to_vec()]) else {
+        return std::io::Error::other("the program path contains a NUL byte");
+    };
+    let argv_ptrs: Vec<*const libc::c_char> =
+        argv.iter().map(|a| a.as_ptr()).chain(std::iter::once(std::ptr::null())).collect();
+    let envp_ptrs: Vec<*const libc::c_char> =
+        envp.iter().map(|a| a.as_ptr()).chain(std::iter::once(std::ptr::null())).collect();
+    for fd in fds {
+        // SAFETY: F_SETFD on fds held open by the caller.
+        unsafe { libc::fcntl(*fd, libc::F_SETFD, 0) };
+    }
+    // SAFETY: NUL-terminated strings and NULL-terminated arrays that live
+    // until the call returns (it returns only on failure).
+    unsafe { libc::execve(path[0].as_ptr(), argv_ptrs.as_ptr(), envp_ptrs.as_ptr()) };
+    let err = std::io::Error::last_os_error();
+    for fd in fds {
+        // SAFETY: as above; back to close-on-exec before anything can fork.
+        unsafe { libc::fcntl(*fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    }
+    err
+}
+
+/// The argv without an earlier handover's flags and their values.
+pub(super) fn without_handover_flags(args: impl Iterator<Item = OsString>) -> Vec<OsString> {
+    let mut kept = Vec::new();
+    let mut skip_value = false;
+    for arg in args {
+        if std::mem::take(&mut skip_value) {
+            continue;
+        }
+        let text = arg.to_string_lossy();
+        if HANDOVER_FLAGS.contains(&text.as_ref()) {
+            skip_value = true;
+        } else if !HANDOVER_FLAGS.iter().any(|f| text.starts_with(&format!("{f}="))) {
+            kept.push(arg);
+        }
+    }
+    kept
+}
+
+fn cstrings(items: impl IntoIterator<Item = Vec<u8>>) -> Option<Vec<CString>> {
+    items.into_iter().map(|b| CString::new(b).ok()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_earlier_handovers_flags_are_not_passed_on() {
+        let args = ["--dev", "--listen-fd", "7", "--handover=/run/x", "--port", "1", "--handover-fds", "7,8"];
+        let kept = without_handover_flags(args.iter().map(OsString::from));
+        assert_eq!(kept, ["--dev", "--port", "1"].map(OsString::from));
+    }
+}

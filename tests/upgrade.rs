@@ -1,0 +1,371 @@
+//! Live upgrade with the real binary: the same envd process execs a new
+//! image, which takes over processes (pipes and terminals, root and a
+//! non-root user), their output and exit codes, the listener, the token
+//! and the workload freeze; failed upgrades leave the old envd serving; a
+//! handover that cannot be read makes envd start clean and say so.
+
+mod common;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::cgroup::TestCgroup;
+use common::{Client, Envd, ProcEvent, Scratch, bash, full, rpc, test_user};
+use http::Method;
+use http_body_util::BodyExt;
+use serde_json::{Value, json};
+
+const TOKEN: &str = "upgrade-token-0123456789abcdef";
+const UPGRADES: usize = 20;
+
+/// An envd whose upgrades go to a scratch path, with real workload cgroups.
+struct Upgradable {
+    envd: Envd,
+    scratch: Scratch,
+    _cgroup: TestCgroup,
+}
+
+impl Upgradable {
+    async fn start(name: &str) -> Upgradable {
+        Upgradable::start_with(name, &[]).await
+    }
+
+    async fn start_with(name: &str, args: &[&str]) -> Upgradable {
+        let scratch = Scratch::new(name);
+        let cgroup = TestCgroup::new(name);
+        let envd = Envd::options()
+            .args(["--upgrade-path", &scratch.s("envd.next"), "--run-dir", &scratch.s("run")])
+            .args(["--cgroup-root", cgroup.0.to_str().unwrap()])
+            .args(args.iter().copied())
+            .start();
+        let reply = envd.client().post_json("/init", &json!({"accessToken": TOKEN})).await;
+        assert_eq!(reply.status, 204, "{}", reply.text());
+        Upgradable { envd, scratch, _cgroup: cgroup }
+    }
+
+    /// A fresh client (no pooled connection from before an exec).
+    fn client(&self) -> Client {
+        self.envd.client().with_header("x-access-token", TOKEN)
+    }
+
+    fn target(&self) -> String {
+        self.scratch.s("envd.next")
+    }
+
+    /// Asks for an upgrade; `Ok` with the reply if envd answered (refused),
+    /// `Err` if the connection dropped (it exec'd).
+    async fn upgrade(&self, binary: Bytes) -> Result<common::Reply, String> {
+        let target = self.target();
+        self.client().try_send(Method::POST, "/upgrade", &[("x-envd-upgrade-bin", &target)], full(binary)).await
+    }
+
+    /// Upgrades, then `/init`s; returns the `X-Envd-Handover` report.
+    async fn upgrade_and_init(&self, binary: Bytes) -> Value {
+        let pid = self.envd.pid();
+        if let Ok(reply) = self.upgrade(binary).await {
+            panic!("the upgrade was refused: {} {}\n{}", reply.status, reply.text(), self.envd.stderr());
+        }
+        assert!(common::pid_alive(pid), "envd is still the same process");
+        let frozen = std::fs::read_to_string(self._cgroup.0.join("user/cgroup.freeze")).unwrap();
+        assert_eq!(frozen.trim(), "1", "the workload stays frozen until /init");
+        let init = self.client().post_json("/init", &json!({"accessToken": TOKEN})).await;
+        assert_eq!(init.status, 204, "{}", init.text());
+        let report: Value = serde_json::from_str(init.header("x-envd-handover"))
+            .unwrap_or_else(|_| panic!("no handover report: {:?}\n{}", init.headers, self.envd.stderr()));
+        assert_eq!(report["failed"], false, "{report}\n{}", self.envd.stderr());
+        let frozen = std::fs::read_to_string(self._cgroup.0.join("user/cgroup.freeze")).unwrap();
+        assert_eq!(frozen.trim(), "0", "/init thaws the workload");
+        assert!(self.scratch.names("run").is_empty(), "the handover file is removed once read");
+        report
+    }
+}
+
+fn script(text: &str) -> Value {
+    json!({"cmd": "/bin/bash", "args": ["-c", text]})
+}
+
+fn own_binary() -> Bytes {
+    Bytes::from(std::fs::read(Envd::binary()).unwrap())
+}
+
+async fn start(client: &Client, request: Value) -> u32 {
+    let mut stream = client.stream(rpc::START, &request, &[]).await;
+    match stream.next_event().await {
+        ProcEvent::Start(pid) => pid,
+        other => panic!("expected the start event, got {other:?}"),
+    }
+}
+
+/// A `Connect` stream, from its start event on.
+async fn connect(client: &Client, pid: u32) -> common::ConnectStream {
+    client.stream(rpc::CONNECT, &json!({"process": {"pid": pid}}), &[]).await
+}
+
+/// Reads numbered lines (`<prefix> N`) until `count` complete ones arrived;
+/// returns their numbers. A first line cut in two is skipped.
+async fn numbered_lines(stream: &mut common::ConnectStream, prefix: &str, count: usize) -> Vec<u64> {
+    let mut text = String::new();
+    loop {
+        match stream.next_event().await {
+            ProcEvent::Stdout(data) | ProcEvent::Pty(data) => text.push_str(&String::from_utf8_lossy(&data)),
+            ProcEvent::Keepalive | ProcEvent::Start(_) => continue,
+            other => panic!("the counter stopped: {other:?}"),
+        }
+        let complete: Vec<&str> = text.split_inclusive('\n').filter(|l| l.ends_with('\n')).collect();
+        let numbers: Vec<u64> = complete
+            .iter()
+            .filter_map(|l| l.trim_end_matches(['\r', '\n']).strip_prefix(prefix))
+            .filter_map(|n| n.trim().parse().ok())
+            .collect();
+        if numbers.len() > count {
+            return numbers;
+        }
+    }
+}
+
+fn assert_no_gap(numbers: &[u64], what: &str) {
+    for pair in numbers.windows(2) {
+        assert_eq!(pair[1], pair[0] + 1, "{what}: a gap in the numbered lines: {numbers:?}");
+    }
+}
+
+#[tokio::test]
+async fn processes_survive_twenty_upgrades_with_their_output_and_exit_codes() {
+    let user = test_user();
+    let daemon = Upgradable::start("upgrade-many").await;
+    let client = daemon.client();
+    let counter = start(
+        &client,
+        json!({"process": {"cmd": "/bin/bash", "args": ["-c", "i=0; while :; do i=$((i+1)); echo line $i; sleep 0.005; done"],
+            "envs": {"COUNTER_MODE": "fast"}}, "tag": "counter", "stdin": false}),
+    )
+    .await;
+    let as_user = client.clone().with_user(&user.name);
+    let reader = start(&as_user, json!({"process": script("read x; echo got:$x; exit 7"), "stdin": true})).await;
+    let terminal = start(
+        &as_user,
+        json!({"process": {"cmd": "/bin/bash", "args": ["--norc", "-i"]}, "pty": {"size": {"cols": 80, "rows": 24}}}),
+    )
+    .await;
+    let ticker = start(
+        &client,
+        json!({"process": script("i=0; while :; do i=$((i+1)); echo tick $i; sleep 0.02; done"),
+            "pty": {"size": {"cols": 100, "rows": 30}}}),
+    )
+    .await;
+    let before = client.list().await;
+    let binary = own_binary();
+    let watched = daemon.scratch.path("watched");
+    std::fs::create_dir_all(&watched).unwrap();
+    let watcher = client.call(common::fs_rpc::CREATE_WATCHER, &json!({"path": watched.to_str().unwrap()})).await;
+    let watcher_id = watcher["watcherId"].as_str().unwrap().to_owned();
+    std::fs::write(watched.join("before-upgrade"), "x").unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    for round in 0..UPGRADES {
+        // A process that ends around the swap: its exit code must not be lost.
+        let code = 10 + round as i64;
+        let short = start(&client, bash(&format!("sleep 0.05; exit {code}"))).await;
+        let body = if round % 5 == 0 { binary.clone() } else { Bytes::new() };
+        let report = daemon.upgrade_and_init(body).await;
+        assert!(report["procs"].as_u64().unwrap() >= 4, "round {round}: {report}");
+        assert_eq!(report["procs_failed"], 0, "round {round}: {report}");
+
+        let client = daemon.client();
+        let ended = connect(&client, short).await.collect().await;
+        assert_eq!(ended.exit_code(), code, "round {round}: the short process's exit code");
+
+        let mut stream = connect(&client, counter).await;
+        let numbers = numbered_lines(&mut stream, "line ", 20).await;
+        assert_no_gap(&numbers, &format!("round {round}, counter"));
+        let mut stream = connect(&client, ticker).await;
+        let numbers = numbered_lines(&mut stream, "tick ", 5).await;
+        assert_no_gap(&numbers, &format!("round {round}, terminal ticker"));
+    }
+
+    std::fs::write(watched.join("after-upgrades"), "x").unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let polled = daemon.client().call(common::fs_rpc::GET_WATCHER_EVENTS, &json!({"watcherId": watcher_id})).await;
+    let names: Vec<&str> = polled["events"].as_array().unwrap().iter().filter_map(|e| e["name"].as_str()).collect();
+    assert!(names.contains(&"before-upgrade"), "the queued event survived: {polled}");
+    assert!(names.contains(&"after-upgrades"), "the watcher is armed again: {polled}");
+
+    // No fd of the handover reaches a process started afterwards.
+    for client in [daemon.client(), daemon.client().with_user(&user.name)] {
+        let run = client.run(&bash("ls /proc/self/fd | sort -n | tr '\n' ' '"), &[]).await;
+        assert_eq!(run.stdout_str(), "0 1 2 3 ", "fds of a new process");
+    }
+    let log = daemon.envd.stderr();
+    assert!(!log.contains(TOKEN), "the token is never logged");
+    let took_over = || daemon.envd.stderr().matches("took over the running workload").count() == UPGRADES;
+    assert!(common::eventually(Duration::from_secs(10), took_over).await, "{log}");
+    let client = daemon.client();
+    let after = client.list().await;
+    for pid in [counter, reader, terminal, ticker] {
+        assert_eq!(after[&pid]["config"], before[&pid]["config"], "process {pid} is listed the same");
+        assert_eq!(after[&pid]["tag"], before[&pid]["tag"]);
+    }
+    assert_eq!(after[&counter]["config"]["envs"]["COUNTER_MODE"], "fast");
+
+    // The reader was blocked on stdin all along; its pipe still works.
+    let stream = connect(&client, reader).await;
+    client.call(rpc::SEND_INPUT, &json!({"process": {"pid": reader}, "input": {"stdin": "aGVsbG8K"}})).await;
+    let run = stream.collect().await;
+    assert_eq!(run.stdout_str(), "got:hello\n");
+    assert_eq!(run.exit_code(), 7);
+
+    // The terminal keeps its master: resize, type, exit.
+    client.call(rpc::UPDATE, &json!({"process": {"pid": terminal}, "pty": {"size": {"cols": 120, "rows": 40}}})).await;
+    let stream = connect(&client, terminal).await;
+    let keys = base64_of("stty size; echo marker-$((6*7)); exit 9\n");
+    client.call(rpc::SEND_INPUT, &json!({"process": {"pid": terminal}, "input": {"pty": keys}})).await;
+    let run = stream.collect().await;
+    let typed = String::from_utf8_lossy(&run.pty).into_owned();
+    assert!(typed.contains("40 120"), "the terminal size: {typed}");
+    assert!(typed.contains("marker-42"), "{typed}");
+    assert_eq!(run.exit_code(), 9);
+
+    for pid in [counter, ticker] {
+        let stream = connect(&client, pid).await;
+        client.kill(pid).await;
+        let end = stream.collect().await;
+        assert_eq!(end.end()["status"], "signal: killed");
+    }
+}
+
+#[tokio::test]
+async fn without_an_init_after_the_upgrade_the_workload_is_thawed_after_the_fallback_time() {
+    let daemon = Upgradable::start_with("upgrade-fallback", &["--upgrade-thaw-fallback", "5"]).await;
+    let client = daemon.client();
+    let sleeper = start(&client, json!({"process": {"cmd": "/bin/sleep", "args": ["600"]}, "stdin": false})).await;
+    assert!(daemon.upgrade(Bytes::new()).await.is_err(), "envd exec'd");
+    let freeze = daemon._cgroup.0.join("user/cgroup.freeze");
+    let reads = |value: &str| std::fs::read_to_string(&freeze).is_ok_and(|v| v.trim() == value);
+    assert!(reads("1"), "frozen across the swap");
+    assert!(common::eventually(Duration::from_secs(30), || reads("0")).await, "thawed by the fallback");
+    let logged =
+        common::eventually(Duration::from_secs(10), || daemon.envd.stderr().contains("no /init since the upgrade"));
+    assert!(logged.await, "{}", daemon.envd.stderr());
+    let client = daemon.client();
+    assert!(client.list().await.contains_key(&sleeper));
+    let reply = client.try_send(Method::POST, "/upgrade", &[], full("")).await.unwrap();
+    assert_eq!(reply.status, 409, "no second upgrade before an /init reached the new image");
+    client.kill(sleeper).await;
+}
+
+fn base64_of(text: &str) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(text)
+}
+
+#[tokio::test]
+async fn a_refused_binary_leaves_the_old_envd_serving_and_the_workload_running() {
+    let daemon = Upgradable::start("upgrade-refused").await;
+    let client = daemon.client();
+    let sleeper = start(&client, json!({"process": {"cmd": "/bin/sleep", "args": ["600"]}, "stdin": false})).await;
+    let false_binary = Bytes::from(std::fs::read("/bin/false").unwrap());
+    let cases = [
+        ("not an executable", Bytes::from_static(b"#!/bin/sh\necho 1.0\n")),
+        ("exits non-zero on --version", false_binary),
+    ];
+    for (what, body) in cases {
+        let reply = daemon.upgrade(body).await.unwrap_or_else(|e| panic!("{what}: envd exec'd: {e}"));
+        assert_eq!(reply.status, 400, "{what}: {}", reply.text());
+        assert!(reply.text().contains("refused"), "{what}: {}", reply.text());
+        let client = daemon.client();
+        assert_eq!(client.get("/health").await.status, 204);
+        assert!(client.list().await.contains_key(&sleeper), "{what}: the process is still there");
+        let frozen = std::fs::read_to_string(daemon._cgroup.0.join("user/cgroup.freeze")).unwrap();
+        assert_eq!(frozen.trim(), "0", "{what}: the workload is not left frozen");
+    }
+    let other_target = [("x-envd-upgrade-bin", "/usr/bin/something-else")];
+    let reply = client.try_send(Method::POST, "/upgrade", &other_target, full("")).await.unwrap();
+    assert_eq!(reply.status, 400, "{}", reply.text());
+    client.kill(sleeper).await;
+}
+
+#[tokio::test]
+async fn upgrade_is_refused_before_the_first_init_and_without_the_token() {
+    let scratch = Scratch::new("upgrade-early");
+    let envd = Envd::options().args(["--upgrade-path", &scratch.s("envd.next"), "--no-cgroups"]).start();
+    let reply = envd.client().try_send(Method::POST, "/upgrade", &[], full("")).await.unwrap();
+    assert_eq!(reply.status, 409, "{}", reply.text());
+    assert_eq!(envd.client().post_json("/init", &json!({"accessToken": TOKEN})).await.status, 204);
+    let reply = envd.client().try_send(Method::POST, "/upgrade", &[], full("")).await.unwrap();
+    assert_eq!(reply.status, 401, "{}", reply.text());
+}
+
+#[tokio::test]
+async fn a_freeze_during_an_upgrade_gets_503() {
+    let daemon = Upgradable::start("upgrade-freeze").await;
+    // The upgrade holds the freeze lock while the binary arrives: send half
+    // of it, freeze, then finish with something that is refused.
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(4);
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|b| (Ok::<_, Box<dyn std::error::Error + Send + Sync>>(http_body::Frame::data(b)), rx))
+    });
+    let body = http_body_util::StreamBody::new(stream).boxed();
+    let client = daemon.client();
+    let target = daemon.target();
+    let upgrade = tokio::spawn(async move {
+        client.try_send(Method::POST, "/upgrade", &[("x-envd-upgrade-bin", &target)], body).await
+    });
+    tx.send(Bytes::from_static(b"not an elf, ")).await.unwrap();
+    let arrived = PathBuf::from(daemon.target());
+    assert!(common::eventually(Duration::from_secs(10), || arrived.exists()).await, "the upgrade began");
+    let freeze = daemon.client().send(Method::POST, "/freeze?maxWaitMs=200", &[], "").await;
+    assert_eq!(freeze.status, 503, "{}", freeze.text());
+    assert!(freeze.body.is_empty());
+    tx.send(Bytes::from_static(b"the rest")).await.unwrap();
+    drop(tx);
+    let reply = upgrade.await.unwrap().expect("refused, not exec'd");
+    assert_eq!(reply.status, 400, "{}", reply.text());
+    let freeze = daemon.client().send(Method::POST, "/freeze?maxWaitMs=200", &[], "").await;
+    assert_eq!(freeze.status, 200, "{}", freeze.text());
+    assert_eq!(daemon.client().send(Method::POST, "/unfreeze", &[], "").await.status, 204);
+}
+
+/// Starts envd on a handover file the test wrote.
+async fn start_on_handover(name: &str, content: &[u8]) -> (Envd, Value, PathBuf, Scratch) {
+    use std::os::unix::fs::PermissionsExt;
+    let scratch = Scratch::new(name);
+    let file = scratch.path("handover.json");
+    std::fs::write(&file, content).unwrap();
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let envd = Envd::options().args(["--no-cgroups", "--handover", file.to_str().unwrap()]).start();
+    let init = envd.client().post_json("/init", &json!({})).await;
+    assert_eq!(init.status, 204);
+    let report: Value = serde_json::from_str(init.header("x-envd-handover")).expect("a handover report");
+    (envd, report, file, scratch)
+}
+
+#[tokio::test]
+async fn an_unreadable_handover_makes_envd_start_clean_and_report_it() {
+    let newer = json!({"format": "envd-handover", "version": 99, "fromVersion": "9.9.9"}).to_string();
+    let unknown_section = json!({"format": "envd-handover", "version": 1, "fromVersion": "0.7.0",
+        "required": ["volumes-v7"], "secrets": {"fd": 3, "len": 0, "sha256": ""}})
+    .to_string();
+    let missing_fd = json!({"format": "envd-handover", "version": 1, "fromVersion": "0.7.0",
+        "secrets": {"fd": 250, "len": 0, "sha256": ""}, "processes": []})
+    .to_string();
+    let cases: [(&str, &[u8], &str); 4] = [
+        ("corrupt", b"{\"format\": \"envd-hand", "corrupt"),
+        ("newer", newer.as_bytes(), "version 99"),
+        ("unknown-section", unknown_section.as_bytes(), "volumes-v7"),
+        ("missing-fd", missing_fd.as_bytes(), "not a carried fd"),
+    ];
+    for (name, content, reason) in cases {
+        let (envd, report, file, _scratch) = start_on_handover(&format!("handover-{name}"), content).await;
+        assert_eq!(report["failed"], true, "{name}: {report}");
+        assert!(report["error"].as_str().unwrap().contains(reason), "{name}: {report}");
+        assert_eq!(report["procs"], 0);
+        assert!(!file.exists(), "{name}: the handover file is removed once read");
+        let logged = common::eventually(Duration::from_secs(10), || envd.stderr().contains("starting clean")).await;
+        assert!(logged, "{name}: reported in the log");
+        let client = envd.client();
+        assert!(client.list().await.is_empty());
+        let run = client.run(&bash("echo fresh"), &[]).await;
+        assert_eq!(run.stdout_str(), "fresh\n", "{name}: envd serves normally");
+    }
+}
