@@ -306,3 +306,37 @@ async fn restoring_can_be_turned_off() {
     assert!(!listens(port));
     assert!(sandbox.recorded_commands().is_empty(), "nothing runs, so nothing stays recorded");
 }
+
+#[tokio::test]
+async fn processes_tracked_before_a_live_upgrade_are_recorded_after_it() {
+    let sandbox = Sandbox::new("restore-upgrade", "tpl-build-u");
+    let upgrade = Scratch::new("restore-upgrade-bin");
+    let envd = sandbox.start(&["--upgrade-path", &upgrade.s("envd.next")]);
+    let client = envd.client();
+    wait_for_identity(&client, "tpl-build-u").await;
+    init(&envd).await;
+    let port = free_port();
+    let server = json!({"process": {"cmd": "/usr/bin/python3", "args": http_server(port)}, "stdin": false});
+    let server = start_background(&client, server).await;
+    until("the template server listens", || listens(port)).await;
+
+    // The same process execs a new image of envd (an empty body: itself).
+    let upgraded = client.try_send(http::Method::POST, "/upgrade", &[], common::full("")).await;
+    assert!(upgraded.is_err(), "envd answered instead of upgrading: {:?}", upgraded.map(|r| r.text()));
+    assert!(common::pid_alive(envd.pid()), "envd is still the same process");
+
+    // Resumed into a new sandbox after the upgrade: the server started
+    // under the template's identity becomes a template process.
+    sandbox.mmds.set(metadata("sbx-after-upgrade"));
+    init(&envd).await;
+    let record = sandbox.record();
+    assert_eq!(record["sandbox"], "sbx-after-upgrade", "{record}\n{}", envd.stderr());
+    let recorded = record["processes"].as_array().cloned().unwrap_or_default();
+    assert_eq!(recorded.len(), 1, "{record}\n{}", envd.stderr());
+    assert_eq!(recorded[0]["pid"], server);
+    assert_eq!(recorded[0]["ports"], json!([port]));
+
+    // Adopted, it still leaves the record when it ends.
+    envd.client().kill(server).await;
+    until("the killed server leaves the record", || sandbox.recorded_commands().is_empty()).await;
+}

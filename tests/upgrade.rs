@@ -369,3 +369,127 @@ async fn an_unreadable_handover_makes_envd_start_clean_and_report_it() {
         assert_eq!(run.stdout_str(), "fresh\n", "{name}: envd serves normally");
     }
 }
+
+/// The pid a script wrote to `file`, once it is there.
+async fn pid_written_to(file: &std::path::Path) -> u32 {
+    let mut pid = None;
+    let written = common::eventually(Duration::from_secs(10), || {
+        pid = std::fs::read_to_string(file).ok().and_then(|t| t.trim().parse().ok());
+        pid.is_some()
+    })
+    .await;
+    assert!(written, "no pid in {}", file.display());
+    pid.unwrap_or_default()
+}
+
+#[tokio::test]
+async fn an_adopted_command_is_killed_with_everything_it_started() {
+    let daemon = Upgradable::start("upgrade-kill-tree").await;
+    let client = daemon.client();
+    let pid_file = daemon.scratch.path("escaped.pid");
+    // The sleeper leaves the command's session and loses its parent: only
+    // the command's own cgroup still knows it belongs to the command.
+    let script = format!("(setsid sleep 600 & echo $! > {}); sleep 600", pid_file.display());
+    let leader = start(&client, bash(&script)).await;
+    let escaped = pid_written_to(&pid_file).await;
+    let escaped_cgroup = std::fs::read_to_string(format!("/proc/{escaped}/cgroup")).unwrap();
+
+    let report = daemon.upgrade_and_init(Bytes::new()).await;
+    assert_eq!(report["procs"], 1, "{report}");
+    let client = daemon.client();
+    let later = client.run(&bash("cat /proc/self/cgroup"), &[]).await;
+    assert_ne!(later.stdout_str(), escaped_cgroup, "a later command gets a cgroup of its own");
+
+    client.kill(leader).await;
+    let gone = common::eventually(Duration::from_secs(5), || !common::pid_alive(escaped)).await;
+    if !gone {
+        // SAFETY: kill(2) of the sleeper this test made, before failing.
+        unsafe { libc::kill(escaped as libc::pid_t, libc::SIGKILL) };
+    }
+    assert!(gone, "the escaped sleeper of the killed command survived the kill\n{}", daemon.envd.stderr());
+    assert!(!common::pid_alive(leader), "the command itself is gone");
+}
+
+#[tokio::test]
+async fn adopted_processes_that_end_after_the_upgrade_keep_their_exit_codes() {
+    let daemon = Upgradable::start("upgrade-reaper").await;
+    let client = daemon.client();
+    let mut ending = Vec::new();
+    for code in 40..48 {
+        ending.push((start(&client, bash(&format!("sleep 1; exit {code}"))).await, code));
+    }
+    let report = daemon.upgrade_and_init(Bytes::new()).await;
+    assert_eq!(report["procs"], 8, "{report}");
+    let client = daemon.client();
+    // Orphans come and go meanwhile: each end wakes the orphan reaper, which
+    // must leave the adopted processes to their own waiters.
+    for _ in 0..20 {
+        client.run(&bash("(sleep 0.05 &); true"), &[]).await;
+    }
+    for (pid, code) in ending {
+        let ended = connect(&client, pid).await.collect().await;
+        assert_eq!(ended.exit_code(), code, "pid {pid}: {:?}\n{}", ended.end(), daemon.envd.stderr());
+    }
+}
+
+/// A server on `127.0.0.1` that answers every connection with `hello\n`.
+fn hello_server() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for mut stream in listener.incoming().flatten() {
+            let _ = std::io::Write::write_all(&mut stream, b"hello\n");
+        }
+    });
+    port
+}
+
+/// One connection to `addr`: `Ok` with the greeting, or how it failed.
+fn greeting(addr: std::net::SocketAddr) -> Result<(), std::io::Error> {
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut reply = String::new();
+    std::io::Read::read_to_string(&mut stream, &mut reply)?;
+    if reply == "hello\n" { Ok(()) } else { Err(std::io::Error::other(format!("got {reply:?}"))) }
+}
+
+#[tokio::test]
+async fn a_forwarded_port_is_never_refused_during_an_upgrade() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let forward_address = "127.0.13.1";
+    let daemon = Upgradable::start_with("upgrade-forward", &["--forward-address", forward_address]).await;
+    let port = hello_server();
+    let forwarded: std::net::SocketAddr = format!("{forward_address}:{port}").parse().unwrap();
+    let reachable = common::eventually(Duration::from_secs(10), || greeting(forwarded).is_ok()).await;
+    assert!(reachable, "the loopback server is forwarded\n{}", daemon.envd.stderr());
+
+    // Connections keep coming while envd swaps its image: they queue on the
+    // handed-over socket instead of being refused.
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let hammer = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let (mut answered, mut refused, mut other) = (0, 0, Vec::new());
+            while !stop.load(Ordering::Relaxed) {
+                match greeting(forwarded) {
+                    Ok(()) => answered += 1,
+                    Err(err) if err.kind() == std::io::ErrorKind::ConnectionRefused => refused += 1,
+                    Err(err) => other.push(err.to_string()),
+                }
+            }
+            (answered, refused, other)
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let report = daemon.upgrade_and_init(Bytes::new()).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+    let (answered, refused, other) = hammer.join().unwrap();
+    assert_eq!(refused, 0, "connections refused during the upgrade ({answered} answered)");
+    assert!(report["forwards"].as_u64() >= Some(1), "{report}");
+    // One being relayed at the very moment of the exec may end with it.
+    assert!(other.len() <= 1, "failed connections: {other:?}");
+    assert!(answered > 10, "{answered} answered");
+    assert!(greeting(forwarded).is_ok(), "forwarded after the upgrade");
+    assert!(daemon.envd.stderr().contains("forwarding port (handed over)"), "{}", daemon.envd.stderr());
+}

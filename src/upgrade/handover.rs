@@ -316,6 +316,8 @@ mod tests {
             ended: Vec::new(),
             freeze: FreezeRecord::default(),
             watchers: Vec::new(),
+            forwards: Vec::new(),
+            next_command_cgroup: 0,
         }
     }
 
