@@ -10,7 +10,8 @@ use std::collections::HashMap;
 use std::net::TcpListener;
 
 use base64::Engine;
-use common::{Client, Envd, PATIENCE, ProcEvent, TestCgroup, pid_alive, rpc, test_user};
+use common::cgroup::TestCgroup;
+use common::{Client, Envd, PATIENCE, ProcEvent, pid_alive, rpc, test_user};
 use serde_json::{Value, json};
 
 /// Starts a background child, a `setsid` grandchild and a finished double

@@ -311,7 +311,7 @@ async fn progresses(pid: u32) -> bool {
 
 #[tokio::test]
 async fn workload_freeze_stops_user_processes_but_not_system_ones() {
-    let cgroup = common::TestCgroup::new("freeze");
+    let cgroup = TestCgroup::new("freeze");
     let envd = Envd::options().args(["--cgroup-root", cgroup.0.to_str().unwrap()]).start();
     let client = envd.client();
     let busy = start_busy_loop(&client, None).await;

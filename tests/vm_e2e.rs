@@ -754,7 +754,11 @@ fn forward_checks_after_restore(run: &mut Run, server: u32) -> Result<(), String
     let envd = run.envd()?;
     let forward_port = run.vm.as_ref().ok_or("no VM")?.forward_port;
     let reachable = forward::wait_reachable(forward_port, FORWARD_CONTENT, Duration::from_secs(20));
-    run.report.check(P, "the localhost server is still forwarded after the restore and the upgrade", reachable.map(|_| ()))?;
+    run.report.check(
+        P,
+        "the localhost server is still forwarded after the restore and the upgrade",
+        reachable.map(|_| ()),
+    )?;
     let gone = forward::stop_and_wait_unreachable(&envd, forward_port, server, Duration::from_secs(20));
     if let Ok(gone) = &gone {
         run.report.time("guest server killed -> guest address stops answering", secs(*gone));

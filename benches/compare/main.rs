@@ -270,6 +270,7 @@ fn file_figures(
         let _ = std::fs::remove_file(&target);
         took
     };
+    let raw_copy = || Measure::rate(s.big, once(files::raw_copy(&source, &target)), "std::fs::copy (copy_file_range)");
     let (multipart, up_peak) =
         with_peak(envd, || once(files::envd_upload_multipart(envd, BENCH_USER, &source, &target)));
     let octet = once(files::envd_upload_octet(envd, BENCH_USER, &source, &target));
@@ -283,10 +284,7 @@ fn file_figures(
             Side::OpenSsh,
             Measure::rate(s.big, once(files::sftp_upload(ssh, &source, &target)), "`sftp put` on the master"),
         )
-        .with(
-            Side::Raw,
-            Measure::rate(s.big, once(files::raw_copy(&source, &target)), "std::fs::copy (copy_file_range)"),
-        );
+        .with(Side::Raw, raw_copy());
     upload.envd_peak_rss = Some(up_peak);
     let (get, down_peak) = with_peak(envd, || once(runtime.block_on(files::envd_download(client, &source, &target))));
     let mut download = Figure::new("download", format!("download of {}", s.size_name()), Unit::Rate)
@@ -295,10 +293,7 @@ fn file_figures(
             Side::OpenSsh,
             Measure::rate(s.big, once(files::sftp_download(ssh, &source, &target)), "`sftp get` on the master"),
         )
-        .with(
-            Side::Raw,
-            Measure::rate(s.big, once(files::raw_copy(&source, &target)), "std::fs::copy (copy_file_range)"),
-        );
+        .with(Side::Raw, raw_copy());
     download.envd_peak_rss = Some(down_peak);
     let list_dir = dir.join("list");
     std::fs::create_dir_all(&list_dir).expect("the listed dir");

@@ -224,8 +224,7 @@ impl TemplateProcesses {
     /// `handle`; the record itself came with the exec context.
     pub fn adopt(self: &Arc<Self>, state: TrackedState, handle: &Arc<ProcessHandle>) {
         let serial = self.next_serial();
-        let tracked =
-            Tracked { serial, identity: state.identity, process: state.process, template: state.template };
+        let tracked = Tracked { serial, identity: state.identity, process: state.process, template: state.template };
         self.inner().tracked.insert(handle.pid(), tracked);
         self.watch_end(handle, serial);
     }

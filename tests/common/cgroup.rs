@@ -4,8 +4,8 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-/// A cgroup v2 directory for one test, removed afterwards with the
-/// processes the test placed in it.
+/// A cgroup v2 directory for one test (to pass as `--cgroup-root`); on drop
+/// every process left in it is killed and the directories are removed.
 pub struct TestCgroup(pub PathBuf, std::cell::RefCell<Vec<std::process::Child>>);
 
 impl TestCgroup {
@@ -15,7 +15,7 @@ impl TestCgroup {
             .iter()
             .map(PathBuf::from)
             .find(|p| p.join("cgroup.procs").exists() && p.join("cgroup.subtree_control").exists())
-            .expect("a cgroup v2 hierarchy is needed for the workload freeze tests");
+            .expect("a cgroup v2 hierarchy is needed for the workload cgroup tests");
         let dir = root.join(format!("envd-test-{name}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         TestCgroup(dir, Default::default())
@@ -23,6 +23,27 @@ impl TestCgroup {
 }
 
 impl TestCgroup {
+    /// `--cgroup-root <dir>`.
+    pub fn args(&self) -> [String; 2] {
+        ["--cgroup-root".to_owned(), self.0.display().to_string()]
+    }
+
+    /// The per-command cgroups envd made below `slot` (`user` or `ptys`).
+    pub fn command_cgroups(&self, slot: &str) -> Vec<PathBuf> {
+        let Ok(entries) = std::fs::read_dir(self.0.join(slot)) else { return Vec::new() };
+        entries.flatten().map(|e| e.path()).filter(|p| p.is_dir()).collect()
+    }
+
+    /// Pids in `slot` and every cgroup below it.
+    pub fn members(&self, slot: &str) -> Vec<u32> {
+        let dir = self.0.join(slot);
+        std::iter::once(dir)
+            .chain(self.command_cgroups(slot))
+            .filter_map(|d| std::fs::read_to_string(d.join("cgroup.procs")).ok())
+            .flat_map(|text| text.lines().filter_map(|l| l.parse().ok()).collect::<Vec<u32>>())
+            .collect()
+    }
+
     /// A cgroup below this one (parents included) holding a busy loop.
     pub fn with_busy_process(&self, relative: &str) -> u32 {
         let dir = self.0.join(relative);

@@ -1040,66 +1040,6 @@ pub async fn eventually(wait: Duration, mut check: impl FnMut() -> bool) -> bool
 }
 
 // ---------------------------------------------------------------------------
-// cgroups
-// ---------------------------------------------------------------------------
-
-/// A cgroup v2 directory to pass as `--cgroup-root`; on drop every process
-/// left in it is killed and the directories are removed.
-pub struct TestCgroup(pub PathBuf);
-
-impl TestCgroup {
-    /// A fresh cgroup below the machine's cgroup v2 hierarchy (a failure if
-    /// there is none: these tests need the real thing).
-    pub fn new(name: &str) -> TestCgroup {
-        let root = ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"]
-            .iter()
-            .map(PathBuf::from)
-            .find(|p| p.join("cgroup.procs").exists() && p.join("cgroup.subtree_control").exists())
-            .expect("a cgroup v2 hierarchy is needed for the workload cgroup tests");
-        let dir = root.join(format!("envd-test-{name}-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        TestCgroup(dir)
-    }
-
-    /// `--cgroup-root <dir>`.
-    pub fn args(&self) -> [String; 2] {
-        ["--cgroup-root".to_owned(), self.0.display().to_string()]
-    }
-
-    /// The per-command cgroups envd made below `slot` (`user` or `ptys`).
-    pub fn command_cgroups(&self, slot: &str) -> Vec<PathBuf> {
-        let Ok(entries) = std::fs::read_dir(self.0.join(slot)) else { return Vec::new() };
-        entries.flatten().map(|e| e.path()).filter(|p| p.is_dir()).collect()
-    }
-
-    /// Pids in `slot` and every cgroup below it.
-    pub fn members(&self, slot: &str) -> Vec<u32> {
-        let dir = self.0.join(slot);
-        std::iter::once(dir)
-            .chain(self.command_cgroups(slot))
-            .filter_map(|d| std::fs::read_to_string(d.join("cgroup.procs")).ok())
-            .flat_map(|text| text.lines().filter_map(|l| l.parse().ok()).collect::<Vec<u32>>())
-            .collect()
-    }
-}
-
-impl Drop for TestCgroup {
-    fn drop(&mut self) {
-        for slot in ["user", "ptys"] {
-            let dir = self.0.join(slot);
-            let _ = std::fs::write(dir.join("cgroup.freeze"), "0");
-            let _ = std::fs::write(dir.join("cgroup.kill"), "1");
-            std::thread::sleep(Duration::from_millis(100));
-            for child in self.command_cgroups(slot) {
-                let _ = std::fs::remove_dir(&child);
-            }
-            let _ = std::fs::remove_dir(&dir);
-        }
-        let _ = std::fs::remove_dir(&self.0);
-    }
-}
-
-// ---------------------------------------------------------------------------
 // OS users
 // ---------------------------------------------------------------------------
 
