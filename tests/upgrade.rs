@@ -493,3 +493,73 @@ async fn a_forwarded_port_is_never_refused_during_an_upgrade() {
     assert!(greeting(forwarded).is_ok(), "forwarded after the upgrade");
     assert!(daemon.envd.stderr().contains("forwarding port (handed over)"), "{}", daemon.envd.stderr());
 }
+
+/// A server on `127.0.0.1` that echoes every connection until its EOF.
+fn echo_server() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut reader = stream.try_clone().unwrap();
+                let mut writer = stream;
+                let _ = std::io::copy(&mut reader, &mut writer);
+                let _ = writer.shutdown(std::net::Shutdown::Write);
+            });
+        }
+    });
+    port
+}
+
+#[tokio::test]
+async fn a_forwarded_connection_carries_on_across_an_upgrade() {
+    use sha2::{Digest, Sha256};
+    const CHUNK: usize = 64 * 1024;
+    const CHUNKS: usize = 256;
+    let forward_address = "127.0.13.2";
+    let daemon = Upgradable::start_with("upgrade-relay", &["--forward-address", forward_address]).await;
+    let port = echo_server();
+    let forwarded: std::net::SocketAddr = format!("{forward_address}:{port}").parse().unwrap();
+    let reachable =
+        common::eventually(Duration::from_secs(10), || std::net::TcpStream::connect(forwarded).is_ok()).await;
+    assert!(reachable, "the echo server is forwarded\n{}", daemon.envd.stderr());
+
+    // 16 MiB through the forward, echoed back, spread over about a second
+    // so that the upgrade happens in the middle of it.
+    let connection = std::net::TcpStream::connect(forwarded).unwrap();
+    connection.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut sending = connection.try_clone().unwrap();
+    let writer = std::thread::spawn(move || {
+        let mut sent = Sha256::new();
+        for i in 0..CHUNKS {
+            let chunk: Vec<u8> = (0..CHUNK).map(|j| (i * 31 + j * 7) as u8).collect();
+            std::io::Write::write_all(&mut sending, &chunk).expect("sending through the forward");
+            sent.update(&chunk);
+            std::thread::sleep(Duration::from_millis(4));
+        }
+        sending.shutdown(std::net::Shutdown::Write).unwrap();
+        sent.finalize()
+    });
+    let mut receiving = connection;
+    let reader = std::thread::spawn(move || {
+        let (mut received, mut len, mut buf) = (Sha256::new(), 0usize, vec![0u8; CHUNK]);
+        loop {
+            match std::io::Read::read(&mut receiving, &mut buf) {
+                Ok(0) => return Ok((received.finalize(), len)),
+                Ok(n) => {
+                    received.update(&buf[..n]);
+                    len += n;
+                }
+                Err(err) => return Err(format!("after {len} bytes: {err}")),
+            }
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    let report = daemon.upgrade_and_init(Bytes::new()).await;
+    let sent = writer.join().unwrap();
+    let received = reader.join().unwrap();
+    let (received, len) = received.unwrap_or_else(|e| panic!("the relayed connection broke {e}\n{report}"));
+    assert_eq!(len, CHUNK * CHUNKS, "every byte came back");
+    assert_eq!(received, sent, "in order and intact");
+    assert!(report["relays"].as_u64() >= Some(1), "{report}");
+}

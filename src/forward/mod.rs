@@ -34,7 +34,7 @@ pub mod listeners;
 pub mod plan;
 pub mod relay;
 
-pub use held::{Forwards, HeldForward};
+pub use held::{Forwards, HeldForward, HeldRelay, RelayFds};
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
@@ -142,8 +142,12 @@ impl Forwarder {
     /// Scans and reconciles forever (spawned at start).
     pub async fn run(mut self) {
         tracing::info!(address = %self.config.address, "forwarding loopback listeners");
-        for (forward, socket) in self.shared.take_handed_over() {
+        let (listeners, relays) = self.shared.take_handed_over();
+        for (forward, socket) in listeners {
             self.serve_handed_over(forward, socket);
+        }
+        for relay in relays {
+            tokio::spawn(resume_connection(relay, self.capacity.clone(), self.shared.clone()));
         }
         let scan_failed = Throttle::new(WARN_EVERY);
         let mut source = listeners::Source::SockDiag;
@@ -213,7 +217,7 @@ impl Forwarder {
 impl Forwarder {
     fn serve(&mut self, port: u16, target: SocketAddr, listener: TcpListener) {
         self.shared.insert(HeldForward { port, target, fd: listener.as_raw_fd() });
-        let accepting = tokio::spawn(accept_loop(listener, target, self.capacity.clone()));
+        let accepting = tokio::spawn(accept_loop(listener, target, self.capacity.clone(), self.shared.clone()));
         self.forwards.insert(port, Forward { target, accepting });
     }
 
@@ -242,7 +246,7 @@ fn forward_socket(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::from_std(socket.into())
 }
 
-async fn accept_loop(listener: TcpListener, target: SocketAddr, capacity: Arc<Capacity>) {
+async fn accept_loop(listener: TcpListener, target: SocketAddr, capacity: Arc<Capacity>, forwards: Arc<Forwards>) {
     loop {
         let client = match listener.accept().await {
             Ok((client, _peer)) => client,
@@ -256,11 +260,16 @@ async fn accept_loop(listener: TcpListener, target: SocketAddr, capacity: Arc<Ca
         // The slot is taken after accept: idle ports hold none. At the cap
         // this one connection waits here and the next ones in the backlog.
         let Some(slot) = capacity.slot().await else { return };
-        tokio::spawn(forward_connection(client, target, slot));
+        tokio::spawn(forward_connection(client, target, slot, forwards.clone()));
     }
 }
 
-async fn forward_connection(client: TcpStream, target: SocketAddr, _slot: OwnedSemaphorePermit) {
+async fn forward_connection(
+    client: TcpStream,
+    target: SocketAddr,
+    _slot: OwnedSemaphorePermit,
+    forwards: Arc<Forwards>,
+) {
     let server = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(target)).await {
         Ok(Ok(server)) => server,
         Ok(Err(err)) => return tracing::debug!(%target, "connecting a forwarded connection: {err}"),
@@ -269,7 +278,17 @@ async fn forward_connection(client: TcpStream, target: SocketAddr, _slot: OwnedS
     // Bytes are passed on as they come: Nagle would only add latency.
     let _ = client.set_nodelay(true);
     let _ = server.set_nodelay(true);
-    if let Err(err) = relay::relay(client, server).await {
+    if let Err(err) = relay::relay(client, server, target, &forwards).await {
         tracing::debug!(%target, "forwarded connection ended: {err}");
+    }
+}
+
+/// A connection an earlier image of envd was relaying; it takes a slot of
+/// the cap if one is free (it was counted before the upgrade already).
+async fn resume_connection(relay: RelayFds, capacity: Arc<Capacity>, forwards: Arc<Forwards>) {
+    let _slot = capacity.slots.clone().try_acquire_owned().ok();
+    let target = relay.target;
+    if let Err(err) = relay::resume(relay, &forwards).await {
+        tracing::debug!(%target, "handed-over forwarded connection ended: {err}");
     }
 }

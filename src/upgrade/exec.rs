@@ -82,7 +82,7 @@ fn prepare(daemon: &Daemon, carried: &mut Vec<OwnedFd>) -> std::io::Result<(Hand
         .into_iter()
         .map(|e| EndedEntry { pid: e.pid, tag: e.tag, end: (&e.end).into(), age_ms: e.age.as_millis() as u64 })
         .collect();
-    let forwards = daemon.forwards.carry_all(|fd| carry(fd, carried))?;
+    let (forwards, relays) = daemon.forwards.carry_all(|fd| carry(fd, carried))?;
     let (memfd, secrets_ref) = handover::seal_secrets(&secrets)?;
     drop(secrets);
     carried.push(memfd);
@@ -97,6 +97,7 @@ fn prepare(daemon: &Daemon, carried: &mut Vec<OwnedFd>) -> std::io::Result<(Hand
         freeze: daemon.workload.freeze_record(),
         watchers: daemon.watchers.export(),
         forwards,
+        relays,
         next_command_cgroup: daemon.workload.next_command_cgroup(),
     };
     Ok((handover, listener))

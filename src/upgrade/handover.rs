@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::forward::HeldForward;
+use crate::forward::{HeldForward, HeldRelay};
 use crate::fs::watchers::WatcherState;
 use crate::host::workload_freeze::FreezeRecord;
 use crate::process::EndStatus;
@@ -34,7 +34,7 @@ pub const FORMAT: &str = "envd-handover";
 pub const VERSION: u32 = 1;
 /// Sections this image can take over.
 const KNOWN_SECTIONS: &[&str] =
-    &["processes", "ended", "freeze", "secrets", "watchers", "forwards", "commandCgroups", "templates"];
+    &["processes", "ended", "freeze", "secrets", "watchers", "forwards", "relays", "commandCgroups", "templates"];
 
 /// Why a handover file was not taken over.
 #[derive(Debug, thiserror::Error)]
@@ -99,6 +99,9 @@ pub struct Handover {
     /// Forwarded ports' listening sockets.
     #[serde(default)]
     pub forwards: Vec<HeldForward>,
+    /// Forwarded connections being relayed.
+    #[serde(default)]
+    pub relays: Vec<HeldRelay>,
     /// The number in the next command cgroup's name.
     #[serde(default)]
     pub next_command_cgroup: u64,
@@ -317,6 +320,7 @@ mod tests {
             freeze: FreezeRecord::default(),
             watchers: Vec::new(),
             forwards: Vec::new(),
+            relays: Vec::new(),
             next_command_cgroup: 0,
         }
     }

@@ -11,6 +11,7 @@ use super::Daemon;
 use super::handover::{self, Handover, HandoverError, Secrets};
 use crate::auth::{AuthState, Secret};
 use crate::context::ExecContext;
+use crate::forward::RelayFds;
 use crate::process::{Adopted, CommandConfig, Ended, Fds};
 use crate::restore::TrackedState;
 
@@ -38,6 +39,8 @@ pub struct HandoverReport {
     pub watchers_failed: usize,
     /// Forwarded ports whose listening socket was taken over.
     pub forwards: usize,
+    /// Forwarded connections whose relay goes on.
+    pub relays: usize,
 }
 
 /// Takes over the handover at `path`; `carried` are the fds the argv
@@ -114,6 +117,16 @@ async fn take_over(
             forwards.push((*forward, socket));
         }
     }
+    let mut relays = Vec::new();
+    for relay in &handover.relays {
+        let mut owned = Vec::with_capacity(6);
+        for fd in relay.fds() {
+            owned.extend(claim(Some(fd))?);
+        }
+        if let Ok(fds) = <[OwnedFd; 6]>::try_from(owned) {
+            relays.push(RelayFds { target: relay.target, fds });
+        }
+    }
     let mut secrets = handover::open_secrets(secrets_fd, &handover.secrets)?;
     restore_auth_and_context(daemon, &mut secrets);
     let mut report = HandoverReport { from_version: Some(handover.from_version.clone()), ..Default::default() };
@@ -161,6 +174,10 @@ async fn take_over(
     for (forward, socket) in forwards {
         daemon.forwards.hand_over(forward, socket);
     }
+    report.relays = relays.len();
+    for relay in relays {
+        daemon.forwards.hand_over_relay(relay);
+    }
     for watcher in handover.watchers {
         let id = watcher.id.clone();
         match daemon.watchers.restore(watcher).await {
@@ -178,6 +195,7 @@ async fn take_over(
         retained = report.retained,
         watchers = report.watchers,
         forwards = report.forwards,
+        relays = report.relays,
         "took over the running workload after an upgrade"
     );
     Ok(report)

@@ -28,34 +28,35 @@
 //!    and the old image keeps serving.
 //!
 //! What survives `execve`: the pid, the children (still ours to reap), the
-//! cgroup placement, and every fd without close-on-exec. The carried fds
-//! are duplicates (made close-on-exec) of the listener, the secrets memfd,
-//! each process's stdout/stderr read ends, stdin write end and terminal
-//! master, and each forwarded port's listening socket; their numbers are
-//! listed in the argv (`--listen-fd`, `--handover-fds`), which is how the
-//! new image knows which fds are its to take or close.
+//! cgroup placement, and every fd without close-on-exec. The carried fds are
+//! duplicates (made close-on-exec) of the listener, the secrets memfd, each
+//! process's stdout/stderr read ends, stdin write end and terminal master,
+//! each forwarded port's listening socket, and each relayed connection's
+//! sockets and pipes; their numbers are listed in the argv (`--listen-fd`,
+//! `--handover-fds`), which is how the new image knows which fds are its to
+//! take or close.
 //!
-//! Incoming side ([`resume`]), before the listener is served and before
-//! the orphan reaper starts (so it never takes an adopted child's exit
-//! status): every listed fd is made close-on-exec at once (a user process
-//! must never inherit one); the file is read and removed; a file that is
-//! unreadable, of an unknown format or version, or that requires a section
-//! this image does not know, is reported and every carried fd but the
-//! listener is closed: envd starts clean, never half-adopted. Otherwise the
-//! auth state and the exec context are restored from the memfd, each
-//! process is adopted through [`crate::process::adopt`] (new pumps on the
-//! carried fds, a pidfd reaper, its own cgroup again for kills, output kept
-//! for the first subscriber, so what was written during the swap reaches
-//! the client that reconnects) and tracked again for the template record,
-//! retained exits, the freeze record and the command-cgroup numbering are
-//! taken over, polling watchers are re-armed with their ids and queued
-//! events (streamed `WatchDir`s end with the old image; clients subscribe
-//! again), and the forward sockets go to the forwarder, which serves them
-//! from its first scan. Volumes, the CA bundle and the events entry need no
-//! section: the new image restores them from the saved record as after any
-//! restart, recognising live mounts. The workload stays frozen until the
-//! next `/init`, or until `--upgrade-thaw-fallback` passes without one. The
-//! next `/init` reports the outcome in `X-Envd-Handover`.
+//! Incoming side ([`resume`]), before the listener is served and before the
+//! orphan reaper starts (so it never takes an adopted child's exit status):
+//! every listed fd is made close-on-exec at once (a user process must never
+//! inherit one); the file is read and removed; a file that is unreadable, of
+//! an unknown format or version, or that requires a section this image does
+//! not know, is reported and every carried fd but the listener is closed:
+//! envd starts clean, never half-adopted. Otherwise the auth state and the
+//! exec context are restored from the memfd, each process is adopted through
+//! [`crate::process::adopt`] (new pumps on the carried fds, a pidfd reaper,
+//! its own cgroup again for kills, output kept for the first subscriber, so
+//! what was written during the swap reaches the client that reconnects) and
+//! tracked again for the template record, retained exits, the freeze record
+//! and the command-cgroup numbering are taken over, polling watchers are
+//! re-armed with their ids and queued events (streamed `WatchDir`s end with
+//! the old image; clients subscribe again), and the forward sockets and
+//! relays go to the forwarder, which serves and resumes them before its first
+//! scan. Volumes, the CA bundle and the events entry need no section: the new
+//! image restores them from the saved record as after any restart,
+//! recognising live mounts. The workload stays frozen until the next `/init`,
+//! or until `--upgrade-thaw-fallback` passes without one. The next `/init`
+//! reports the outcome in `X-Envd-Handover`.
 //!
 //! Adding state: a new optional section of [`handover::Handover`], written
 //! in step 6 and taken over in [`resume`]; a section an older image must
