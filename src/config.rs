@@ -80,6 +80,11 @@ pub struct Config {
     /// `/init` came.
     #[arg(long, value_name = "SECONDS", default_value_t = 60)]
     pub upgrade_thaw_fallback: u64,
+    /// Internal (live upgrade): check these flags, print the handover format
+    /// this binary reads, and exit; an upgrade execs only a binary that
+    /// answers with the format the running one writes.
+    #[arg(long, hide = true)]
+    pub handover_version: bool,
     /// Internal (live upgrade): the listening socket to serve instead of binding.
     #[arg(long, value_name = "FD", hide = true)]
     pub listen_fd: Option<i32>,

@@ -14,6 +14,10 @@ fn main() -> ExitCode {
         println!("{}", envd::VERSION);
         return ExitCode::SUCCESS;
     }
+    if config.handover_version {
+        println!("{}", envd::upgrade::handover::format_line());
+        return ExitCode::SUCCESS;
+    }
     if config.commit {
         println!("{}", option_env!("ENVD_COMMIT").unwrap_or("unknown"));
         return ExitCode::SUCCESS;

@@ -265,9 +265,11 @@ async fn a_refused_binary_leaves_the_old_envd_serving_and_the_workload_running()
     let client = daemon.client();
     let sleeper = start(&client, json!({"process": {"cmd": "/bin/sleep", "args": ["600"]}, "stdin": false})).await;
     let false_binary = Bytes::from(std::fs::read("/bin/false").unwrap());
+    let true_binary = Bytes::from(std::fs::read("/bin/true").unwrap());
     let cases = [
         ("not an executable", Bytes::from_static(b"#!/bin/sh\necho 1.0\n")),
         ("exits non-zero on --version", false_binary),
+        ("answers --version but takes no handover over", true_binary),
     ];
     for (what, body) in cases {
         let reply = daemon.upgrade(body).await.unwrap_or_else(|e| panic!("{what}: envd exec'd: {e}"));

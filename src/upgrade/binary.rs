@@ -65,7 +65,10 @@ fn fail(path: &Path, err: std::io::Error) -> UpgradeError {
 }
 
 /// An ELF executable of this machine's architecture that prints a version
-/// and exits 0; returns the version.
+/// and exits 0, and that, given the flags this envd runs with, answers
+/// `--handover-version` with the handover format this envd writes (so it
+/// will understand its argv and take the handover over instead of exiting
+/// after the point of no return); returns the version.
 pub(super) async fn check(program: &Path) -> Result<String, UpgradeError> {
     let refused = |why: String| UpgradeError::BadBinary(why);
     let mut header = [0u8; 20];
@@ -78,17 +81,37 @@ pub(super) async fn check(program: &Path) -> Result<String, UpgradeError> {
     if header[4] != ELF_CLASS || machine != ELF_MACHINE {
         return Err(refused(format!("built for another architecture (class {}, machine {machine})", header[4])));
     }
-    let mut command = tokio::process::Command::new(program);
-    command.arg("--version").stdin(std::process::Stdio::null()).kill_on_drop(true);
-    let output = tokio::time::timeout(VERSION_TIMEOUT, command.output())
-        .await
-        .map_err(|_| refused("--version did not answer in time".into()))?
-        .map_err(|e| refused(format!("running --version: {e}")))?;
-    let version = String::from_utf8_lossy(&output.stdout).trim().to_owned();
-    if !output.status.success() || version.is_empty() {
-        return Err(refused(format!("--version ended with {}", output.status)));
+    let version = answer(program, &["--version".into()]).await?;
+    if version.is_empty() {
+        return Err(refused("--version printed nothing".into()));
+    }
+    let mut args = super::exec::without_handover_flags(std::env::args_os().skip(1));
+    args.push("--handover-version".into());
+    let format = answer(program, &args).await?;
+    if format != super::handover::format_line() {
+        return Err(refused(format!(
+            "it does not take over this envd's handover ({:?} to --handover-version, {:?} needed)",
+            format,
+            super::handover::format_line()
+        )));
     }
     Ok(version)
+}
+
+/// What `program args` prints, trimmed, if it exits 0 in time.
+async fn answer(program: &Path, args: &[std::ffi::OsString]) -> Result<String, UpgradeError> {
+    let refused = |why: String| UpgradeError::BadBinary(why);
+    let shown = args.last().map(|a| a.to_string_lossy().into_owned()).unwrap_or_default();
+    let mut command = tokio::process::Command::new(program);
+    command.args(args).stdin(std::process::Stdio::null()).kill_on_drop(true);
+    let output = tokio::time::timeout(VERSION_TIMEOUT, command.output())
+        .await
+        .map_err(|_| refused(format!("{shown} did not answer in time")))?
+        .map_err(|e| refused(format!("running {shown}: {e}")))?;
+    if !output.status.success() {
+        return Err(refused(format!("{shown} ended with {}", output.status)));
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
 }
 
 #[cfg(target_pointer_width = "64")]

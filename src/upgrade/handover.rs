@@ -32,6 +32,11 @@ use crate::restore::TrackedState;
 pub const FORMAT: &str = "envd-handover";
 /// The layout version this image writes and reads.
 pub const VERSION: u32 = 1;
+/// What `--handover-version` prints: the format this image reads.
+pub fn format_line() -> String {
+    format!("{FORMAT} {VERSION}")
+}
+
 /// Sections this image can take over.
 const KNOWN_SECTIONS: &[&str] =
     &["processes", "ended", "freeze", "secrets", "watchers", "forwards", "relays", "commandCgroups", "templates"];

@@ -11,8 +11,11 @@
 //! 3. receive the binary to the fixed path (unlinked first: the running
 //!    image may be that very file) or, for an empty body, take envd's own
 //!    image (`/proc/self/exe`); check it is an ELF executable of this
-//!    architecture that answers `--version` with status 0. Nothing has
-//!    changed yet, so a failure simply answers an error;
+//!    architecture that answers `--version` with status 0 and, given this
+//!    envd's flags, `--handover-version` with the handover format this
+//!    image writes: past the exec there is no way back, so a binary that
+//!    would not start on this argv or not read the handover is refused
+//!    here. Nothing has changed yet, so a failure simply answers an error;
 //! 4. freeze the workload and require the kernel to confirm it: processes
 //!    that run on would write output and exit while nobody reads or reaps;
 //! 5. pause the process tasks ([`crate::process::Paused`]): pumps stop
