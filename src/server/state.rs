@@ -51,6 +51,8 @@ pub struct AppState {
     pub inotify: crate::fs::InotifyBudget,
     /// Polling watchers (CreateWatcher and friends).
     pub watchers: Arc<PollingWatchers>,
+    /// envd is the child subreaper of what it starts.
+    subreaper: bool,
     /// Forwarded ports, shared with `/upgrade`.
     pub forwards: Arc<crate::forward::Forwards>,
     /// The listening socket, handed over by `/upgrade`.
@@ -60,15 +62,12 @@ pub struct AppState {
 }
 
 impl AppState {
-    /// Makes envd the subreaper of what it starts and reaps orphans from
-    /// now on. Called once the processes an earlier image handed over are
-    /// registered, so the orphan reaper never takes their exit status.
+    /// Reaps adopted orphans from now on. Called once the processes an
+    /// earlier image handed over are registered, so the orphan reaper never
+    /// takes their exit status.
     pub fn start_reaping(&self) {
-        match crate::process::reaper::become_subreaper() {
-            Ok(()) => {
-                tokio::spawn(self.processes.children().clone().reap_forever());
-            }
-            Err(err) => tracing::warn!("not a child subreaper: {err}"),
+        if self.subreaper {
+            tokio::spawn(self.processes.children().clone().reap_forever());
         }
     }
 
@@ -154,6 +153,15 @@ impl AppState {
         let freezer =
             FsFreezer::new(config.freeze_target().map(Into::into), Duration::from_secs(config.freeze_deadline));
         let processes = Arc::new(ProcessTable::default());
+        // Orphans of killed commands come to envd (from before anything is
+        // started), which reaps them once `start_reaping` runs.
+        let subreaper = match crate::process::reaper::become_subreaper() {
+            Ok(()) => true,
+            Err(err) => {
+                tracing::warn!("not a child subreaper: {err}");
+                false
+            }
+        };
         let workload = if config.no_cgroups { Workload::default() } else { Workload::setup(&config.cgroup_root) };
         let workload = Arc::new(workload.with_freeze_watchdog(Duration::from_secs(config.freeze_watchdog)));
         let template_record = saved.as_ref().map(|s| s.template_processes.clone()).unwrap_or_default();
@@ -209,6 +217,7 @@ impl AppState {
             volumes,
             watchers: Arc::new(PollingWatchers::with_budget(inotify.clone())),
             inotify,
+            subreaper,
             forwards: Default::default(),
             listener_fd: Default::default(),
             handover: Default::default(),
