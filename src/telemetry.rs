@@ -31,6 +31,9 @@ const QUEUE_LINES: usize = 2048;
 /// How long the daemon's exit waits for queued lines to be written.
 const DRAIN_ON_EXIT: Duration = Duration::from_secs(1);
 
+/// The installed writer's counts, for [`wait_written`].
+static INSTALLED: std::sync::OnceLock<Arc<Counts>> = std::sync::OnceLock::new();
+
 /// Starts the log writer and installs it as the `tracing` subscriber;
 /// with `ship`, lines are also queued for the host's collector (the
 /// returned shipper, see [`ship`]). Keep the guard until exit: dropping it
@@ -40,6 +43,7 @@ pub fn init(verbose: bool, ship: bool) -> (LogGuard, Option<ship::LogShipper>) {
     use tracing_subscriber::util::SubscriberInitExt;
     let level = if verbose { tracing::Level::DEBUG } else { tracing::Level::INFO };
     let (sink, guard) = QueuedSink::start(io::stderr());
+    let _ = INSTALLED.set(guard.counts.clone());
     let (shipper, ship_layer) = if ship { Some(ship::LogShipper::new()).unzip() } else { (None, None) };
     tracing_subscriber::registry()
         .with(tracing_subscriber::filter::LevelFilter::from_level(level))
@@ -133,12 +137,26 @@ impl Drop for LogGuard {
     fn drop(&mut self) {
         // The subscriber keeps a sender for the life of the process, so the
         // writer never sees the queue close: wait until it has caught up.
-        let deadline = std::time::Instant::now() + DRAIN_ON_EXIT;
-        while self.counts.written.load(Ordering::Relaxed) < self.counts.queued.load(Ordering::Relaxed)
+        self.counts.wait_written(DRAIN_ON_EXIT);
+    }
+}
+
+impl Counts {
+    fn wait_written(&self, within: Duration) {
+        let deadline = std::time::Instant::now() + within;
+        while self.written.load(Ordering::Relaxed) < self.queued.load(Ordering::Relaxed)
             && std::time::Instant::now() < deadline
         {
             std::thread::sleep(Duration::from_millis(5));
         }
+    }
+}
+
+/// Waits, at most `within`, until every line logged so far reached stderr
+/// (before envd's image is replaced, which ends the writer thread).
+pub fn wait_written(within: Duration) {
+    if let Some(counts) = INSTALLED.get() {
+        counts.wait_written(within);
     }
 }
 

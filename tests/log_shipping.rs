@@ -169,3 +169,30 @@ async fn no_secret_is_ever_shipped() {
         assert!(hits.is_empty(), "{what} shipped: {hits:?}");
     }
 }
+
+#[tokio::test]
+async fn lines_not_yet_shipped_when_envd_upgrades_itself_are_shipped_by_the_new_image() {
+    // One line every 20 ms: a backlog builds up that is still there at the exec.
+    let collector = Collector::start(Answer::After(Duration::from_millis(20)));
+    let mmds = Mmds::start(json!({ "instanceID": SANDBOX, "envID": TEMPLATE, "address": collector.url() }));
+    let upgrade = Scratch::new("ship-upgrade");
+    let envd = Envd::options()
+        .args(["--verbose", "--mmds-address", &mmds.address(), "--upgrade-path", &upgrade.s("envd.next")])
+        .start();
+    wait_for("the start-up lines arrive", || messages(&collector.lines()).iter().any(|m| m == "envd listening"));
+    let init = envd.client().post_json("/init", &json!({})).await;
+    assert_eq!(init.status, 204, "{}", init.text());
+    let (pids, _) = run_processes(&envd, 40).await;
+    let upgraded = envd.client().try_send(http::Method::POST, "/upgrade", &[], full("")).await;
+    assert!(upgraded.is_err(), "envd answered instead of upgrading: {:?}", upgraded.map(|r| r.text()));
+    let backlog = pids.iter().filter(|pid| !shipped_pids(&collector).contains(pid)).count();
+
+    wait_for("the new image ships what the old one had not", || {
+        let shipped = messages(&collector.lines());
+        shipped.iter().any(|m| m == "took over the running workload after an upgrade")
+            && shipped.iter().any(|m| m == "handing over and executing the new image")
+            && pids.iter().all(|pid| shipped_pids(&collector).contains(pid))
+    });
+    assert!(backlog > 0, "the test needs lines still unshipped at the exec");
+    assert!(loss_report(&collector).is_none(), "nothing was lost: {:?}", loss_report(&collector));
+}

@@ -53,6 +53,8 @@ pub struct AppState {
     pub watchers: Arc<PollingWatchers>,
     /// envd is the child subreaper of what it starts.
     subreaper: bool,
+    /// envd's lines on their way to the host's collector, if shipped.
+    logs: Option<LogShipper>,
     /// Forwarded ports, shared with `/upgrade`.
     pub forwards: Arc<crate::forward::Forwards>,
     /// The listening socket, handed over by `/upgrade`.
@@ -81,6 +83,7 @@ impl AppState {
             watchers: self.watchers.clone(),
             templates: self.templates.clone(),
             forwards: self.forwards.clone(),
+            logs: self.logs.clone(),
             listener: self.listener_fd.get().copied().unwrap_or(-1),
             run_dir: self.config.run_dir.clone(),
             upgrade_path: self.config.upgrade_path.clone(),
@@ -195,9 +198,9 @@ impl AppState {
         let mut identity_known = None;
         if let Some(address) = config.metadata_address() {
             let mut identity = Identity::new(MmdsClient::new(address), guard.clone(), context.clone(), &config.run_dir);
-            if let Some(logs) = logs {
+            if let Some(logs) = &logs {
                 tokio::spawn(logs.clone().run());
-                identity = identity.with_log_shipper(logs);
+                identity = identity.with_log_shipper(logs.clone());
             }
             identity_known = Some(tokio::spawn(identity.clone().poll_at_start()));
             initializer = initializer.with_identity(identity);
@@ -218,6 +221,7 @@ impl AppState {
             watchers: Arc::new(PollingWatchers::with_budget(inotify.clone())),
             inotify,
             subreaper,
+            logs,
             forwards: Default::default(),
             listener_fd: Default::default(),
             handover: Default::default(),

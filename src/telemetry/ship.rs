@@ -21,6 +21,12 @@
 //!    as the collector takes lines again (probed after each pause even
 //!    when nothing new was logged), and told on stderr.
 //!
+//! A batch being shipped stays in the shared state, each line until the
+//! collector answered for it, so a live upgrade hands every line not yet
+//! shipped to the next image ([`LogShipper::pending`],
+//! [`LogShipper::resume_pending`]); at worst the line being sent at the
+//! moment of the exec arrives twice.
+//!
 //! The shipper's own log lines are never shipped: a collector that is down
 //! would otherwise cause lines about itself without end.
 
@@ -75,6 +81,8 @@ pub struct LogShipper {
 #[derive(Debug, Default)]
 struct Shared {
     buffer: Mutex<Buffer>,
+    /// The batch being shipped, each line until it is answered for.
+    in_flight: Mutex<VecDeque<Vec<u8>>>,
     wake: Notify,
     target: Mutex<Option<Arc<ShipTarget>>>,
     lost: Lost,
@@ -141,6 +149,10 @@ impl Shared {
         std::mem::take(&mut buffer.lines)
     }
 
+    fn in_flight(&self) -> std::sync::MutexGuard<'_, VecDeque<Vec<u8>>> {
+        self.in_flight.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
     fn target(&self) -> Option<Arc<ShipTarget>> {
         self.target.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone()
     }
@@ -164,6 +176,22 @@ impl LogShipper {
         }
     }
 
+    /// Every line not yet shipped, oldest first.
+    pub fn pending(&self) -> Vec<Vec<u8>> {
+        let in_flight = self.shared.in_flight().clone();
+        let buffer = self.shared.buffer.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        in_flight.into_iter().chain(buffer.lines.iter().cloned()).collect()
+    }
+
+    /// Ships `lines` (from an earlier image of envd) before everything
+    /// logged here, within the same bounds.
+    pub fn resume_pending(&self, lines: Vec<Vec<u8>>) {
+        let newer = self.shared.take();
+        for line in lines.into_iter().chain(newer) {
+            self.shared.push(line);
+        }
+    }
+
     /// Ships lines until the daemon exits (steps 2 to 4 of the module doc).
     pub async fn run(self) {
         let mut sender = Sender { connection: None, told: [0; 4], failures: Throttle::new(TELL_FAILURES_EVERY) };
@@ -178,7 +206,8 @@ impl LogShipper {
                 continue;
             }
             let reporting = report.is_some();
-            let failure = match sender.ship(&target, report, lines, &self.shared.lost).await {
+            self.shared.in_flight().extend(lines);
+            let failure = match sender.ship(&target, report, &self.shared).await {
                 Ok(reported) => {
                     if reporting && reported {
                         tracing::warn!(lost = ?difference(&lost, &sender.told), "log lines were not shipped");
@@ -247,37 +276,46 @@ impl Sender {
     /// Sends the loss report, then `lines` in order; on a broken
     /// connection the rest of the lines are counted as unreachable. Ok
     /// tells whether the collector accepted the report.
-    async fn ship(
-        &mut self,
-        target: &ShipTarget,
-        report: Option<Vec<u8>>,
-        lines: VecDeque<Vec<u8>>,
-        lost: &Lost,
-    ) -> Result<bool, ShipError> {
+    /// Sends the loss report, then the lines in flight in order, each
+    /// leaving the batch once answered for; on a broken connection the
+    /// rest of the batch is counted as unreachable. Ok tells whether the
+    /// collector accepted the report.
+    async fn ship(&mut self, target: &ShipTarget, report: Option<Vec<u8>>, shared: &Shared) -> Result<bool, ShipError> {
+        let lost = &shared.lost;
+        let give_up = |err: ShipError| {
+            let unsent = std::mem::take(&mut *shared.in_flight()).len() as u64;
+            lost.unreachable.fetch_add(unsent, Ordering::Relaxed);
+            Err(err)
+        };
         let Some(endpoint) = Endpoint::parse(&target.url) else {
-            lost.unreachable.fetch_add(lines.len() as u64, Ordering::Relaxed);
-            return Err(ShipError::BadUrl(target.url.clone()));
+            return give_up(ShipError::BadUrl(target.url.clone()));
         };
         let ids = ids_suffix(target);
-        // (line, whether it is a log line; the report is not counted as one)
-        let mut queue: VecDeque<(Vec<u8>, bool)> =
-            report.into_iter().map(|r| (r, false)).chain(lines.into_iter().map(|l| (l, true))).collect();
         let mut reported = false;
-        while let Some((line, is_log_line)) = queue.pop_front() {
-            match self.post(&endpoint, with_ids(line, &ids)).await {
-                Ok(status) if status.is_success() => reported |= !is_log_line,
-                Ok(_rejected) => {
-                    lost.rejected.fetch_add(u64::from(is_log_line), Ordering::Relaxed);
-                }
+        if let Some(report) = report {
+            match self.post(&endpoint, with_ids(report, &ids)).await {
+                Ok(status) => reported = status.is_success(),
                 Err(err) => {
                     self.connection = None;
-                    let unsent = queue.len() as u64 + u64::from(is_log_line);
-                    lost.unreachable.fetch_add(unsent, Ordering::Relaxed);
-                    return Err(err);
+                    return give_up(err);
                 }
             }
         }
-        Ok(reported)
+        loop {
+            let Some(line) = shared.in_flight().front().cloned() else { return Ok(reported) };
+            match self.post(&endpoint, with_ids(line, &ids)).await {
+                Ok(status) => {
+                    if !status.is_success() {
+                        lost.rejected.fetch_add(1, Ordering::Relaxed);
+                    }
+                    shared.in_flight().pop_front();
+                }
+                Err(err) => {
+                    self.connection = None;
+                    return give_up(err);
+                }
+            }
+        }
     }
 
     async fn post(&mut self, endpoint: &Endpoint, body: Vec<u8>) -> Result<StatusCode, ShipError> {

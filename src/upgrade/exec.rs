@@ -14,6 +14,10 @@ use std::time::Instant;
 
 use super::handover::{self, EndedEntry, Handover, ProcessEntry, Secrets};
 use super::{Daemon, UpgradeError};
+use crate::telemetry::ship::LogShipper;
+
+/// Longest wait for envd's queued lines to reach stderr before the exec.
+const STDERR_DRAIN: std::time::Duration = std::time::Duration::from_millis(300);
 
 /// Flags of one handover, dropped from the argv of the next.
 pub(super) const HANDOVER_FLAGS: &[&str] = &["--listen-fd", "--handover", "--handover-fds"];
@@ -22,7 +26,10 @@ pub(super) const HANDOVER_FLAGS: &[&str] = &["--listen-fd", "--handover", "--han
 pub(super) fn hand_over_and_exec(daemon: &Daemon, program: &Path) -> UpgradeError {
     let mut carried = Vec::new();
     let handover_path = daemon.run_dir.join(format!("envd-handover.{}.json", std::process::id()));
-    let prepared = prepare(daemon, &mut carried).and_then(|(handover, listener)| {
+    let prepared = prepare(daemon, &mut carried).and_then(|(mut handover, listener)| {
+        tracing::info!(fds = carried.len(), "handing over and executing the new image");
+        // Taken last, so the line above is shipped by the next image too.
+        handover.logs = unshipped_lines(daemon);
         handover::write(&handover_path, &handover)?;
         Ok(listener)
     });
@@ -31,7 +38,9 @@ pub(super) fn hand_over_and_exec(daemon: &Daemon, program: &Path) -> UpgradeErro
         Err(err) => return UpgradeError::Handover(err),
     };
     let fds: Vec<RawFd> = carried.iter().map(AsRawFd::as_raw_fd).collect();
-    tracing::info!(fds = fds.len(), "handing over and executing the new image");
+    // The writer thread ends with this image: let it catch up (bounded: a
+    // frozen journal must not hold the upgrade).
+    crate::telemetry::wait_written(STDERR_DRAIN);
     let err = exec(program, listener, &handover_path, &fds);
     let _ = std::fs::remove_file(&handover_path);
     drop(carried);
@@ -99,8 +108,15 @@ fn prepare(daemon: &Daemon, carried: &mut Vec<OwnedFd>) -> std::io::Result<(Hand
         forwards,
         relays,
         next_command_cgroup: daemon.workload.next_command_cgroup(),
+        logs: Vec::new(),
     };
     Ok((handover, listener))
+}
+
+/// envd's log lines not yet shipped to the collector.
+fn unshipped_lines(daemon: &Daemon) -> Vec<String> {
+    let lines = daemon.logs.as_ref().map(LogShipper::pending).unwrap_or_default();
+    lines.iter().map(|line| String::from_utf8_lossy(line).into_owned()).collect()
 }
 
 /// A close-on-exec duplicate of `fd`, kept in `carried`.

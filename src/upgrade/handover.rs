@@ -38,8 +38,18 @@ pub fn format_line() -> String {
 }
 
 /// Sections this image can take over.
-const KNOWN_SECTIONS: &[&str] =
-    &["processes", "ended", "freeze", "secrets", "watchers", "forwards", "relays", "commandCgroups", "templates"];
+const KNOWN_SECTIONS: &[&str] = &[
+    "processes",
+    "ended",
+    "freeze",
+    "secrets",
+    "watchers",
+    "forwards",
+    "relays",
+    "commandCgroups",
+    "templates",
+    "logs",
+];
 
 /// Why a handover file was not taken over.
 #[derive(Debug, thiserror::Error)]
@@ -110,6 +120,10 @@ pub struct Handover {
     /// The number in the next command cgroup's name.
     #[serde(default)]
     pub next_command_cgroup: u64,
+    /// envd's own log lines not yet shipped to the host's collector (log
+    /// lines hold no secret).
+    #[serde(default)]
+    pub logs: Vec<String>,
 }
 
 /// The sealed memfd holding [`Secrets`].
@@ -327,6 +341,7 @@ mod tests {
             forwards: Vec::new(),
             relays: Vec::new(),
             next_command_cgroup: 0,
+            logs: Vec::new(),
         }
     }
 

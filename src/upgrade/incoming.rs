@@ -174,6 +174,9 @@ async fn take_over(
     for (forward, socket) in forwards {
         daemon.forwards.hand_over(forward, socket);
     }
+    if let Some(logs) = &daemon.logs {
+        logs.resume_pending(handover.logs.into_iter().map(String::into_bytes).collect());
+    }
     report.relays = relays.len();
     for relay in relays {
         daemon.forwards.hand_over_relay(relay);

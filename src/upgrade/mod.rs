@@ -86,6 +86,7 @@ use crate::host::cgroups::Workload;
 use crate::host::workload_freeze::FreezeMode;
 use crate::process::ProcessTable;
 use crate::restore::TemplateProcesses;
+use crate::telemetry::ship::LogShipper;
 
 /// The one path a delivered binary is written to.
 pub const DEFAULT_UPGRADE_PATH: &str = "/usr/bin/envd.next";
@@ -141,6 +142,8 @@ pub struct Daemon {
     pub templates: Arc<TemplateProcesses>,
     /// Forwarded ports.
     pub forwards: Arc<Forwards>,
+    /// Log lines on their way to the host's collector.
+    pub logs: Option<LogShipper>,
     /// The listening socket.
     pub listener: RawFd,
     /// Where the handover file goes (a tmpfs in a VM).
