@@ -55,8 +55,9 @@
 //! re-armed with their ids and queued events (streamed `WatchDir`s end with
 //! the old image; clients subscribe again), and the forward sockets and
 //! relays go to the forwarder, which serves and resumes them before its first
-//! scan. Volumes, the CA bundle and the events entry need no section: the new
-//! image restores them from the saved record as after any restart,
+//! scan; log lines not yet shipped go to the new image's shipper, ahead of
+//! its own. Volumes, the CA bundle and the events entry need no section: the
+//! new image restores them from the saved record as after any restart,
 //! recognising live mounts. The workload stays frozen until the next `/init`,
 //! or until `--upgrade-thaw-fallback` passes without one. The next `/init`
 //! reports the outcome in `X-Envd-Handover`.
