@@ -10,6 +10,9 @@ fn main() -> ExitCode {
             return ExitCode::from(code);
         }
     };
+    // Before anything can fork: fds an earlier image handed over must never
+    // reach a child, not even one of envd's own helpers.
+    envd::upgrade::close_carried_on_exec(&config.handover_fds);
     if config.version {
         println!("{}", envd::VERSION);
         return ExitCode::SUCCESS;

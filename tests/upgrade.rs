@@ -565,3 +565,83 @@ async fn a_forwarded_connection_carries_on_across_an_upgrade() {
     assert_eq!(received, sent, "in order and intact");
     assert!(report["relays"].as_u64() >= Some(1), "{report}");
 }
+
+#[tokio::test]
+async fn an_adopted_process_that_ends_before_anyone_reconnects_still_delivers_its_output() {
+    let daemon = Upgradable::start("upgrade-last-words").await;
+    let client = daemon.client();
+    // Nobody is attached (the start stream is dropped) when it writes.
+    let pid = start(&client, bash("sleep 0.6; echo last words; exit 3")).await;
+    daemon.upgrade_and_init(Bytes::new()).await;
+    assert!(common::eventually(Duration::from_secs(10), || !common::pid_alive(pid)).await, "it ends");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let client = daemon.client();
+    let run = connect(&client, pid).await.collect().await;
+    assert_eq!(run.stdout_str(), "last words\n", "the output kept for the first client");
+    assert_eq!(run.exit_code(), 3);
+    let again = connect(&client, pid).await.collect().await;
+    assert_eq!((again.stdout_str(), again.exit_code()), (String::new(), 3), "a later client gets the end only");
+}
+
+/// `sleep 600` with exactly `pid`: the kernel's next pid is set through
+/// `ns_last_pid` (root), retried while other processes take it first.
+fn sleeper_with_pid(pid: u32) -> std::process::Child {
+    for _ in 0..200 {
+        std::fs::write("/proc/sys/kernel/ns_last_pid", (pid - 1).to_string()).unwrap();
+        let mut child = std::process::Command::new("sleep").arg("600").spawn().unwrap();
+        if child.id() == pid {
+            return child;
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    panic!("pid {pid} could not be taken");
+}
+
+/// A command whose own process has ended and been reaped while a child
+/// that left its session keeps its output open (so the command is still
+/// listed, and its pid is free for anyone); the command's pid and the
+/// child's.
+async fn command_outliving_its_leader(client: &Client, scratch: &Scratch) -> (u32, u32) {
+    let pid_file = scratch.path("escaped.pid");
+    let leader = start(client, bash(&format!("setsid sleep 600 & echo $! > {}; exit 0", pid_file.display()))).await;
+    let escaped = pid_written_to(&pid_file).await;
+    let reaped =
+        common::eventually(Duration::from_secs(10), || !std::path::Path::new(&format!("/proc/{leader}")).exists())
+            .await;
+    assert!(reaped, "the command's own process is reaped");
+    assert!(client.list().await.contains_key(&leader), "the command is still listed");
+    (leader, escaped)
+}
+
+/// SIGKILL to `leader` through envd must not reach `victim`, which now has
+/// the leader's pid.
+async fn kill_spares(client: &Client, leader: u32, mut victim: std::process::Child) {
+    client.kill(leader).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let survived = matches!(victim.try_wait(), Ok(None));
+    let _ = victim.kill();
+    let _ = victim.wait();
+    assert!(survived, "envd signalled an unrelated process that reused its command's pid");
+}
+
+#[tokio::test]
+async fn a_reaped_commands_pid_taken_by_another_process_is_never_signalled() {
+    // After an upgrade: the adopted command's pid is free when it is adopted.
+    let daemon = Upgradable::start("upgrade-pid-reuse").await;
+    let (leader, _) = command_outliving_its_leader(&daemon.client(), &daemon.scratch).await;
+    daemon.upgrade_and_init(Bytes::new()).await;
+    let victim = sleeper_with_pid(leader);
+    kill_spares(&daemon.client(), leader, victim).await;
+
+    // Without cgroups (the kill walks /proc), no upgrade needed.
+    let scratch = Scratch::new("pid-reuse-walk");
+    let envd = Envd::options().args(["--no-cgroups"]).start();
+    let client = envd.client();
+    let (leader, escaped) = command_outliving_its_leader(&client, &scratch).await;
+    let victim = sleeper_with_pid(leader);
+    kill_spares(&client, leader, victim).await;
+    // SAFETY: kill(2) of the sleeper this test's command left behind.
+    unsafe { libc::kill(escaped as libc::pid_t, libc::SIGKILL) };
+}

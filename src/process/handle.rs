@@ -27,8 +27,8 @@ use super::{CommandConfig, ProcessError};
 
 /// Events buffered per subscriber before the reader waits.
 const SUBSCRIBER_BUFFER: usize = 64;
-/// Output of an adopted process kept for its first subscriber.
-const BACKLOG_BYTES: usize = 1 << 20;
+/// Output of one adopted process kept for its first subscriber, at most.
+pub(super) const BACKLOG_BYTES: usize = 1 << 20;
 
 /// Which stream a chunk of output came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,6 +71,7 @@ struct Fanout {
 struct Backlog {
     chunks: VecDeque<(Output, Bytes)>,
     bytes: usize,
+    limit: usize,
     dropped: usize,
 }
 
@@ -124,8 +125,10 @@ pub(super) struct Parts {
     pub(super) deadline: Option<Instant>,
     pub(super) gate: Arc<Gate>,
     pub(super) tree: ProcessTree,
-    /// Keep output for the first subscriber.
-    pub(super) backlog: bool,
+    /// Keep this many bytes of output for the first subscriber.
+    pub(super) backlog: Option<usize>,
+    /// Already reaped (adopted so): no pidfd, its pid may be another's.
+    pub(super) reaped: Option<EndStatus>,
 }
 
 /// A process envd started.
@@ -162,21 +165,22 @@ impl ProcessHandle {
             Input::Pipe(stdin) => stdin.try_lock().ok().and_then(|s| s.as_ref().map(|s| s.as_raw_fd())),
             Input::Pty(_) => None,
         };
-        let fanout = Fanout { backlog: parts.backlog.then(Backlog::default), ..Default::default() };
+        let backlog = parts.backlog.map(|limit| Backlog { limit, ..Default::default() });
+        let fanout = Fanout { backlog, ..Default::default() };
         Self {
             pid,
             tag,
             config,
             fanout: Mutex::new(fanout),
             input: parts.input,
-            pidfd: open_pidfd(pid),
+            pidfd: if parts.reaped.is_none() { open_pidfd(pid) } else { None },
             stop_waiting: watch::channel(false).0,
             tree: parts.tree,
             ended: watch::channel(None).0,
             stdin_fd: AtomicI32::new(stdin_fd.unwrap_or(-1)),
             outputs: Mutex::new(parts.outputs),
             deadline: parts.deadline,
-            reaped: Mutex::default(),
+            reaped: Mutex::new(parts.reaped),
             gate: parts.gate,
         }
     }
@@ -208,6 +212,16 @@ impl ProcessHandle {
 
     pub(super) fn tree(&self) -> &ProcessTree {
         &self.tree
+    }
+
+    /// Output sent to a subscriber that has not taken it yet.
+    pub(super) fn has_undelivered(&self) -> bool {
+        self.fanout().subscribers.iter().any(|s| !s.is_closed() && s.capacity() < s.max_capacity())
+    }
+
+    /// Output kept for a first subscriber that has not come yet.
+    pub(super) fn has_unread_output(&self) -> bool {
+        self.fanout().backlog.as_ref().is_some_and(|b| !b.chunks.is_empty())
     }
 
     /// Records the status of a reaped process.
@@ -250,13 +264,23 @@ impl ProcessHandle {
         self.fanout.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Attaches a new subscriber, which gets every event from now on.
+    /// Attaches a new subscriber, which gets every event from now on (the
+    /// first subscriber of an adopted process also what it wrote before,
+    /// even if it has ended since).
     pub fn subscribe(&self) -> Subscription {
         let mut fanout = self.fanout();
-        if let Some(end) = &fanout.end {
-            return Subscription::Ended(end.clone());
-        }
         let backlog = fanout.backlog.take().unwrap_or_default();
+        if let Some(end) = fanout.end.clone() {
+            if backlog.chunks.is_empty() {
+                return Subscription::Ended(end);
+            }
+            let (tx, rx) = mpsc::channel(backlog.chunks.len() + 1);
+            for (output, data) in backlog.chunks {
+                let _ = tx.try_send(Event::Data(output, data));
+            }
+            let _ = tx.try_send(Event::End(end));
+            return Subscription::Live(rx);
+        }
         if backlog.dropped > 0 {
             tracing::warn!(
                 pid = self.pid,
@@ -279,7 +303,7 @@ impl ProcessHandle {
             if let Some(backlog) = fanout.backlog.as_mut() {
                 backlog.bytes += data.len();
                 backlog.chunks.push_back((output, data));
-                while backlog.bytes > BACKLOG_BYTES
+                while backlog.bytes > backlog.limit
                     && let Some((_, oldest)) = backlog.chunks.pop_front()
                 {
                     backlog.bytes -= oldest.len();
@@ -345,8 +369,10 @@ impl ProcessHandle {
         pty.write_all(data).await.map_err(ProcessError::Input)
     }
 
-    /// Closes stdin so the process reads EOF; closing twice is fine.
+    /// Closes stdin so the process reads EOF; closing twice is fine. A step
+    /// of the gate: an upgrade never lists an fd that is being closed.
     pub async fn close_stdin(&self) -> Result<(), ProcessError> {
+        let _step = self.gate.step().await;
         match &self.input {
             Input::Pipe(stdin) => {
                 let mut stdin = stdin.lock().await;
@@ -368,11 +394,13 @@ impl ProcessHandle {
     /// itself included (also if it left its cgroup), and stops waiting for
     /// its output to reach EOF. Returns the processes that were signalled.
     pub(super) async fn signal(&self, signal: nix::sys::signal::Signal) -> Result<Vec<Member>, ProcessError> {
-        let tree_result = self.tree.signal(self.pid, signal).await;
+        // Once reaped, its pid may be anyone's: nothing is signalled by it.
+        let alive = !self.is_reaped();
+        let tree_result = self.tree.signal(self.pid, alive, signal).await;
         self.stop_waiting.send_replace(true);
         let mut members = tree_result.map_err(ProcessError::Signal)?;
         // Once only: a second SIGTERM may mean "force quit" to a handler.
-        if !members.iter().any(|m| m.pid() == self.pid) {
+        if alive && !members.iter().any(|m| m.pid() == self.pid) {
             self.signal_itself(signal)?;
             members.extend(Member::of(self.pid));
         }

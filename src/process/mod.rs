@@ -172,8 +172,8 @@ pub async fn start(table: &Arc<ProcessTable>, spec: StartSpec) -> Result<Started
     let stderr = child.stderr.take().map(|p| p.into_owned_fd()).transpose().map_err(ProcessError::Io)?;
     let stdin = child.stdin.take().map(|p| p.into_owned_fd()).transpose().map_err(ProcessError::Io)?;
     let fds = Fds { stdout, stderr, stdin, pty: spawned.pty_master };
-    let entry = Entry { pid, tag: spec.tag, config: spec.config, fds, tree, deadline: spec.deadline };
-    let (handle, readers, subscription) = register(table, entry, false)?;
+    let entry = Entry { pid, tag: spec.tag, config: spec.config, fds, tree, deadline: spec.deadline, reaped: None };
+    let (handle, readers, subscription) = register(table, entry, None)?;
     let Some(Subscription::Live(events)) = subscription else {
         unreachable!("a process that was just created has not ended");
     };
@@ -211,21 +211,31 @@ pub struct Adopted {
     pub reaped: Option<EndStatus>,
     /// Its own cgroup's directory, if it has one.
     pub cgroup: Option<PathBuf>,
+    /// Bytes of its output kept for the first subscriber
+    /// ([`output_kept_per_process`]).
+    pub keep_output: usize,
+}
+
+/// All adopted processes together keep at most this much output for
+/// their first subscribers.
+const ADOPTED_OUTPUT_BUDGET: usize = 64 << 20;
+
+/// What each of `adopted` processes keeps for its first subscriber: a
+/// share of a bound on all of them, so many adopted processes cannot make
+/// envd hold more than that.
+pub fn output_kept_per_process(adopted: usize) -> usize {
+    (ADOPTED_OUTPUT_BUDGET / adopted.max(1)).clamp(64 << 10, handle::BACKLOG_BYTES)
 }
 
 /// Takes over a running child: it is listed, connectable, killable (its
 /// own cgroup included) and reaped as if started here, and its output
 /// waits for the first subscriber. Returns its handle.
 pub fn adopt(table: &Arc<ProcessTable>, adopted: Adopted) -> Result<Arc<ProcessHandle>, ProcessError> {
-    let waiter = match adopted.reaped {
+    let waiter = match adopted.reaped.clone() {
         Some(end) => Waiter::Reaped(end),
-        None => {
-            let waiter = Waiter::pidfd(adopted.pid).map_err(ProcessError::Io)?;
-            // Its own waiter reaps it, never the orphan reaper.
-            table.children().spawning().register(adopted.pid);
-            waiter
-        }
+        None => Waiter::pidfd(adopted.pid).map_err(ProcessError::Io)?,
     };
+    let alive = adopted.reaped.is_none();
     let tree = match adopted.cgroup.map(|dir| CommandCgroup::reopen(&dir).map_err(|err| (dir, err))) {
         Some(Ok(cgroup)) => ProcessTree::Cgroup(Arc::new(cgroup)),
         Some(Err((dir, err))) => {
@@ -241,8 +251,14 @@ pub fn adopt(table: &Arc<ProcessTable>, adopted: Adopted) -> Result<Arc<ProcessH
         fds: adopted.fds,
         tree,
         deadline: adopted.deadline,
+        reaped: adopted.reaped,
     };
-    let (handle, readers, _) = register(table, entry, true)?;
+    let (handle, readers, _) = register(table, entry, Some(adopted.keep_output))?;
+    if alive {
+        // Its own waiter reaps it, never the orphan reaper (which starts
+        // only after every adoption).
+        table.children().spawning().register(handle.pid());
+    }
     tokio::spawn(supervise(table.clone(), handle.clone(), waiter, readers, adopted.deadline));
     Ok(handle)
 }
@@ -255,6 +271,7 @@ struct Entry {
     fds: Fds,
     tree: ProcessTree,
     deadline: Option<Instant>,
+    reaped: Option<EndStatus>,
 }
 
 /// The handle, its pump tasks, and the starter's subscription.
@@ -262,8 +279,10 @@ type Registered = (Arc<ProcessHandle>, Vec<tokio::task::JoinHandle<()>>, Option<
 
 /// Builds the handle, enters it in the table, subscribes (so the first
 /// subscriber sees every byte) and starts its pumps.
-fn register(table: &Arc<ProcessTable>, entry: Entry, backlog: bool) -> Result<Registered, ProcessError> {
-    let Entry { pid, tag, config, fds, tree, deadline } = entry;
+/// `backlog`: an adopted process, whose output is kept (this many bytes)
+/// for its first subscriber.
+fn register(table: &Arc<ProcessTable>, entry: Entry, backlog: Option<usize>) -> Result<Registered, ProcessError> {
+    let Entry { pid, tag, config, fds, tree, deadline, reaped } = entry;
     let receiver = |fd: Option<OwnedFd>| fd.map(pipe::Receiver::from_owned_fd).transpose().map_err(ProcessError::Io);
     let stdout = receiver(fds.stdout)?;
     let stderr = receiver(fds.stderr)?;
@@ -273,11 +292,11 @@ fn register(table: &Arc<ProcessTable>, entry: Entry, backlog: bool) -> Result<Re
         None => handle::Input::pipe(stdin),
     };
     let outputs = [stdout.as_ref().map(AsRawFd::as_raw_fd), stderr.as_ref().map(AsRawFd::as_raw_fd)];
-    let parts = handle::Parts { input, outputs, deadline, gate: table.gate().clone(), tree, backlog };
+    let parts = handle::Parts { input, outputs, deadline, gate: table.gate().clone(), tree, backlog, reaped };
     let handle = Arc::new(ProcessHandle::new(pid, tag, config, parts));
     table.insert(handle.clone());
     // An adopted process keeps its output for whoever subscribes first.
-    let subscription = (!backlog).then(|| handle.subscribe());
+    let subscription = backlog.is_none().then(|| handle.subscribe());
     let mut readers = Vec::new();
     if handle.is_pty() {
         readers.push(tokio::spawn(pump_pty(handle.clone())));
@@ -294,21 +313,33 @@ fn register(table: &Arc<ProcessTable>, entry: Entry, backlog: bool) -> Result<Re
 /// Each chunk is read into its own buffer and handed on without a copy:
 /// with one subscriber (the usual case) the same allocation ends up in the
 /// encoded message. A pause cancels a pending read, which loses nothing.
-async fn pump(handle: Arc<ProcessHandle>, mut reader: pipe::Receiver, output: Output) {
+async fn pump(handle: Arc<ProcessHandle>, reader: pipe::Receiver, output: Output) {
+    let mut open = OpenOutput { handle: handle.clone(), output, reader };
     loop {
         let _step = handle.gate.step().await;
         let mut chunk = Vec::with_capacity(PIPE_CHUNK);
         tokio::select! {
-            read = reader.read_buf(&mut chunk) => match read {
-                Ok(0) | Err(_) => {
-                    handle.output_closed(output);
-                    drop(reader);
-                    return;
-                }
+            read = open.reader.read_buf(&mut chunk) => match read {
+                Ok(0) | Err(_) => return,
                 Ok(_) => handle.broadcast(output, Bytes::from(chunk)).await,
             },
             () = handle.gate.pause_requested() => {}
         }
+    }
+}
+
+/// A pump's pipe: unlisted from the handle's fds before it closes, however
+/// the pump ends (EOF, error, or aborted by its supervisor).
+struct OpenOutput {
+    handle: Arc<ProcessHandle>,
+    output: Output,
+    reader: pipe::Receiver,
+}
+
+impl Drop for OpenOutput {
+    fn drop(&mut self) {
+        // Runs before the fields drop, so before the fd is closed.
+        self.handle.output_closed(self.output);
     }
 }
 
@@ -370,9 +401,12 @@ async fn supervise(
             () = handle.stop_requested() => {}
         }
     }
+    // A step: an upgrade never lists fds of a process being retired.
+    let step = handle.gate.step().await;
     aborts.iter().for_each(|a| a.abort());
-    table.retire(handle.pid(), handle.tag().map(str::to_owned), end.clone());
+    table.retire(&handle, end.clone());
     handle.finish(end);
+    drop(step);
     if let Some(cgroup) = handle.tree().cgroup().cloned() {
         drop(handle);
         cgroup.release_when_empty().await;

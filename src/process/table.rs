@@ -54,6 +54,9 @@ struct Retained {
     tag: Option<String>,
     end: EndStatus,
     at: Instant,
+    /// An adopted process whose kept output nobody has read yet: `Connect`
+    /// still gets that output, then the end.
+    unread: Option<Arc<ProcessHandle>>,
 }
 
 #[derive(Debug, Default)]
@@ -113,7 +116,16 @@ impl ProcessTable {
         let mut inner = self.inner();
         for e in ended.into_iter().filter(|e| e.age <= RETENTION) {
             let at = now.checked_sub(e.age).unwrap_or(now);
-            inner.retained.push_back(Retained { pid: e.pid, tag: e.tag, end: e.end, at });
+            inner.retained.push_back(Retained { pid: e.pid, tag: e.tag, end: e.end, at, unread: None });
+        }
+    }
+
+    /// Waits, at most `within`, until every subscriber has taken the output
+    /// sent to it (with the pumps paused, nothing new arrives meanwhile).
+    pub async fn wait_delivered(&self, within: Duration) {
+        let deadline = Instant::now() + within;
+        while self.list().iter().any(|h| h.has_undelivered()) && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
 
@@ -131,7 +143,9 @@ impl ProcessTable {
     }
 
     /// Moves an ended process from the live set to the retained ones.
-    pub(super) fn retire(&self, pid: u32, tag: Option<String>, end: EndStatus) {
+    pub(super) fn retire(&self, handle: &Arc<ProcessHandle>, end: EndStatus) {
+        let (pid, tag) = (handle.pid(), handle.tag().map(str::to_owned));
+        let unread = handle.has_unread_output().then(|| handle.clone());
         let mut inner = self.inner();
         inner.live.remove(&pid);
         let now = Instant::now();
@@ -140,7 +154,7 @@ impl ProcessTable {
         {
             inner.retained.pop_front();
         }
-        inner.retained.push_back(Retained { pid, tag, end, at: now });
+        inner.retained.push_back(Retained { pid, tag, end, at: now, unread });
     }
 
     /// A live process.
@@ -169,7 +183,10 @@ impl ProcessTable {
                 Selector::Pid(pid) => r.pid == *pid,
                 Selector::Tag(tag) => r.tag.as_deref() == Some(tag.as_str()),
             })
-            .map(|r| Found::Ended { pid: r.pid, end: r.end.clone() })
+            .map(|r| match &r.unread {
+                Some(handle) => Found::Live(handle.clone()),
+                None => Found::Ended { pid: r.pid, end: r.end.clone() },
+            })
             .ok_or_else(|| ProcessError::NotFound(selector.clone()))
     }
 

@@ -72,15 +72,16 @@ impl Member {
 
 impl ProcessTree {
     /// Sends `signal` to every process of the tree led by `leader` and
-    /// returns the processes that were there.
-    pub async fn signal(&self, leader: u32, signal: Signal) -> std::io::Result<Vec<Member>> {
+    /// returns the processes that were there; `leader_alive` false: the
+    /// leader was reaped and its pid names nobody of the tree.
+    pub async fn signal(&self, leader: u32, leader_alive: bool, signal: Signal) -> std::io::Result<Vec<Member>> {
         match self {
             ProcessTree::Cgroup(cgroup) => {
                 let members = cgroup.members().into_iter().filter_map(member).collect();
                 cgroup.signal(signal).await?;
                 Ok(members)
             }
-            ProcessTree::Walk => Ok(walk_and_signal(leader, signal)),
+            ProcessTree::Walk => Ok(walk_and_signal(leader, leader_alive, signal)),
         }
     }
 
@@ -102,13 +103,15 @@ impl ProcessTree {
     }
 }
 
-fn walk_and_signal(leader: u32, signal: Signal) -> Vec<Member> {
+fn walk_and_signal(leader: u32, leader_alive: bool, signal: Signal) -> Vec<Member> {
     let me = std::process::id();
     let mut stopped: HashSet<u32> = HashSet::new();
     let mut found = Vec::new();
     for _ in 0..MAX_WALK_ROUNDS {
-        let fresh: Vec<ProcEntry> =
-            collect(leader).into_iter().filter(|e| e.pid != me && e.pid != 1 && !stopped.contains(&e.pid)).collect();
+        let fresh: Vec<ProcEntry> = collect(leader, leader_alive)
+            .into_iter()
+            .filter(|e| e.pid != me && e.pid != 1 && !stopped.contains(&e.pid))
+            .collect();
         if fresh.is_empty() {
             break;
         }
@@ -127,11 +130,12 @@ fn walk_and_signal(leader: u32, signal: Signal) -> Vec<Member> {
     found
 }
 
-/// The leader, its session and process group, and their descendants.
-fn collect(leader: u32) -> Vec<ProcEntry> {
+/// The leader (while alive), its session and process group, and their
+/// descendants.
+fn collect(leader: u32, leader_alive: bool) -> Vec<ProcEntry> {
     let table = scan_proc();
-    let mut found: HashSet<u32> =
-        table.iter().filter(|e| e.pid == leader || e.sid == leader || e.pgid == leader).map(|e| e.pid).collect();
+    let in_tree = |e: &&ProcEntry| (leader_alive && e.pid == leader) || e.sid == leader || e.pgid == leader;
+    let mut found: HashSet<u32> = table.iter().filter(in_tree).map(|e| e.pid).collect();
     loop {
         let before = found.len();
         for entry in &table {

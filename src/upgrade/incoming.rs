@@ -51,10 +51,7 @@ pub async fn resume(
     carried: &[RawFd],
     initialized: impl Fn() -> bool + Send + 'static,
 ) -> HandoverReport {
-    for fd in carried {
-        // SAFETY: F_SETFD on an fd number; a closed one fails harmlessly.
-        unsafe { libc::fcntl(*fd, libc::F_SETFD, libc::FD_CLOEXEC) };
-    }
+    close_carried_fds_on_exec(carried);
     let mut unclaimed: BTreeSet<RawFd> = carried.iter().copied().filter(|fd| *fd != daemon.listener).collect();
     let taken = match handover::read(path) {
         Ok(handover) => take_over(daemon, handover, &mut unclaimed).await,
@@ -133,6 +130,7 @@ async fn take_over(
     let now = Instant::now();
     daemon.workload.continue_command_cgroups_from(handover.next_command_cgroup);
     let mut tracked: BTreeMap<u32, TrackedState> = secrets.tracked.drain(..).map(|t| (t.pid, t)).collect();
+    let keep_output = crate::process::output_kept_per_process(handover.processes.len());
     for (entry, fds) in handover.processes.into_iter().zip(claimed) {
         let adopted = Adopted {
             pid: entry.pid,
@@ -147,6 +145,7 @@ async fn take_over(
             deadline: entry.deadline_ms.map(|ms| now + Duration::from_millis(ms)),
             reaped: entry.reaped.map(Into::into),
             cgroup: entry.cgroup,
+            keep_output,
         };
         match crate::process::adopt(&daemon.processes, adopted) {
             Ok(handle) => {
@@ -217,6 +216,19 @@ fn restore_auth_and_context(daemon: &Daemon, secrets: &mut Secrets) {
         internal_env: std::mem::take(&mut secrets.internal_env),
     };
     daemon.context.update(|c| *c = context);
+}
+
+/// Marks the fds listed in `--handover-fds` close-on-exec (main does so
+/// first thing; `resume` again, for callers that did not).
+pub fn close_carried_on_exec(list: &str) {
+    close_carried_fds_on_exec(&parse_fd_list(list));
+}
+
+fn close_carried_fds_on_exec(carried: &[RawFd]) {
+    for fd in carried {
+        // SAFETY: F_SETFD on an fd number; a closed one fails harmlessly.
+        unsafe { libc::fcntl(*fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    }
 }
 
 /// `--handover-fds`: a comma-separated list of fd numbers.

@@ -21,7 +21,9 @@
 //! 5. pause the process tasks ([`crate::process::Paused`]): pumps stop
 //!    between two reads, so undelivered output stays in the pipes and
 //!    terminals; reapers stop between two waits, so an exit not yet reaped
-//!    stays a zombie for the new image to reap; starts wait;
+//!    stays a zombie for the new image to reap; starts, stdin closes and
+//!    retirements wait; then the streams attached now get (bounded) time
+//!    to take the output already read, which would die with this image;
 //! 6. write the handover ([`handover`]): a sealed memfd with the secrets
 //!    (token, env values) and a 0600 file in the run directory (a tmpfs)
 //!    with the rest, naming the fds by number;
@@ -77,7 +79,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use incoming::{HandoverReport, parse_fd_list, resume};
+pub use incoming::{HandoverReport, close_carried_on_exec, parse_fd_list, resume};
 
 use crate::auth::AccessGuard;
 use crate::context::ContextStore;
@@ -93,6 +95,8 @@ use crate::telemetry::ship::LogShipper;
 pub const DEFAULT_UPGRADE_PATH: &str = "/usr/bin/envd.next";
 /// How long the upgrade waits for the freeze lock, the freeze and the pause.
 const STEP_BUDGET: Duration = Duration::from_secs(2);
+/// How long attached streams get to take the output already read.
+const DELIVERY_BUDGET: Duration = Duration::from_millis(300);
 
 /// Why an upgrade was refused or failed; the old image keeps serving.
 #[derive(Debug, thiserror::Error)]
@@ -199,6 +203,9 @@ pub async fn perform(daemon: &Daemon, initialized: bool, request: Request) -> Up
             return err.into();
         }
     };
+    // Output already read goes to the streams attached now rather than die
+    // with this image's memory (bounded: a client may have stopped reading).
+    daemon.processes.wait_delivered(DELIVERY_BUDGET).await;
     let err = exec::hand_over_and_exec(daemon, &program);
     drop(paused);
     thaw(daemon, &hold, ours);
