@@ -645,3 +645,27 @@ async fn a_reaped_commands_pid_taken_by_another_process_is_never_signalled() {
     // SAFETY: kill(2) of the sleeper this test's command left behind.
     unsafe { libc::kill(escaped as libc::pid_t, libc::SIGKILL) };
 }
+
+#[tokio::test]
+async fn a_client_that_stopped_reading_does_not_hold_up_an_upgrade() {
+    let daemon = Upgradable::start("upgrade-stalled-reader").await;
+    let client = daemon.client();
+    let flood = start(&client, bash("while :; do echo 0123456789abcdefghijklmnopqrstuvwxyz; done")).await;
+    // Attached, and never read: the pump fills the stream's buffers and waits.
+    let stalled = connect(&client, flood).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let report = daemon.upgrade_and_init(Bytes::new()).await;
+    assert_eq!(report["procs"], 1, "{report}");
+    drop(stalled);
+    let mut stream = connect(&daemon.client(), flood).await;
+    let output = loop {
+        match stream.next_event().await {
+            ProcEvent::Stdout(data) => break data,
+            ProcEvent::Start(_) | ProcEvent::Keepalive => continue,
+            other => panic!("its output stopped after the upgrade: {other:?}"),
+        }
+    };
+    assert!(String::from_utf8_lossy(&output).contains("0123456789abcdefghijklmnopqrstuvwxyz"));
+    daemon.client().kill(flood).await;
+}

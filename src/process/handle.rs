@@ -314,15 +314,35 @@ impl ProcessHandle {
             fanout.subscribers.clone()
         };
         let mut lost = false;
+        let mut stalled = Vec::new();
         if let Some((last, others)) = subscribers.split_last() {
             for subscriber in others {
-                lost |= subscriber.send(Event::Data(output, data.clone())).await.is_err();
+                match self.send_unless_paused(subscriber, Event::Data(output, data.clone())).await {
+                    Some(sent) => lost |= !sent,
+                    None => stalled.push(subscriber.clone()),
+                }
             }
             // The last one gets the original, so a lone subscriber owns it.
-            lost |= last.send(Event::Data(output, data)).await.is_err();
+            match self.send_unless_paused(last, Event::Data(output, data)).await {
+                Some(sent) => lost |= !sent,
+                None => stalled.push(last.clone()),
+            }
         }
-        if lost {
-            self.fanout().subscribers.retain(|s| !s.is_closed());
+        if lost || !stalled.is_empty() {
+            self.fanout().subscribers.retain(|s| !s.is_closed() && !stalled.iter().any(|x| x.same_channel(s)));
+        }
+    }
+
+    /// Sends, waiting for room; `Some(false)` if the subscriber is gone,
+    /// `None` if a pause was asked for while it had no room: a subscriber
+    /// that stopped reading must not hold up an upgrade, so it is cut off
+    /// (its stream ends, as it would at the exec).
+    async fn send_unless_paused(&self, subscriber: &mpsc::Sender<Event>, event: Event) -> Option<bool> {
+        tokio::select! {
+            // A subscriber with room always gets the event.
+            biased;
+            sent = subscriber.send(event) => Some(sent.is_ok()),
+            () = self.gate.pause_requested() => None,
         }
     }
 
