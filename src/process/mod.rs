@@ -224,7 +224,7 @@ const ADOPTED_OUTPUT_BUDGET: usize = 64 << 20;
 /// share of a bound on all of them, so many adopted processes cannot make
 /// envd hold more than that.
 pub fn output_kept_per_process(adopted: usize) -> usize {
-    (ADOPTED_OUTPUT_BUDGET / adopted.max(1)).clamp(64 << 10, handle::BACKLOG_BYTES)
+    (ADOPTED_OUTPUT_BUDGET / adopted.max(1)).min(handle::BACKLOG_BYTES)
 }
 
 /// Takes over a running child: it is listed, connectable, killable (its
@@ -410,5 +410,20 @@ async fn supervise(
     if let Some(cgroup) = handle.tree().cgroup().cloned() {
         drop(handle);
         cgroup.release_when_empty().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn adopted_processes_share_one_bound_on_kept_output() {
+        assert_eq!(output_kept_per_process(1), handle::BACKLOG_BYTES);
+        assert_eq!(output_kept_per_process(0), handle::BACKLOG_BYTES);
+        for count in [64, 100, 1_000, 100_000] {
+            assert!(output_kept_per_process(count) * count <= ADOPTED_OUTPUT_BUDGET, "{count}");
+        }
+        assert_eq!(output_kept_per_process(100), ADOPTED_OUTPUT_BUDGET / 100);
     }
 }
