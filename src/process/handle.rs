@@ -270,16 +270,11 @@ impl ProcessHandle {
     pub fn subscribe(&self) -> Subscription {
         let mut fanout = self.fanout();
         let backlog = fanout.backlog.take().unwrap_or_default();
-        if let Some(end) = fanout.end.clone() {
-            if backlog.chunks.is_empty() {
-                return Subscription::Ended(end);
-            }
-            let (tx, rx) = mpsc::channel(backlog.chunks.len() + 1);
-            for (output, data) in backlog.chunks {
-                let _ = tx.try_send(Event::Data(output, data));
-            }
-            let _ = tx.try_send(Event::End(end));
-            return Subscription::Live(rx);
+        let end = fanout.end.clone();
+        if let Some(end) = &end
+            && backlog.chunks.is_empty()
+        {
+            return Subscription::Ended(end.clone());
         }
         if backlog.dropped > 0 {
             tracing::warn!(
@@ -288,11 +283,14 @@ impl ProcessHandle {
                 "output kept for the first subscriber overflowed"
             );
         }
-        let (tx, rx) = mpsc::channel(SUBSCRIBER_BUFFER + backlog.chunks.len());
+        let (tx, rx) = mpsc::channel(SUBSCRIBER_BUFFER + backlog.chunks.len() + 1);
         for (output, data) in backlog.chunks {
             let _ = tx.try_send(Event::Data(output, data));
         }
-        fanout.subscribers.push(tx);
+        match end {
+            Some(end) => drop(tx.try_send(Event::End(end))),
+            None => fanout.subscribers.push(tx),
+        }
         Subscription::Live(rx)
     }
 
