@@ -669,3 +669,45 @@ async fn a_client_that_stopped_reading_does_not_hold_up_an_upgrade() {
     assert!(String::from_utf8_lossy(&output).contains("0123456789abcdefghijklmnopqrstuvwxyz"));
     daemon.client().kill(flood).await;
 }
+
+/// `GET /health` over a fresh connection: `Ok` on a 204.
+fn health_over_a_new_connection(port: u16) -> Result<(), String> {
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)).map_err(|e| e.to_string())?;
+    stream.set_read_timeout(Some(Duration::from_secs(10))).map_err(|e| e.to_string())?;
+    std::io::Write::write_all(&mut stream, b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .map_err(|e| e.to_string())?;
+    let mut reply = String::new();
+    std::io::Read::read_to_string(&mut stream, &mut reply).map_err(|e| e.to_string())?;
+    if reply.starts_with("HTTP/1.1 204") { Ok(()) } else { Err(format!("reply {reply:?}")) }
+}
+
+#[tokio::test]
+async fn connections_made_during_an_upgrade_are_served_by_the_new_image() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let daemon = Upgradable::start("upgrade-intake").await;
+    let port = daemon.envd.port();
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let hammer = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let (mut served, mut failed) = (0, Vec::new());
+            while !stop.load(Ordering::Relaxed) {
+                match health_over_a_new_connection(port) {
+                    Ok(()) => served += 1,
+                    Err(err) => failed.push(err),
+                }
+            }
+            (served, failed)
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    for _ in 0..5 {
+        daemon.upgrade_and_init(Bytes::new()).await;
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    stop.store(true, Ordering::Relaxed);
+    let (served, failed) = hammer.join().unwrap();
+    assert!(failed.is_empty(), "{} of {} new connections failed: {failed:?}", failed.len(), served + failed.len());
+    assert!(served > 30, "{served} served");
+}

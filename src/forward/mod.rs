@@ -80,6 +80,8 @@ pub struct Forwarder {
     capacity: Arc<Capacity>,
     /// Shared with a live upgrade.
     shared: Arc<Forwards>,
+    /// Held while an upgrade hands the forward sockets over.
+    intake: crate::upgrade::IntakeWatch,
 }
 
 /// The cap on forwarded connections, shared by every forwarded port.
@@ -125,10 +127,11 @@ impl Drop for Forward {
 impl Forwarder {
     /// A forwarder holding no forwards yet; it serves the sockets an
     /// earlier image handed over in `shared` from its first scan on.
-    pub fn new(config: ForwardConfig, shared: Arc<Forwards>) -> Self {
+    pub fn new(config: ForwardConfig, shared: Arc<Forwards>, intake: crate::upgrade::IntakeWatch) -> Self {
         Self {
             config,
             shared,
+            intake,
             forwards: BTreeMap::new(),
             told: BTreeSet::new(),
             capacity: Arc::new(Capacity {
@@ -217,7 +220,8 @@ impl Forwarder {
 impl Forwarder {
     fn serve(&mut self, port: u16, target: SocketAddr, listener: TcpListener) {
         self.shared.insert(HeldForward { port, target, fd: listener.as_raw_fd() });
-        let accepting = tokio::spawn(accept_loop(listener, target, self.capacity.clone(), self.shared.clone()));
+        let forwarding = Forwarding { target, capacity: self.capacity.clone(), forwards: self.shared.clone() };
+        let accepting = tokio::spawn(accept_loop(listener, forwarding, self.intake.clone()));
         self.forwards.insert(port, Forward { target, accepting });
     }
 
@@ -246,9 +250,26 @@ fn forward_socket(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::from_std(socket.into())
 }
 
-async fn accept_loop(listener: TcpListener, target: SocketAddr, capacity: Arc<Capacity>, forwards: Arc<Forwards>) {
+/// What an accept loop hands each connection.
+struct Forwarding {
+    target: SocketAddr,
+    capacity: Arc<Capacity>,
+    forwards: Arc<Forwards>,
+}
+
+async fn accept_loop(listener: TcpListener, forwarding: Forwarding, mut intake: crate::upgrade::IntakeWatch) {
+    let Forwarding { target, capacity, forwards } = forwarding;
     loop {
-        let client = match listener.accept().await {
+        let accepted = tokio::select! {
+            biased;
+            () = intake.held() => {
+                // Handed over with its backlog (see `crate::upgrade::Intake`).
+                intake.open().await;
+                continue;
+            }
+            accepted = listener.accept() => accepted,
+        };
+        let client = match accepted {
             Ok((client, _peer)) => client,
             Err(err) => {
                 // Out of fds and the like: back off instead of spinning.

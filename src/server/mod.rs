@@ -90,8 +90,9 @@ async fn serve(config: Config, logs: Option<LogShipper>) -> Result<(), ServerErr
     if let Some(address) = state.config.forward_target() {
         let max_connections = state.config.forward_max_connections;
         let forwarder = ForwardConfig { address, own_port: addr.port(), max_connections };
-        tokio::spawn(Forwarder::new(forwarder, state.forwards.clone()).run());
+        tokio::spawn(Forwarder::new(forwarder, state.forwards.clone(), state.intake.watch()).run());
     }
+    let mut intake = state.intake.watch();
     let app = router(state);
     tracing::info!(version = crate::VERSION, %addr, "envd listening");
     let mut acceptor = accept::Acceptor::new(listener);
@@ -112,7 +113,16 @@ async fn serve(config: Config, logs: Option<LogShipper>) -> Result<(), ServerErr
                 }
             }
         };
-        let socket = acceptor.accept().await;
+        let socket = tokio::select! {
+            biased;
+            () = intake.held() => {
+                // An upgrade hands the listener over: connections wait in
+                // the backlog for the next image (or for this one, if it fails).
+                intake.open().await;
+                continue;
+            }
+            socket = acceptor.accept() => socket,
+        };
         let _ = socket.set_nodelay(true);
         tokio::spawn(serve_connection(socket, app.clone(), slot));
     }

@@ -57,6 +57,8 @@ pub struct AppState {
     logs: Option<LogShipper>,
     /// Forwarded ports, shared with `/upgrade`.
     pub forwards: Arc<crate::forward::Forwards>,
+    /// Held by `/upgrade` while it hands the listening sockets over.
+    pub intake: Arc<crate::upgrade::Intake>,
     /// The listening socket, handed over by `/upgrade`.
     pub listener_fd: std::sync::OnceLock<std::os::fd::RawFd>,
     /// What this image took over from the one before, for `/init`.
@@ -84,6 +86,7 @@ impl AppState {
             templates: self.templates.clone(),
             forwards: self.forwards.clone(),
             logs: self.logs.clone(),
+            intake: self.intake.clone(),
             listener: self.listener_fd.get().copied().unwrap_or(-1),
             run_dir: self.config.run_dir.clone(),
             upgrade_path: self.config.upgrade_path.clone(),
@@ -223,6 +226,7 @@ impl AppState {
             subreaper,
             logs,
             forwards: Default::default(),
+            intake: Default::default(),
             listener_fd: Default::default(),
             handover: Default::default(),
         })

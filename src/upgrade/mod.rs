@@ -24,10 +24,12 @@
 //!    stays a zombie for the new image to reap; starts, stdin closes and
 //!    retirements wait; then the streams attached now get (bounded) time
 //!    to take the output already read, which would die with this image;
-//! 6. write the handover ([`handover`]): a sealed memfd with the secrets
+//! 6. stop accepting on the listening sockets ([`Intake`]): new connections
+//!    wait in the backlog for the next image;
+//! 7. write the handover ([`handover`]): a sealed memfd with the secrets
 //!    (token, env values) and a 0600 file in the run directory (a tmpfs)
 //!    with the rest, naming the fds by number;
-//! 7. `execve` with the carried fds' close-on-exec flag cleared just for
+//! 8. `execve` with the carried fds' close-on-exec flag cleared just for
 //!    the exec ([`exec`]). From step 4 on, any failure undoes what was done
 //!    in reverse (fds closed, file removed, tasks resumed, workload thawed)
 //!    and the old image keeps serving.
@@ -73,6 +75,7 @@ mod binary;
 mod exec;
 pub mod handover;
 mod incoming;
+mod intake;
 
 use std::os::fd::RawFd;
 use std::path::{Path, PathBuf};
@@ -80,6 +83,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use incoming::{HandoverReport, close_carried_on_exec, parse_fd_list, resume};
+pub use intake::{Intake, IntakeWatch};
 
 use crate::auth::AccessGuard;
 use crate::context::ContextStore;
@@ -95,6 +99,8 @@ use crate::telemetry::ship::LogShipper;
 pub const DEFAULT_UPGRADE_PATH: &str = "/usr/bin/envd.next";
 /// How long the upgrade waits for the freeze lock, the freeze and the pause.
 const STEP_BUDGET: Duration = Duration::from_secs(2);
+/// How long the accept loops get to stop before the handover is written.
+const INTAKE_SETTLE: Duration = Duration::from_millis(10);
 /// How long attached streams get to take the output already read.
 const DELIVERY_BUDGET: Duration = Duration::from_millis(300);
 
@@ -149,6 +155,8 @@ pub struct Daemon {
     pub forwards: Arc<Forwards>,
     /// Log lines on their way to the host's collector.
     pub logs: Option<LogShipper>,
+    /// Held while the listening sockets are handed over.
+    pub intake: Arc<Intake>,
     /// The listening socket.
     pub listener: RawFd,
     /// Where the handover file goes (a tmpfs in a VM).
@@ -206,7 +214,11 @@ pub async fn perform(daemon: &Daemon, initialized: bool, request: Request) -> Up
     // Output already read goes to the streams attached now rather than die
     // with this image's memory (bounded: a client may have stopped reading).
     daemon.processes.wait_delivered(DELIVERY_BUDGET).await;
+    let intake = daemon.intake.hold();
+    // Time for the accept loops to see it and park.
+    tokio::time::sleep(INTAKE_SETTLE).await;
     let err = exec::hand_over_and_exec(daemon, &program);
+    drop(intake);
     drop(paused);
     thaw(daemon, &hold, ours);
     err
