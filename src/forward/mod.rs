@@ -260,15 +260,8 @@ struct Forwarding {
 async fn accept_loop(listener: TcpListener, forwarding: Forwarding, mut intake: crate::upgrade::IntakeWatch) {
     let Forwarding { target, capacity, forwards } = forwarding;
     loop {
-        let accepted = tokio::select! {
-            biased;
-            () = intake.held() => {
-                // Handed over with its backlog (see `crate::upgrade::Intake`).
-                intake.open().await;
-                continue;
-            }
-            accepted = listener.accept() => accepted,
-        };
+        // Handed over with its backlog during an upgrade (see `crate::upgrade::Intake`).
+        let Some(accepted) = intake.unless_held(listener.accept()).await else { continue };
         let client = match accepted {
             Ok((client, _peer)) => client,
             Err(err) => {

@@ -113,16 +113,9 @@ async fn serve(config: Config, logs: Option<LogShipper>) -> Result<(), ServerErr
                 }
             }
         };
-        let socket = tokio::select! {
-            biased;
-            () = intake.held() => {
-                // An upgrade hands the listener over: connections wait in
-                // the backlog for the next image (or for this one, if it fails).
-                intake.open().await;
-                continue;
-            }
-            socket = acceptor.accept() => socket,
-        };
+        // While an upgrade hands the listener over, connections wait in the
+        // backlog for the next image (or for this one, if it fails).
+        let Some(socket) = intake.unless_held(acceptor.accept()).await else { continue };
         let _ = socket.set_nodelay(true);
         tokio::spawn(serve_connection(socket, app.clone(), slot));
     }

@@ -48,13 +48,16 @@ impl Drop for IntakeHold<'_> {
 pub struct IntakeWatch(watch::Receiver<bool>);
 
 impl IntakeWatch {
-    /// Resolves once the intake is held.
-    pub async fn held(&mut self) {
-        let _ = self.0.wait_for(|held| *held).await;
-    }
-
-    /// Resolves once the intake is open again.
-    pub async fn open(&mut self) {
+    /// `accept`'s result, or `None` once the intake was held and has opened
+    /// again (the accept was abandoned: it must be cancel-safe, and the
+    /// caller simply accepts again).
+    pub async fn unless_held<T>(&mut self, accept: impl std::future::Future<Output = T>) -> Option<T> {
+        tokio::select! {
+            biased;
+            _ = self.0.wait_for(|held| *held) => {}
+            accepted = accept => return Some(accepted),
+        }
         let _ = self.0.wait_for(|held| !*held).await;
+        None
     }
 }
