@@ -50,7 +50,6 @@ impl OpenSsh {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("ssh temp dir");
         write_keys_and_config(&dir);
-        std::fs::create_dir_all("/run/sshd").expect("/run/sshd, sshd's privilege separation dir");
         let port = common::free_port();
         let (sshd, _) = spawn_sshd(&dir, port);
         std::fs::write(dir.join("ssh_config"), client_config(&dir, port)).expect("ssh_config");
@@ -188,17 +187,29 @@ fn client_config(dir: &Path, port: u16) -> String {
     )
 }
 
+/// sshd's privilege separation directory. It lives on `/run`, which a boot
+/// empties (a tmpfs, or cleared by tmpfiles), and Debian creates it only in
+/// its service unit, which the bench does not use: without it sshd exits 255
+/// ("Missing privilege separation directory").
+const PRIVSEP_DIR: &str = "/run/sshd";
+
 /// Starts sshd in the foreground and waits for its banner.
 fn spawn_sshd(dir: &Path, port: u16) -> (Child, Duration) {
+    // Created before every start, not once: each sshd start needs it, and
+    // nothing else in the bench makes it.
+    std::fs::create_dir_all(PRIVSEP_DIR).expect("/run/sshd, sshd's privilege separation dir");
+    set_mode(Path::new(PRIVSEP_DIR), 0o755);
+    let log = std::fs::File::create(dir.join("sshd.log")).expect("sshd.log");
     let began = Instant::now();
+    // -e: its errors go to sshd.log (not syslog), quoted if it exits.
     let mut sshd = Command::new(SSHD)
-        .arg("-D")
+        .args(["-D", "-e"])
         .arg("-f")
         .arg(dir.join("sshd_config"))
         .args(["-p", &port.to_string()])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(log)
         .spawn()
         .expect("spawning sshd");
     loop {
@@ -210,7 +221,8 @@ fn spawn_sshd(dir: &Path, port: u16) -> (Child, Duration) {
             }
         }
         if let Ok(Some(status)) = sshd.try_wait() {
-            panic!("sshd exited with {status} before accepting connections");
+            let log = std::fs::read_to_string(dir.join("sshd.log")).unwrap_or_default();
+            panic!("sshd exited with {status} before accepting connections: {}", log.trim());
         }
         assert!(began.elapsed() < common::PATIENCE, "sshd did not accept connections");
         std::thread::sleep(Duration::from_micros(500));
