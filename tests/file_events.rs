@@ -18,7 +18,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::fs_rpc::{
-    CREATE_WATCHER, GET_WATCHER_EVENTS as GET_EVENTS, MAKE_DIR as MKDIR, MOVE, REMOVE, WATCH_DIR as WATCH,
+    CREATE_WATCHER, GET_WATCHER_EVENTS as GET_EVENTS, MAKE_DIR as MKDIR, MOVE, REMOVE, REMOVE_WATCHER,
+    WATCH_DIR as WATCH,
 };
 use common::*;
 use http::{Method, StatusCode};
@@ -226,6 +227,40 @@ async fn uploads_mkdir_move_and_remove_show_the_reference_sequences() {
         }
     }
     assert!(dir.names("").iter().all(|n| !n.contains("envd-")), "no temporaries left: {:?}", dir.names(""));
+}
+
+/// The SDK suites' `watch_dir`, write, `get_new_events` with no pause
+/// between: one poll right after the upload's answer holds all three events
+/// of the new file and both of the rewrite, every time. Without the drain
+/// at the start of a poll, a busy machine answers before envd has read the
+/// last inotify records, and a poll misses some.
+#[tokio::test]
+async fn a_poll_right_after_an_upload_holds_every_event_of_it() {
+    const ROUNDS: usize = 500;
+    let envd = Envd::start();
+    let client = envd.client();
+    let user = test_user();
+    let dir = Scratch::new("poll-after-upload");
+    for round in 0..ROUNDS {
+        let watched = dir.s(&format!("d{round}"));
+        std::fs::create_dir(&watched).unwrap();
+        let created = client.call(CREATE_WATCHER, &json!({"path": watched})).await;
+        let id = created["watcherId"].as_str().unwrap().to_owned();
+        let poll = || async {
+            let reply = client.call(GET_EVENTS, &json!({"watcherId": id})).await;
+            let list = reply["events"].as_array().cloned().unwrap_or_default();
+            list.iter()
+                .map(|e| (e["name"].as_str().unwrap().to_owned(), e["type"].as_str().unwrap().to_owned()))
+                .collect::<Vec<_>>()
+        };
+        upload(&client, &format!("{watched}/f.txt"), &user.name, b"first", &[]).await;
+        let first = poll().await;
+        assert_eq!(first, events(&[("f.txt", CREATE), ("f.txt", CHMOD), ("f.txt", WRITE)]), "round {round}: new file");
+        upload(&client, &format!("{watched}/f.txt"), &user.name, b"second", &[]).await;
+        let second = poll().await;
+        assert_eq!(second, events(&[("f.txt", CHMOD), ("f.txt", WRITE)]), "round {round}: rewrite");
+        client.call(REMOVE_WATCHER, &json!({"watcherId": id})).await;
+    }
 }
 
 #[tokio::test]

@@ -151,6 +151,18 @@ impl Inotify {
         unsafe { libc::inotify_rm_watch(self.fd.get_ref().as_raw_fd(), wd) };
     }
 
+    /// Whatever the kernel has queued now, without waiting: `None` once the
+    /// queue is empty. The kernel queues an event before the syscall that
+    /// caused it returns, so reading until `None` sees every change that
+    /// completed before the call.
+    pub fn try_read(&mut self) -> io::Result<Option<Vec<RawEvent>>> {
+        match nix::unistd::read(self.fd.get_ref().as_fd(), &mut self.buffer) {
+            Ok(n) => Ok(Some(parse(&self.buffer[..n]))),
+            Err(nix::errno::Errno::EAGAIN) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// Waits for events and returns the next batch.
     pub async fn read(&mut self) -> io::Result<Vec<RawEvent>> {
         loop {
@@ -230,6 +242,20 @@ mod tests {
         std::fs::remove_file(&file).unwrap();
         let missing = InotifyBudget::from_kernel(&file);
         assert_eq!((missing.limit(), missing.kernel_limit()), (64, 128));
+    }
+
+    #[tokio::test]
+    async fn try_read_takes_what_is_queued_without_waiting() {
+        let dir = std::env::temp_dir().join(format!("envd-inotify-try-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut inotify = Inotify::new(InotifyBudget::new(1).take().unwrap()).unwrap();
+        inotify.add_watch(&dir, false).unwrap();
+        assert_eq!(inotify.try_read().unwrap(), None, "nothing happened yet");
+        std::fs::write(dir.join("y"), b"1").unwrap();
+        let events = inotify.try_read().unwrap().expect("queued by the time write returned");
+        assert!(events.iter().any(|e| e.mask & libc::IN_CREATE != 0 && e.name.as_deref() == Some("y".as_ref())));
+        assert_eq!(inotify.try_read().unwrap(), None, "drained");
+        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[tokio::test]

@@ -131,6 +131,17 @@ impl Watcher {
         }
     }
 
+    /// Every event not yet returned, after reading all the kernel has
+    /// queued without waiting: whatever changed before this call is in it.
+    pub fn drain(&mut self) -> Result<Vec<FsEvent>, FsError> {
+        while let Some(batch) = self.inotify.try_read().map_err(|e| watch_error(&self.root, e))? {
+            for raw in batch {
+                self.handle(raw)?;
+            }
+        }
+        Ok(self.pending.drain(..).collect())
+    }
+
     fn handle(&mut self, raw: RawEvent) -> Result<(), FsError> {
         if raw.mask & libc::IN_Q_OVERFLOW != 0 {
             return Err(FsError::WatchOverflow("the kernel event queue overflowed: events were lost".into()));

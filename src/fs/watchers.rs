@@ -11,12 +11,18 @@
 //! Each live watcher holds one inotify instance from the budget it shares
 //! with `WatchDir` streams; a failed, removed or expired watcher gives its
 //! instance back at once.
+//!
+//! A poll first has the watcher's pump read everything the kernel has
+//! queued (a drain), so an answer holds every event of a change that
+//! completed before the poll: a client that writes a file and then polls
+//! sees all of that write's events, however busy the machine.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -27,6 +33,12 @@ use super::{FsError, InotifyBudget, random};
 pub const DEFAULT_MAX_EVENTS: usize = 10_000;
 /// How long a polling watcher lives without being polled.
 pub const DEFAULT_IDLE_TTL: Duration = Duration::from_secs(15 * 60);
+/// Drain requests waiting for one pump; a poll beyond that waits its turn.
+const DRAIN_REQUESTS: usize = 16;
+
+/// Asks a pump to drain; the pump drops the sender once the queue holds
+/// everything read.
+type DrainRequest = oneshot::Sender<()>;
 
 /// Why a poll failed.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -52,6 +64,7 @@ struct Polled {
     options: WatchOptions,
     queue: Mutex<Queue>,
     task: Mutex<Option<JoinHandle<()>>>,
+    drains: mpsc::Sender<DrainRequest>,
 }
 
 /// A polling watcher as data: what another image of envd needs to go on
@@ -73,6 +86,15 @@ pub struct WatcherState {
 impl Polled {
     fn queue(&self) -> MutexGuard<'_, Queue> {
         self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Has the pump move every event the kernel holds into the queue. A
+    /// pump that no longer reads (failed or stopped) answers at once.
+    async fn drain(&self) {
+        let (done, answered) = oneshot::channel();
+        if self.drains.send(done).await.is_ok() {
+            let _ = answered.await;
+        }
     }
 
     /// Aborts the pump; its watcher is dropped once the returned task ends.
@@ -154,17 +176,20 @@ impl PollingWatchers {
         };
         let id = state.id;
         let queue = Queue { events: state.events, failure: state.failure, last_poll: Instant::now() };
+        let (drains, drain_requests) = mpsc::channel(DRAIN_REQUESTS);
         let polled = Arc::new(Polled {
             root: state.root,
             options: state.options,
             queue: Mutex::new(queue),
             task: Mutex::new(None),
+            drains,
         });
         let pump = Pump {
             id: id.clone(),
             polled: polled.clone(),
             table: Arc::downgrade(&self.table),
             limits: (self.max_events, self.idle_ttl),
+            drain_requests,
         };
         let task = tokio::spawn(pump.run(watcher));
         *polled.task.lock().unwrap_or_else(|e| e.into_inner()) = Some(task);
@@ -172,15 +197,26 @@ impl PollingWatchers {
         Ok(id)
     }
 
-    /// Takes every event queued since the last poll.
-    pub fn poll(&self, id: &str) -> Result<Vec<FsEvent>, WatcherError> {
+    /// Takes every event since the last poll, those of changes the kernel
+    /// has queued but the pump has not read yet included.
+    pub async fn poll(&self, id: &str) -> Result<Vec<FsEvent>, WatcherError> {
         let polled = self.table().get(id).cloned().ok_or_else(|| WatcherError::Unknown(id.to_owned()))?;
+        polled.drain().await;
         let mut queue = polled.queue();
         queue.last_poll = Instant::now();
         if let Some(failure) = &queue.failure {
             return Err(WatcherError::Failed(failure.clone()));
         }
         Ok(std::mem::take(&mut queue.events))
+    }
+
+    /// Drains every watcher (see [`Self::poll`]), so that [`Self::export`]
+    /// then holds every event of a change made before this call.
+    pub async fn drain_all(&self) {
+        let all: Vec<Arc<Polled>> = self.table().values().cloned().collect();
+        for polled in all {
+            polled.drain().await;
+        }
     }
 
     /// Stops and forgets a watcher; its inotify instance is closed when
@@ -220,29 +256,36 @@ struct Pump {
     table: Weak<Table>,
     /// (max queued events, idle time to live)
     limits: (usize, Duration),
+    drain_requests: mpsc::Receiver<DrainRequest>,
 }
 
 impl Pump {
-    async fn run(self, watcher: Option<Watcher>) {
+    async fn run(mut self, watcher: Option<Watcher>) {
         let (max_events, idle_ttl) = self.limits;
         let mut check = tokio::time::interval(idle_ttl.min(Duration::from_secs(30)));
         let Some(mut watcher) = watcher else { return self.linger(check, idle_ttl).await };
         loop {
-            tokio::select! {
-                event = watcher.next() => {
-                    let failure = match event {
-                        Ok(event) => self.enqueue(event, max_events),
-                        Err(err) => Some(err.to_string()),
-                    };
-                    if let Some(failure) = failure {
-                        let mut queue = self.polled.queue();
-                        queue.events = Vec::new();
-                        queue.failure = Some(failure);
-                        break;
-                    }
+            // `next` is cancel-safe: an event it read is kept in the watcher.
+            let (events, answered) = tokio::select! {
+                event = watcher.next() => (event.map(|e| vec![e]), None),
+                Some(request) = self.drain_requests.recv() => (watcher.drain(), Some(request)),
+                _ = check.tick() => {
+                    if self.expired(idle_ttl) { return self.forget() }
+                    continue;
                 }
-                _ = check.tick() => if self.expired(idle_ttl) { return self.forget() },
+            };
+            let failure = match events {
+                Ok(events) => self.enqueue(events, max_events),
+                Err(err) => Some(err.to_string()),
+            };
+            if let Some(failure) = failure {
+                let mut queue = self.polled.queue();
+                queue.events = Vec::new();
+                queue.failure = Some(failure);
+                break;
             }
+            // The queue holds the drained events before the poll goes on.
+            drop(answered);
         }
         // Failed: close inotify now, keep reporting the failure until
         // the client removes the watcher or it expires.
@@ -250,21 +293,23 @@ impl Pump {
         self.linger(check, idle_ttl).await
     }
 
-    async fn linger(self, mut check: tokio::time::Interval, idle_ttl: Duration) {
+    /// Answers drain requests at once (nothing is read any more) until the
+    /// watcher is removed or expires.
+    async fn linger(mut self, mut check: tokio::time::Interval, idle_ttl: Duration) {
         loop {
-            check.tick().await;
-            if self.expired(idle_ttl) {
-                return self.forget();
+            tokio::select! {
+                Some(request) = self.drain_requests.recv() => drop(request),
+                _ = check.tick() => if self.expired(idle_ttl) { return self.forget() },
             }
         }
     }
 
-    fn enqueue(&self, event: FsEvent, max_events: usize) -> Option<String> {
+    fn enqueue(&self, events: Vec<FsEvent>, max_events: usize) -> Option<String> {
         let mut queue = self.polled.queue();
-        if queue.events.len() >= max_events {
+        if queue.events.len().saturating_add(events.len()) > max_events {
             return Some(format!("more than {max_events} events queued since the last poll: events were lost"));
         }
-        queue.events.push(event);
+        queue.events.extend(events);
         None
     }
 
@@ -307,18 +352,18 @@ mod tests {
         assert!(id.starts_with('w') && id.len() == 21);
         std::fs::write(root.join("a"), b"").unwrap();
         settle().await;
-        let events = watchers.poll(&id).unwrap();
+        let events = watchers.poll(&id).await.unwrap();
         assert_eq!((events[0].name.as_str(), events[0].kind), ("a", EventKind::Create));
         for i in 0..5 {
             std::fs::write(root.join(format!("f{i}")), b"").unwrap();
         }
         settle().await;
-        assert!(matches!(watchers.poll(&id), Err(WatcherError::Failed(_))));
-        assert!(matches!(watchers.poll(&id), Err(WatcherError::Failed(_))));
+        assert!(matches!(watchers.poll(&id).await, Err(WatcherError::Failed(_))));
+        assert!(matches!(watchers.poll(&id).await, Err(WatcherError::Failed(_))));
         let again = watchers.create(root.clone(), WatchOptions::default()).await.unwrap();
         watchers.remove(&again).await.unwrap();
         watchers.remove(&id).await.unwrap();
-        assert_eq!(watchers.poll(&id), Err(WatcherError::Unknown(id.clone())));
+        assert_eq!(watchers.poll(&id).await, Err(WatcherError::Unknown(id.clone())));
         assert_eq!(watchers.remove(&id).await, Err(WatcherError::Unknown(id)));
         std::fs::remove_dir_all(root).unwrap();
     }
@@ -329,12 +374,12 @@ mod tests {
         let watchers = PollingWatchers::new(10, Duration::from_secs(60), InotifyBudget::new(1));
         let id = watchers.create(root.clone(), WatchOptions::default()).await.unwrap();
         tokio::time::sleep(Duration::from_secs(45)).await;
-        assert!(watchers.poll(&id).is_ok());
+        assert!(watchers.poll(&id).await.is_ok());
         tokio::time::sleep(Duration::from_secs(45)).await;
-        assert!(watchers.poll(&id).is_ok(), "polling keeps it alive");
+        assert!(watchers.poll(&id).await.is_ok(), "polling keeps it alive");
         tokio::time::sleep(Duration::from_secs(100)).await;
         assert!(watchers.is_empty());
-        assert!(matches!(watchers.poll(&id), Err(WatcherError::Unknown(_))));
+        assert!(matches!(watchers.poll(&id).await, Err(WatcherError::Unknown(_))));
         std::fs::remove_dir_all(root).unwrap();
     }
 }

@@ -223,7 +223,7 @@ impl pb::Filesystem for FilesystemService {
         ctx: RequestContext,
         request: ServiceRequest<'_, pb::GetWatcherEventsRequest>,
     ) -> ServiceResult<pb::GetWatcherEventsResponse> {
-        let events = self.state.watchers.poll(&request.to_owned_message().watcher_id)?;
+        let events = self.state.watchers.poll(&request.to_owned_message().watcher_id).await?;
         let legacy = is_legacy(&ctx);
         let events = events.into_iter().map(|e| event_to_pb(e, legacy)).collect();
         respond(&ctx, pb::GetWatcherEventsResponse { events, ..Default::default() })

@@ -214,6 +214,9 @@ pub async fn perform(daemon: &Daemon, initialized: bool, request: Request) -> Up
     // Output already read goes to the streams attached now rather than die
     // with this image's memory (bounded: a client may have stopped reading).
     daemon.processes.wait_delivered(DELIVERY_BUDGET).await;
+    // Events still in the kernel's queues would die with this image's
+    // inotify instances: the handover carries them.
+    let _ = tokio::time::timeout(DELIVERY_BUDGET, daemon.watchers.drain_all()).await;
     let intake = daemon.intake.hold();
     // Time for the accept loops to see it and park.
     tokio::time::sleep(INTAKE_SETTLE).await;
