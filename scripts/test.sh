@@ -18,7 +18,36 @@ if [[ "$(id -u)" != 0 ]]; then
     exit 1
 fi
 
+# Every run sees /run, /dev/shm and /tmp as a machine booted a minute ago
+# has them: empty (a boot mounts /run and /dev/shm as new tmpfs and clears
+# /tmp). The run goes on in a mount namespace of its own where they are new
+# and empty, so whatever a test, the bench, an SDK runner or the VM harness
+# needs there has to be created by the script that needs it, and a machine
+# where something made it once cannot hide that. The machine's own /run,
+# /dev/shm and /tmp are not touched. ENVD_TEST_FRESH_BOOT marks the inner run.
+if [[ -z "${ENVD_TEST_FRESH_BOOT:-}" ]]; then
+    exec unshare --mount --propagation private -- env ENVD_TEST_FRESH_BOOT=1 bash "$repo/scripts/test.sh" "$@"
+fi
+fresh_tmp="$(mktemp -d /var/tmp/envd-test-tmp.XXXXXX)"
+# --one-file-system: a test that failed to unmount its image under /tmp
+# loses nothing but its own files.
+trap 'rm -rf --one-file-system "$fresh_tmp"' EXIT
+mount -t tmpfs -o mode=0755,nosuid,nodev tmpfs /run
+# The one thing a boot's tmpfiles make there that the system relies on:
+# /var/lock points to it.
+install -d -m 1777 /run/lock
+mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs /dev/shm
+chmod 1777 "$fresh_tmp"
+mount --bind "$fresh_tmp" /tmp
+
 step() { printf '\n==> %s\n' "$*"; }
+
+step "fresh-boot paths: /run, /dev/shm and /tmp are empty"
+leftover="$(find /run /dev/shm /tmp -mindepth 1 -not -path /run/lock | head -5)"
+if [[ -n "$leftover" ]]; then
+    echo "scripts/test.sh: not a fresh-boot view, found: $leftover" >&2
+    exit 1
+fi
 
 step "build"
 cargo build --all-targets
