@@ -1,9 +1,10 @@
 //! `POST /init`: the host hands over the token, env vars, default user and
 //! workdir, the time, the events address, its egress proxy's CA and the
-//! NFS volumes. Authorisation and ordering follow the reference exactly
-//! (CONTRACT.md 4.5); the values are applied only when the request's
-//! timestamp is newer than every one applied before. What was applied is
-//! saved even when a later step (CA, volumes) fails.
+//! NFS volumes. Authorisation and ordering follow the reference, with the
+//! differences marked in docs/CONTRACT.md 4.5; the values are applied
+//! only when the request's timestamp is newer than every one applied
+//! before. What was applied is saved even when a later step (CA, volumes)
+//! fails.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
