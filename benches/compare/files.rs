@@ -141,6 +141,22 @@ pub fn raw_copy(source: &Path, target: &Path) -> Duration {
     took
 }
 
+/// The work a durable upload does, without envd: copy into a temporary
+/// beside the target, fsync it, rename it over the target, fsync the
+/// directory.
+pub fn raw_durable_copy(source: &Path, target: &Path) -> Duration {
+    let temporary = target.with_extension("raw-tmp");
+    let dir = target.parent().expect("the target's directory");
+    let took = timed(|| {
+        std::fs::copy(source, &temporary).expect("std::fs::copy");
+        std::fs::File::open(&temporary).and_then(|f| f.sync_all()).expect("fsync of the copy");
+        std::fs::rename(&temporary, target).expect("rename over the target");
+        std::fs::File::open(dir).and_then(|d| d.sync_all()).expect("fsync of the directory");
+    });
+    assert_same_size(source, target);
+    took
+}
+
 #[derive(Clone, PartialEq, prost::Message)]
 struct PathRequest {
     #[prost(string, tag = "1")]

@@ -15,10 +15,12 @@
 #[path = "../../tests/common/mod.rs"]
 mod common;
 
+mod bare_http;
 mod chart;
 mod exec;
 mod figure;
 mod files;
+mod goals;
 mod machine;
 mod openssh;
 mod report;
@@ -116,6 +118,7 @@ fn main() {
     figures.extend(streams(&runtime, &envd, &client, &ssh, &settings));
     figures.extend(file_figures(&runtime, &envd, &client, &ssh, &settings));
     figures.extend(bursts(&runtime, &envd, &ssh, &settings));
+    figures.push(idle_after_bursts(&envd));
     drop(ssh);
     drop(envd);
     machine.load_after = machine::load_average();
@@ -153,6 +156,14 @@ fn footprint(binary: &std::path::Path, envd: &Envd, ssh: &OpenSsh) -> Vec<Figure
                 ),
             ),
     ]
+}
+
+/// envd's resident memory once the bursts are over: what a day of
+/// commands leaves behind.
+fn idle_after_bursts(envd: &Envd) -> Figure {
+    std::thread::sleep(Duration::from_secs(1));
+    Figure::new("idle_rss_after_bursts", "RSS idle after the bursts", Unit::Mib)
+        .with(Side::Envd, Measure::once(machine::rss_mib(envd.pid()), "VmRSS 1 s after the last burst"))
 }
 
 fn round_trips(
@@ -270,6 +281,11 @@ fn file_figures(
         took
     };
     let raw_copy = || Measure::rate(s.big, once(files::raw_copy(&source, &target)), "std::fs::copy (copy_file_range)");
+    let durable_copy = Measure::rate(
+        s.big,
+        once(files::raw_durable_copy(&source, &target)),
+        "std::fs::copy to a temporary + fsync + rename + directory fsync (the work of a durable upload)",
+    );
     let (multipart, up_peak) =
         with_peak(envd, || once(files::envd_upload_multipart(envd, BENCH_USER, &source, &target)));
     let octet = once(files::envd_upload_octet(envd, BENCH_USER, &source, &target));
@@ -283,7 +299,7 @@ fn file_figures(
             Side::OpenSsh,
             Measure::rate(s.big, once(files::sftp_upload(ssh, &source, &target)), "`sftp put` on the master"),
         )
-        .with(Side::Raw, raw_copy());
+        .with(Side::Raw, durable_copy);
     upload.envd_peak_rss = Some(up_peak);
     let (get, down_peak) = with_peak(envd, || once(runtime.block_on(files::envd_download(client, &source, &target))));
     let mut download = Figure::new("download", format!("download of {}", s.size_name()), Unit::Rate)
@@ -337,15 +353,31 @@ fn fs_figure(
                 ),
             ),
         )
-        .with(
-            Side::Raw,
-            Measure::latencies(
-                files::raw_fs_latency(path, list, entries, rounds),
-                if list { "readdir + lstat of each entry" } else { "statx" },
-            ),
-        );
+        .with(Side::Raw, fs_floor(runtime, path, list, entries, rounds));
     figure.envd_peak_rss = Some(json_peak.max(proto_peak));
     figure
+}
+
+/// What a call cannot go under: for ListDir the listing itself, for Stat
+/// (one syscall) the HTTP round trip that carries it.
+fn fs_floor(
+    runtime: &tokio::runtime::Runtime,
+    path: &std::path::Path,
+    list: bool,
+    entries: usize,
+    rounds: usize,
+) -> Measure {
+    if list {
+        return Measure::latencies(files::raw_fs_latency(path, list, entries, rounds), "readdir + lstat of each entry");
+    }
+    let bare = bare_http::BareHttp::start();
+    let client = Client::for_port(bare.port);
+    let path = path.display().to_string();
+    runtime.block_on(bare_http::round_trips(&client, &path, 10));
+    Measure::latencies(
+        runtime.block_on(bare_http::round_trips(&client, &path, rounds)),
+        format!("a bare keep-alive HTTP/1.1 round trip (hyper, empty 200) of a Stat-sized POST, {rounds} calls"),
+    )
 }
 
 fn bursts(runtime: &tokio::runtime::Runtime, envd: &Envd, ssh: &OpenSsh, s: &Settings) -> Vec<Figure> {
@@ -433,5 +465,6 @@ fn expected() -> Vec<(&'static str, &'static [Side])> {
         ("burst_large", NO_PROTO),
         ("burst_small_rss", VERSUS_SSH),
         ("burst_large_rss", VERSUS_SSH),
+        ("idle_rss_after_bursts", &[Side::Envd]),
     ]
 }

@@ -4,8 +4,9 @@
 use serde_json::{Value, json};
 
 use crate::figure::{Figure, Machine, Side, Unit};
+use crate::goals::{self, Verdict};
 
-fn format_value(unit: Unit, value: f64) -> String {
+pub fn format_value(unit: Unit, value: f64) -> String {
     match unit {
         Unit::Time if value < 1e-3 => format!("{:.0} µs", value * 1e6),
         Unit::Time if value < 1.0 => format!("{:.2} ms", value * 1e3),
@@ -41,14 +42,15 @@ pub fn table(figures: &[Figure], machine: &Machine) -> String {
          envd / envd, binary where both exist.\n\n",
     );
     out.push_str(
-        "| figure | envd | envd, binary | OpenSSH | raw | envd ÷ raw | OpenSSH ÷ raw | envd ÷ OpenSSH | envd peak RSS |\n",
+        "| figure | envd | envd, binary | OpenSSH | raw | envd ÷ raw | OpenSSH ÷ raw | envd ÷ OpenSSH | envd peak RSS | goal: now |\n",
     );
-    out.push_str("|---|---|---|---|---|---|---|---|---|\n");
+    out.push_str("|---|---|---|---|---|---|---|---|---|---|\n");
     let envd = [Side::Envd, Side::EnvdProto];
+    let verdicts = goals::judge(figures);
     for figure in figures {
         let rss = figure.envd_peak_rss.map_or("—".into(), |mib| format!("{mib:.1} MiB"));
         out.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {rss} |\n",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {rss} | {} |\n",
             figure.title,
             cell(figure, Side::Envd),
             cell(figure, Side::EnvdProto),
@@ -57,8 +59,11 @@ pub fn table(figures: &[Figure], machine: &Machine) -> String {
             ratio_cell(figure, &envd, Side::Raw),
             ratio_cell(figure, &[Side::OpenSsh], Side::Raw),
             ratio_cell(figure, &envd, Side::OpenSsh),
+            goals::cell(&verdicts, figure.id),
         ));
     }
+    let met = verdicts.iter().filter(|v| v.met).count();
+    out.push_str(&format!("\nGoals met: {met} of {}.\n", verdicts.len()));
     out.push_str("\nHow each value was measured:\n\n");
     for figure in figures {
         let hows: Vec<String> =
@@ -87,6 +92,7 @@ pub fn growth(figures: &[Figure], small: &str, large: &str, factor: f64) -> Stri
 }
 
 pub fn json(figures: &[Figure], machine: &Machine, quick: bool) -> Value {
+    let verdicts: Vec<Verdict> = goals::judge(figures);
     let figures: Vec<Value> = figures
         .iter()
         .map(|figure| {
@@ -105,8 +111,14 @@ pub fn json(figures: &[Figure], machine: &Machine, quick: bool) -> Value {
                     }
                 }
             }
+            let goals: Vec<Value> = verdicts
+                .iter()
+                .filter(|v| v.goal.figure == figure.id)
+                .map(|v| json!({"goal": v.goal.text, "now": v.now, "met": v.met}))
+                .collect();
             json!({
                 "id": figure.id,
+                "goals": goals,
                 "title": figure.title,
                 "unit": figure.unit.name(),
                 "values": values,

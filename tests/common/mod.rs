@@ -521,6 +521,11 @@ impl Client {
         }
     }
 
+    /// A plain HTTP/1.1 client of another server on loopback.
+    pub fn for_port(port: u16) -> Client {
+        Client::new(port, false, Sessions::default())
+    }
+
     /// This client with a header sent on every request (token, user).
     pub fn with_header(mut self, name: &str, value: &str) -> Client {
         self.headers.push((name.to_owned(), value.to_owned()));
