@@ -13,6 +13,7 @@ pub mod spawn;
 pub mod status;
 mod table;
 mod tree;
+mod vfork;
 mod waiter;
 
 use std::collections::BTreeMap;
@@ -161,23 +162,20 @@ pub async fn start(table: &Arc<ProcessTable>, spec: StartSpec) -> Result<Started
         cgroup_procs: spec.placement.procs_fd(),
     })
     .map_err(spawn_error)?;
-    let mut child = spawned.child;
-    let pid = child.id().ok_or_else(|| spawn_error(std::io::Error::other("child exited before its pid was read")))?;
+    let pid = spawned.pid;
     spawning.register(pid);
     let tree = match spec.placement {
         Placement::Own(cgroup) => ProcessTree::Cgroup(cgroup),
         Placement::Outside | Placement::Shared(_) => ProcessTree::Walk,
     };
-    let stdout = child.stdout.take().map(|p| p.into_owned_fd()).transpose().map_err(ProcessError::Io)?;
-    let stderr = child.stderr.take().map(|p| p.into_owned_fd()).transpose().map_err(ProcessError::Io)?;
-    let stdin = child.stdin.take().map(|p| p.into_owned_fd()).transpose().map_err(ProcessError::Io)?;
-    let fds = Fds { stdout, stderr, stdin, pty: spawned.pty_master };
+    let waiter = Waiter::from_pidfd(spawned.pidfd).map_err(ProcessError::Io)?;
+    let fds = Fds { stdout: spawned.stdout, stderr: spawned.stderr, stdin: spawned.stdin, pty: spawned.pty_master };
     let entry = Entry { pid, tag: spec.tag, config: spec.config, fds, tree, deadline: spec.deadline, reaped: None };
     let (handle, readers, subscription) = register(table, entry, None)?;
     let Some(Subscription::Live(events)) = subscription else {
         unreachable!("a process that was just created has not ended");
     };
-    tokio::spawn(supervise(table.clone(), handle.clone(), Waiter::Child(child), readers, spec.deadline));
+    tokio::spawn(supervise(table.clone(), handle.clone(), waiter, readers, spec.deadline));
     Ok(Started { pid, handle, events })
 }
 

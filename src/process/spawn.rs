@@ -1,36 +1,25 @@
-//! The one place that forks and switches user. Everything the child needs
-//! is built before the fork; the child only makes syscalls (no allocation,
-//! no locks, no logging), then execs by itself so that a missing command
-//! ends as exit status 127 with a message on stderr, as it would in a shell.
+//! The one place that starts a process and switches user. Everything the
+//! child needs is built here, before the clone; the child's side is
+//! [`super::vfork`], which only makes syscalls (no allocation, no locks, no
+//! logging), then execs by itself so that a missing command ends as exit
+//! status 127 with a message on stderr, as it would in a shell. The order of
+//! the child's steps, and why, is documented there.
 //!
 //! No fd of envd's reaches the child: everything envd opens is
-//! close-on-exec from the moment it exists (the terminal pair too, see
-//! [`open_pty`]), and the child marks every fd above 2 close-on-exec
-//! before it execs, which also covers fds envd inherited from whoever
-//! started it. A fd created without the flag and flagged afterwards would
-//! leak into any child forked in between: a root terminal's master in a
-//! user's process.
-//!
-//! Order in the child, and why:
-//! 1. `setsid` (and, for a terminal, `TIOCSCTTY` on the new stdin);
-//! 2. join the workload cgroup, raise `oom_score_adj` to 100, nice 0,
-//!    best-effort I/O priority 4: undo envd's own raised priorities
-//!    (done as root, before the switch);
-//! 3. `setgroups` → `setgid` → `setuid`: groups and gid need privilege,
-//!    so they go before the uid;
-//! 4. drop every capability left (non-root users only);
-//! 5. `chdir` as the user, so an unreadable cwd fails as it would for them;
-//! 6. every fd above 2 close-on-exec (the cgroup file is written by then);
-//! 7. `execve`.
+//! close-on-exec from the moment it exists (the terminal pair and the
+//! stdio pipes too, see [`open_pty`]), and the child marks every fd above 2
+//! close-on-exec before it execs, which also covers fds envd inherited from
+//! whoever started it. A fd created without the flag and flagged afterwards
+//! would leak into any child started in between: a root terminal's master
+//! in a user's process.
 
-use std::ffi::{CString, c_char};
+use std::ffi::CString;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 
+use super::vfork::{self, ChildPlan, above_stdio};
 use crate::context::User;
 
 /// How the child's standard streams are connected.
@@ -72,51 +61,58 @@ pub struct SpawnSpec<'a> {
 /// A started child.
 #[derive(Debug)]
 pub struct Spawned {
-    /// The child; stdout/stderr/stdin handles are set for pipes.
-    pub child: tokio::process::Child,
+    /// Its pid (a child of envd).
+    pub pid: u32,
+    /// Turns readable when the child ends; waited on with `waitid`.
+    pub pidfd: OwnedFd,
+    /// Write end of its stdin pipe, for pipes with stdin.
+    pub stdin: Option<OwnedFd>,
+    /// Read end of its stdout pipe, for pipes.
+    pub stdout: Option<OwnedFd>,
+    /// Read end of its stderr pipe, for pipes.
+    pub stderr: Option<OwnedFd>,
     /// The terminal's master side, for a PTY process.
     pub pty_master: Option<OwnedFd>,
 }
 
-/// `oom_score_adj` of user processes: killed before envd under pressure.
-const OOM_SCORE_ADJ: &[u8] = b"100";
-/// Best-effort I/O class, priority 4 (`ionice -c 2 -n 4`).
-const IOPRIO_BE_4: libc::c_int = (2 << 13) | 4;
-const IOPRIO_WHO_PROCESS: libc::c_int = 1;
-const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
-
 /// Starts the process described by `spec`.
 pub fn spawn(spec: &SpawnSpec<'_>) -> io::Result<Spawned> {
     let program_path = find_program(spec.program, spec.env);
-    let mut prepared = Prepared::new(spec, &program_path)?;
-    let mut command = std::process::Command::new(&program_path);
-    let mut pty_master = None;
-    match spec.stdio {
+    // The child's ends are closed in envd when this returns, so a reader
+    // sees EOF, and the terminal's master EIO, once the child's copies are.
+    let (child_ends, ours, controlling_tty) = match spec.stdio {
         StdioMode::Pipes { stdin } => {
-            command.stdout(Stdio::piped()).stderr(Stdio::piped());
-            command.stdin(if stdin { Stdio::piped() } else { Stdio::null() });
+            let (stdin_child, stdin_ours) = if stdin {
+                let (read, write) = pipe()?;
+                (read, Some(write))
+            } else {
+                (dev_null()?, None)
+            };
+            let (stdout_ours, stdout_child) = pipe()?;
+            let (stderr_ours, stderr_child) = pipe()?;
+            ([stdin_child, stdout_child, stderr_child], (stdin_ours, Some(stdout_ours), Some(stderr_ours), None), false)
         }
         StdioMode::Pty { cols, rows } => {
             let (master, slave) = open_pty(cols, rows)?;
-            command.stdin(Stdio::from(slave.try_clone()?));
-            command.stdout(Stdio::from(slave.try_clone()?));
-            command.stderr(Stdio::from(slave));
-            prepared.controlling_tty = true;
-            pty_master = Some(master);
+            ([slave.try_clone()?, slave.try_clone()?, slave], (None, None, None, Some(master)), true)
         }
-    }
-    // SAFETY: `enter` only makes async-signal-safe syscalls on buffers
-    // built above; it allocates nothing and takes no locks.
-    unsafe {
-        command.pre_exec(move || prepared.enter());
-    }
-    let mut command = tokio::process::Command::from(command);
-    command.kill_on_drop(false);
-    let child = command.spawn()?;
-    // `command` (and with it the parent's copies of the terminal's slave
-    // side) is dropped here, so the master reads EIO once the child's
-    // side is closed.
-    Ok(Spawned { child, pty_master })
+    };
+    let [stdin_end, stdout_end, stderr_end] = child_ends;
+    let child_ends = [above_stdio(stdin_end)?, above_stdio(stdout_end)?, above_stdio(stderr_end)?];
+    let plan = plan(spec, &program_path, &child_ends, controlling_tty)?;
+    let started = vfork::spawn(&plan)?;
+    let (stdin, stdout, stderr, pty_master) = ours;
+    Ok(Spawned { pid: started.pid, pidfd: started.pidfd, stdin, stdout, stderr, pty_master })
+}
+
+/// A pipe, both ends close-on-exec: (read, write).
+fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    Ok(nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?)
+}
+
+/// `/dev/null` for a child's stdin, close-on-exec.
+fn dev_null() -> io::Result<OwnedFd> {
+    Ok(std::fs::OpenOptions::new().read(true).write(true).open("/dev/null")?.into())
 }
 
 /// A terminal pair of this size, both ends close-on-exec from the start:
@@ -172,174 +168,30 @@ fn cstring(bytes: &[u8]) -> io::Result<CString> {
     CString::new(bytes).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "argument contains a NUL byte"))
 }
 
-/// The child's half, fully built before the fork.
-struct Prepared {
-    path: CString,
-    _argv: Vec<CString>,
-    argv_ptrs: Vec<*const c_char>,
-    _envp: Vec<CString>,
-    envp_ptrs: Vec<*const c_char>,
-    cwd: CString,
-    uid: libc::uid_t,
-    gid: libc::gid_t,
-    groups: Vec<libc::gid_t>,
-    cgroup_procs: Option<RawFd>,
+/// The child's side of `spec`, with `stdio` as its fds 0, 1 and 2.
+fn plan(
+    spec: &SpawnSpec<'_>,
+    program_path: &Path,
+    stdio: &[OwnedFd; 3],
     controlling_tty: bool,
-    not_found_message: Vec<u8>,
-    denied_message: Vec<u8>,
-}
-
-// SAFETY: the raw pointers point into the CStrings owned by the same
-// struct; they are only read, in the forked child.
-unsafe impl Send for Prepared {}
-// SAFETY: as above; nothing is mutated through them.
-unsafe impl Sync for Prepared {}
-
-impl Prepared {
-    fn new(spec: &SpawnSpec<'_>, program_path: &Path) -> io::Result<Self> {
-        let path = cstring(program_path.as_os_str().as_bytes())?;
-        let mut argv = vec![cstring(spec.program.as_bytes())?];
-        for arg in spec.args {
-            argv.push(cstring(arg.as_bytes())?);
-        }
-        let envp =
-            spec.env.iter().map(|(k, v)| cstring(format!("{k}={v}").as_bytes())).collect::<io::Result<Vec<_>>>()?;
-        let argv_ptrs = argv.iter().map(|s| s.as_ptr()).chain(std::iter::once(std::ptr::null())).collect();
-        let envp_ptrs = envp.iter().map(|s| s.as_ptr()).chain(std::iter::once(std::ptr::null())).collect();
-        Ok(Prepared {
-            path,
-            _argv: argv,
-            argv_ptrs,
-            _envp: envp,
-            envp_ptrs,
-            cwd: cstring(spec.cwd.as_os_str().as_bytes())?,
-            uid: spec.user.uid,
-            gid: spec.user.gid,
-            groups: spec.user.groups.clone(),
-            cgroup_procs: spec.cgroup_procs,
-            controlling_tty: false,
-            not_found_message: format!("envd: exec {}: command not found\n", spec.program).into_bytes(),
-            denied_message: format!("envd: exec {}: permission denied\n", spec.program).into_bytes(),
-        })
+) -> io::Result<ChildPlan> {
+    let mut argv = vec![cstring(spec.program.as_bytes())?];
+    for arg in spec.args {
+        argv.push(cstring(arg.as_bytes())?);
     }
-
-    /// Runs in the forked child. Returns only on failure before exec.
-    fn enter(&self) -> io::Result<()> {
-        // SAFETY: plain syscalls on memory owned by `self`, which outlives
-        // this call; every return value is checked.
-        unsafe {
-            if libc::setsid() < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            if self.controlling_tty && libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            if let Some(fd) = self.cgroup_procs {
-                // "0" moves the writing process itself.
-                if libc::write(fd, b"0".as_ptr().cast(), 1) < 0 {
-                    return Err(io::Error::last_os_error());
-                }
-            }
-            lower_priorities();
-            if libc::setgroups(self.groups.len(), self.groups.as_ptr()) < 0
-                || libc::setgid(self.gid) < 0
-                || libc::setuid(self.uid) < 0
-            {
-                return Err(io::Error::last_os_error());
-            }
-            if self.uid != 0 {
-                drop_capabilities()?;
-            }
-            if libc::chdir(self.cwd.as_ptr()) < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            cloexec_above_stdio()?;
-            libc::execve(self.path.as_ptr(), self.argv_ptrs.as_ptr(), self.envp_ptrs.as_ptr());
-            // exec failed: report it as a shell would and exit like one.
-            let errno = *libc::__errno_location();
-            let (message, code) = if errno == libc::EACCES || errno == libc::ENOEXEC {
-                (&self.denied_message, 126)
-            } else {
-                (&self.not_found_message, 127)
-            };
-            libc::write(2, message.as_ptr().cast(), message.len());
-            libc::_exit(code);
-        }
-    }
-}
-
-/// Marks every fd above 2 close-on-exec, so the exec closes them all. Not
-/// `close`: std's own exec-error pipe must stay open until the exec.
-///
-/// SAFETY (caller): only in the forked child.
-unsafe fn cloexec_above_stdio() -> io::Result<()> {
-    const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;
-    // SAFETY: close_range only changes fd flags of this process.
-    let rc = unsafe { libc::syscall(libc::SYS_close_range, 3 as libc::c_uint, libc::c_uint::MAX, CLOSE_RANGE_CLOEXEC) };
-    if rc == 0 {
-        return Ok(());
-    }
-    // Kernels before 5.11: flag each possible fd (no allocation here).
-    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: getrlimit writes one rlimit to a valid pointer; fcntl on a
-    // closed fd fails harmlessly with EBADF.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let top = limit.rlim_cur.min(1 << 20) as libc::c_int;
-        for fd in 3..top {
-            libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
-        }
-    }
-    Ok(())
-}
-
-/// Best effort: a failure leaves the child with envd's own priorities.
-///
-/// SAFETY (caller): only in the forked child.
-unsafe fn lower_priorities() {
-    // SAFETY: plain syscalls with constant arguments; the path is a
-    // NUL-terminated literal.
-    unsafe {
-        let fd = libc::open(c"/proc/self/oom_score_adj".as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
-        if fd >= 0 {
-            libc::write(fd, OOM_SCORE_ADJ.as_ptr().cast(), OOM_SCORE_ADJ.len());
-            libc::close(fd);
-        }
-        libc::setpriority(libc::PRIO_PROCESS, 0, 0);
-        libc::syscall(libc::SYS_ioprio_set, IOPRIO_WHO_PROCESS, 0, IOPRIO_BE_4);
-    }
-}
-
-#[repr(C)]
-struct CapHeader {
-    version: u32,
-    pid: libc::c_int,
-}
-
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct CapData {
-    effective: u32,
-    permitted: u32,
-    inheritable: u32,
-}
-
-/// Clears the permitted, effective, inheritable and ambient sets. The
-/// bounding set stays, so setuid programs such as sudo keep working.
-///
-/// SAFETY (caller): only in the forked child.
-unsafe fn drop_capabilities() -> io::Result<()> {
-    let mut header = CapHeader { version: LINUX_CAPABILITY_VERSION_3, pid: 0 };
-    let data = [CapData { effective: 0, permitted: 0, inheritable: 0 }; 2];
-    // SAFETY: header and data are valid for the duration of the calls and
-    // sized as the v3 ABI requires (two data words).
-    unsafe {
-        libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0);
-        if libc::syscall(libc::SYS_capset, &mut header as *mut CapHeader, data.as_ptr()) < 0 {
-            return Err(io::Error::last_os_error());
-        }
-    }
-    Ok(())
+    let envp = spec.env.iter().map(|(k, v)| cstring(format!("{k}={v}").as_bytes())).collect::<io::Result<Vec<_>>>()?;
+    Ok(ChildPlan {
+        path: cstring(program_path.as_os_str().as_bytes())?,
+        argv,
+        envp,
+        cwd: cstring(spec.cwd.as_os_str().as_bytes())?,
+        uid: spec.user.uid,
+        gid: spec.user.gid,
+        groups: spec.user.groups.clone(),
+        stdio: stdio.each_ref().map(AsRawFd::as_raw_fd),
+        controlling_tty,
+        cgroup_procs: spec.cgroup_procs,
+        not_found_message: format!("envd: exec {}: command not found\n", spec.program).into_bytes(),
+        denied_message: format!("envd: exec {}: permission denied\n", spec.program).into_bytes(),
+    })
 }

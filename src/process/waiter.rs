@@ -1,6 +1,6 @@
-//! Waiting for a child to end: through tokio for a child started here,
-//! through a pidfd for one adopted from an earlier image of envd (still
-//! our child, but tokio does not know it).
+//! Waiting for a child to end, through a pidfd: the one its clone returned
+//! for a child started here, a new one for a child adopted from an earlier
+//! image of envd (still our child).
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::process::ExitStatusExt;
@@ -15,9 +15,7 @@ const P_PIDFD: libc::idtype_t = 3;
 /// How the end of one child is learned.
 #[derive(Debug)]
 pub(super) enum Waiter {
-    /// Started here.
-    Child(tokio::process::Child),
-    /// Adopted: a pidfd turns readable when the child ends.
+    /// A pidfd turns readable when the child ends.
     Pidfd(AsyncFd<OwnedFd>),
     /// Adopted after it had been reaped already.
     Reaped(EndStatus),
@@ -32,7 +30,11 @@ impl Waiter {
             return Err(std::io::Error::last_os_error());
         }
         // SAFETY: a fresh fd that nothing else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd as libc::c_int) };
+        Self::from_pidfd(unsafe { OwnedFd::from_raw_fd(fd as libc::c_int) })
+    }
+
+    /// A waiter on `pidfd`, a pidfd of a child of this process.
+    pub(super) fn from_pidfd(fd: OwnedFd) -> std::io::Result<Self> {
         // SAFETY: the AsyncFd owns the pidfd for its whole life and nothing
         // closes or replaces it behind its back.
         let fd = unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }
@@ -43,10 +45,6 @@ impl Waiter {
     /// Waits for the end and reaps the child; cancel-safe.
     pub(super) async fn wait(&mut self) -> EndStatus {
         match self {
-            Waiter::Child(child) => match child.wait().await {
-                Ok(status) => EndStatus::from_exit(status),
-                Err(err) => EndStatus::from_wait_error(&err),
-            },
             Waiter::Reaped(end) => end.clone(),
             Waiter::Pidfd(fd) => loop {
                 let mut ready = match fd.readable().await {
