@@ -16,6 +16,8 @@ pub mod forward;
 pub mod fs;
 /// What comes from or goes to the host: /init, metrics, pause hooks.
 pub mod host;
+/// glibc's heap set up to give memory back after a burst.
+pub mod memory;
 /// Spawning processes as users, the process table, output fan-out.
 pub mod process;
 /// Generated protobuf messages and Connect service traits.

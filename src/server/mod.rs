@@ -55,11 +55,7 @@ pub enum ServerError {
 
 /// Runs envd until it is killed; `logs` ships envd's log lines to the host.
 pub fn run(config: Config, logs: Option<LogShipper>) -> Result<(), ServerError> {
-    // One malloc arena per thread costs resident memory for nothing here.
-    // SAFETY: mallopt only tunes glibc's allocator; called before threads start.
-    unsafe {
-        libc::mallopt(libc::M_ARENA_MAX, 1);
-    }
+    crate::memory::configure_allocator();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -84,6 +80,7 @@ async fn serve(config: Config, logs: Option<LogShipper>) -> Result<(), ServerErr
         let _ = state.handover.set(report);
     }
     state.start_reaping();
+    tokio::spawn(crate::memory::return_freed_memory());
     if let Err(err) = crate::host::systemd::notify_ready() {
         tracing::warn!("telling systemd we are ready: {err}");
     }
