@@ -9,6 +9,8 @@
 #   scripts/bench.sh                 the full run (1 GiB transfers, 1,000 runs)
 #   scripts/bench.sh --quick         the smoke test: every figure produced, no speed judged
 #   scripts/bench.sh --out DIR       where bench.md, bench.json, bench.svg go (default target/bench)
+#   scripts/bench.sh --only exec,bursts   only these groups of figures (ready, footprint, exec,
+#                                    streams, files, bursts)
 #
 # ENVD_BENCH_DIR picks the scratch filesystem for the transfers (default the
 # temp dir; the full run needs 2 GiB free there).
