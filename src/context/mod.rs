@@ -2,6 +2,7 @@
 //! environment. After a cold boot it is rebuilt from the state file so
 //! that commands run exactly as before the pause.
 
+pub mod names;
 pub mod paths;
 pub mod state;
 pub mod users;

@@ -1,8 +1,11 @@
 //! The guest's user database, read from `/etc/passwd` and `/etc/group` on
 //! every lookup (no NSS, as the reference): templates add users at build
-//! time and the files are small.
+//! time and the files are small. Names by id, asked for every entry of a
+//! listing, come from a copy kept while the file is unchanged (`names`).
 
 use std::path::{Path, PathBuf};
+
+use super::names::{Kept, NameTable};
 
 /// A user that processes can run as and files can be owned by.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,13 +43,15 @@ const GROUP: &str = "/etc/group";
 
 /// Looks a user up by name.
 pub fn lookup(name: &str) -> Result<User, UserError> {
-    lookup_in(Path::new(PASSWD), Path::new(GROUP), name)
+    static USERS: Kept<String, User> = Kept::new();
+    let (passwd, group) = (Path::new(PASSWD), Path::new(GROUP));
+    USERS.get_or_find(&[passwd, group], name.to_owned(), || lookup_in(passwd, group, name))
 }
 
 /// The name of a uid, if the database has one.
 pub fn user_name(uid: u32) -> Option<String> {
-    let passwd = std::fs::read_to_string(PASSWD).ok()?;
-    passwd_entries(&passwd).find(|e| e.uid == uid).map(|e| e.name.to_owned())
+    static USER_NAMES: NameTable = NameTable::new();
+    USER_NAMES.name(Path::new(PASSWD), uid, |text| passwd_entries(text).map(|e| (e.uid, e.name.to_owned())).collect())
 }
 
 /// The user with this uid, if the database has one (the first entry when
@@ -57,8 +62,8 @@ pub fn by_uid(uid: u32) -> Option<User> {
 
 /// The name of a gid, if the database has one.
 pub fn group_name(gid: u32) -> Option<String> {
-    let group = std::fs::read_to_string(GROUP).ok()?;
-    group_entries(&group).find(|e| e.gid == gid).map(|e| e.name.to_owned())
+    static GROUP_NAMES: NameTable = NameTable::new();
+    GROUP_NAMES.name(Path::new(GROUP), gid, |text| group_entries(text).map(|e| (e.gid, e.name.to_owned())).collect())
 }
 
 fn read(path: &Path) -> Result<String, UserError> {
