@@ -13,7 +13,7 @@ use std::sync::Mutex;
 
 /// What identifies one version of a database file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) struct Version {
+struct Version {
     dev: u64,
     ino: u64,
     size: u64,
@@ -22,7 +22,7 @@ pub(super) struct Version {
 }
 
 impl Version {
-    pub(super) fn of(path: &Path) -> Option<Version> {
+    fn of(path: &Path) -> Option<Version> {
         let meta = std::fs::metadata(path).ok()?;
         Some(Version {
             dev: meta.dev(),
@@ -31,35 +31,6 @@ impl Version {
             mtime: (meta.mtime(), meta.mtime_nsec()),
             ctime: (meta.ctime(), meta.ctime_nsec()),
         })
-    }
-}
-
-/// The id → name table of one database file.
-#[derive(Debug, Default)]
-pub struct NameTable {
-    cached: Mutex<Option<(Version, HashMap<u32, String>)>>,
-}
-
-impl NameTable {
-    /// An empty table (filled on the first lookup).
-    pub const fn new() -> Self {
-        Self { cached: Mutex::new(None) }
-    }
-
-    /// The name of `id` in `path`, whose `(id, name)` pairs `entries`
-    /// lists in file order (the first name of an id wins).
-    pub fn name(&self, path: &Path, id: u32, entries: impl FnOnce(&str) -> Vec<(u32, String)>) -> Option<String> {
-        let version = Version::of(path)?;
-        let mut cached = self.cached.lock().unwrap_or_else(|e| e.into_inner());
-        if cached.as_ref().is_none_or(|(seen, _)| *seen != version) {
-            let text = std::fs::read_to_string(path).ok()?;
-            let mut table = HashMap::new();
-            for (id, name) in entries(&text) {
-                table.entry(id).or_insert(name);
-            }
-            *cached = Some((version, table));
-        }
-        cached.as_ref().and_then(|(_, table)| table.get(&id).cloned())
     }
 }
 
@@ -105,33 +76,6 @@ impl<K: std::hash::Hash + Eq, V: Clone> Kept<K, V> {
 mod tests {
     use super::*;
 
-    fn pairs(text: &str) -> Vec<(u32, String)> {
-        text.lines()
-            .filter_map(|l| l.split_once(':'))
-            .map(|(id, name)| (id.parse().unwrap(), name.to_owned()))
-            .collect()
-    }
-
-    #[test]
-    fn a_changed_file_is_read_again_and_the_first_name_wins() {
-        let file = std::env::temp_dir().join(format!("envd-names-{}", std::process::id()));
-        std::fs::write(&file, "1:one\n2:two\n1:uno\n").unwrap();
-        let table = NameTable::new();
-        assert_eq!(table.name(&file, 1, pairs).as_deref(), Some("one"));
-        assert_eq!(table.name(&file, 3, pairs), None);
-        // Replaced, as useradd does: a new inode.
-        let next = file.with_extension("new");
-        std::fs::write(&next, "1:one\n2:two\n3:three\n").unwrap();
-        std::fs::rename(&next, &file).unwrap();
-        assert_eq!(table.name(&file, 3, pairs).as_deref(), Some("three"));
-        // Edited in place, same size: the ctime changes.
-        std::thread::sleep(std::time::Duration::from_millis(20));
-        std::fs::write(&file, "1:eno\n2:two\n3:three\n").unwrap();
-        assert_eq!(table.name(&file, 1, pairs).as_deref(), Some("eno"));
-        std::fs::remove_file(&file).unwrap();
-        assert_eq!(table.name(&file, 1, pairs), None, "a database that is gone names nobody");
-    }
-
     #[test]
     fn kept_values_go_when_a_file_changes() {
         let file = std::env::temp_dir().join(format!("envd-kept-{}", std::process::id()));
@@ -147,10 +91,15 @@ mod tests {
         std::fs::write(&next, "b").unwrap();
         std::fs::rename(&next, &file).unwrap();
         assert_eq!(kept.get_or_find(&[file.as_path()], "k", read), Ok("b".to_owned()), "read again after a change");
+        // Edited in place, same size: the ctime changes.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::fs::write(&file, "c").unwrap();
+        assert_eq!(kept.get_or_find(&[file.as_path()], "k", read), Ok("c".to_owned()), "read again after an edit");
         assert_eq!(
             kept.get_or_find(&[file.as_path()], "gone", || Err::<String, _>("no such".to_owned())),
             Err("no such".to_owned())
         );
         std::fs::remove_file(&file).unwrap();
+        assert!(kept.get_or_find(&[file.as_path()], "k", read).is_err(), "a database that is gone is read, and fails");
     }
 }

@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
-use super::names::{Kept, NameTable};
+use super::names::Kept;
 
 /// A user that processes can run as and files can be owned by.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -50,8 +50,10 @@ pub fn lookup(name: &str) -> Result<User, UserError> {
 
 /// The name of a uid, if the database has one.
 pub fn user_name(uid: u32) -> Option<String> {
-    static USER_NAMES: NameTable = NameTable::new();
-    USER_NAMES.name(Path::new(PASSWD), uid, |text| passwd_entries(text).map(|e| (e.uid, e.name.to_owned())).collect())
+    static USER_NAMES: Kept<u32, Option<String>> = Kept::new();
+    let passwd = Path::new(PASSWD);
+    let find = || read(passwd).map(|text| passwd_entries(&text).find(|e| e.uid == uid).map(|e| e.name.to_owned()));
+    USER_NAMES.get_or_find(&[passwd], uid, find).ok().flatten()
 }
 
 /// The user with this uid, if the database has one (the first entry when
@@ -62,8 +64,10 @@ pub fn by_uid(uid: u32) -> Option<User> {
 
 /// The name of a gid, if the database has one.
 pub fn group_name(gid: u32) -> Option<String> {
-    static GROUP_NAMES: NameTable = NameTable::new();
-    GROUP_NAMES.name(Path::new(GROUP), gid, |text| group_entries(text).map(|e| (e.gid, e.name.to_owned())).collect())
+    static GROUP_NAMES: Kept<u32, Option<String>> = Kept::new();
+    let group = Path::new(GROUP);
+    let find = || read(group).map(|text| group_entries(&text).find(|e| e.gid == gid).map(|e| e.name.to_owned()));
+    GROUP_NAMES.get_or_find(&[group], gid, find).ok().flatten()
 }
 
 fn read(path: &Path) -> Result<String, UserError> {
