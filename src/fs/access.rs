@@ -59,12 +59,6 @@ impl Perms {
         Self { mode: stat.st_mode, uid: stat.st_uid, gid: stat.st_gid }
     }
 
-    /// From std's metadata.
-    pub(crate) fn of_meta(meta: &std::fs::Metadata) -> Self {
-        use std::os::unix::fs::MetadataExt;
-        Self { mode: meta.mode(), uid: meta.uid(), gid: meta.gid() }
-    }
-
     pub(crate) fn is_dir(self) -> bool {
         self.mode & libc::S_IFMT == libc::S_IFDIR
     }

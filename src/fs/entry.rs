@@ -50,6 +50,52 @@ pub struct Entry {
     pub is_symlink: bool,
 }
 
+/// What an entry reports of an `lstat`, from std's metadata or a raw
+/// `fstatat` on a directory fd (listings: no path walk per entry).
+#[derive(Debug, Clone, Copy)]
+pub struct Stat {
+    /// `st_mode`: type and permission bits.
+    pub mode: u32,
+    /// `st_size`.
+    pub size: u64,
+    /// `st_mtime`, seconds and nanoseconds.
+    pub mtime: (i64, i64),
+    /// `st_uid`.
+    pub uid: u32,
+    /// `st_gid`.
+    pub gid: u32,
+}
+
+impl From<&Metadata> for Stat {
+    fn from(meta: &Metadata) -> Self {
+        Stat {
+            mode: meta.mode(),
+            size: meta.size(),
+            mtime: (meta.mtime(), meta.mtime_nsec()),
+            uid: meta.uid(),
+            gid: meta.gid(),
+        }
+    }
+}
+
+impl From<&libc::stat> for Stat {
+    fn from(stat: &libc::stat) -> Self {
+        Stat {
+            mode: stat.st_mode,
+            size: u64::try_from(stat.st_size).unwrap_or(0),
+            mtime: (stat.st_mtime, stat.st_mtime_nsec),
+            uid: stat.st_uid,
+            gid: stat.st_gid,
+        }
+    }
+}
+
+impl Stat {
+    fn format(&self) -> u32 {
+        self.mode & libc::S_IFMT
+    }
+}
+
 /// Resolves uids and gids to names, reading the user database once per
 /// distinct id (a listing of thousands of entries has a handful of owners).
 #[derive(Debug, Default)]
@@ -71,14 +117,13 @@ impl Owners {
 /// The entry at `path`, reported under `path`.
 pub fn entry_info(path: &Path, owners: &mut Owners) -> Result<Entry, FsError> {
     let meta = std::fs::symlink_metadata(path).map_err(|e| FsError::io("lstat", path, e))?;
-    Ok(entry_from(path, &display(path), &meta, owners))
+    Ok(entry_from(path, &display(path), &Stat::from(&meta), owners))
 }
 
 /// The entry of `fs_path` (already `lstat`ed as `meta`), reported as
 /// `reported` (listings report paths under the requested, unresolved dir).
-pub fn entry_from(fs_path: &Path, reported: &str, meta: &Metadata, owners: &mut Owners) -> Entry {
-    let file_type = meta.file_type();
-    let is_symlink = file_type.is_symlink();
+pub fn entry_from(fs_path: &Path, reported: &str, meta: &Stat, owners: &mut Owners) -> Entry {
+    let is_symlink = meta.format() == libc::S_IFLNK;
     let (kind, mode, symlink_target) = if is_symlink {
         let target = std::fs::metadata(fs_path).ok();
         let kind = target.as_ref().map_or(FileKind::Unspecified, |t| kind_of(t.file_type()));
@@ -86,9 +131,14 @@ pub fn entry_from(fs_path: &Path, reported: &str, meta: &Metadata, owners: &mut 
         let resolved = std::fs::canonicalize(fs_path).map_or_else(|_| reported.to_owned(), |p| display(&p));
         (kind, mode, Some(resolved))
     } else {
-        (kind_of(file_type), meta.mode() & 0o777, None)
+        let kind = match meta.format() {
+            libc::S_IFDIR => FileKind::Directory,
+            libc::S_IFREG => FileKind::File,
+            _ => FileKind::Unspecified,
+        };
+        (kind, meta.mode & 0o777, None)
     };
-    let modified = match (meta.mtime(), meta.mtime_nsec()) {
+    let modified = match meta.mtime {
         (0, 0) => None,
         // mtime_nsec is always in 0..1e9, so it fits an i32.
         (secs, nanos) => Some((secs, i32::try_from(nanos).unwrap_or(0))),
@@ -97,11 +147,11 @@ pub fn entry_from(fs_path: &Path, reported: &str, meta: &Metadata, owners: &mut 
         name: base_name(Path::new(reported)),
         kind,
         path: reported.to_owned(),
-        size: i64::try_from(meta.size()).unwrap_or(i64::MAX),
+        size: i64::try_from(meta.size).unwrap_or(i64::MAX),
         mode,
-        permissions: permissions_string(meta.mode()),
-        owner: owners.user(meta.uid()),
-        group: owners.group(meta.gid()),
+        permissions: permissions_string(meta.mode),
+        owner: owners.user(meta.uid),
+        group: owners.group(meta.gid),
         modified,
         symlink_target,
         metadata: xattr::read_e2b(fs_path),

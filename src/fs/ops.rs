@@ -8,12 +8,13 @@ use std::os::fd::AsFd;
 use std::path::Path;
 
 use nix::errno::Errno;
-use nix::fcntl::{AtFlags, renameat};
+use nix::fcntl::{AtFlags, OFlag, renameat};
+use nix::sys::stat::Mode;
 use nix::sys::stat::fstatat;
 use nix::unistd::{UnlinkatFlags, unlinkat};
 
 use super::access::{Followed, Need, Perms};
-use super::entry::{Entry, Owners, entry_from};
+use super::entry::{Entry, Owners, Stat, entry_from};
 use super::resolve::{Located, Walk, fd_path, locate, open_dir};
 use super::{FsError, Owner, display};
 use crate::context::paths::clean;
@@ -27,7 +28,7 @@ pub fn stat(path: &Path) -> Result<Entry, FsError> {
 fn entry_at(located: &Located) -> Result<Entry, FsError> {
     let fs_path = located.fd_path();
     let meta = std::fs::symlink_metadata(&fs_path).map_err(|e| FsError::io("lstat", located.path(), e))?;
-    Ok(entry_from(&fs_path, &display(located.path()), &meta, &mut Owners::default()))
+    Ok(entry_from(&fs_path, &display(located.path()), &Stat::from(&meta), &mut Owners::default()))
 }
 
 /// The entries below `path` down to `depth` levels (0 counts as 1), in
@@ -58,17 +59,25 @@ impl Listing<'_> {
             Err(e) if e.kind() == ErrorKind::NotFound && level > 1 => return Ok(()),
             Err(e) => return Err(FsError::io_strict("read directory", Path::new(reported_dir), e)),
         };
+        // Each entry is stat'ed on the directory's fd: one name to look
+        // up, not the whole /proc/self/fd path.
+        let dir = match nix::fcntl::open(fs_dir, OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty())
+        {
+            Ok(dir) => dir,
+            Err(Errno::ENOENT) if level > 1 => return Ok(()),
+            Err(e) => return Err(FsError::io_strict("open directory", Path::new(reported_dir), e.into())),
+        };
         for name in names {
             let fs_child = fs_dir.join(&name);
-            let meta = match std::fs::symlink_metadata(&fs_child) {
-                Ok(meta) => meta,
-                Err(e) if e.kind() == ErrorKind::NotFound => continue,
-                Err(e) => return Err(FsError::io_strict("lstat", &fs_child, e)),
+            let stat = match fstatat(&dir, name.as_os_str(), AtFlags::AT_SYMLINK_NOFOLLOW) {
+                Ok(stat) => stat,
+                Err(Errno::ENOENT) => continue,
+                Err(e) => return Err(FsError::io_strict("lstat", &fs_child, e.into())),
             };
             let reported = display(&clean(&Path::new(reported_dir).join(&name)));
-            self.out.push(entry_from(&fs_child, &reported, &meta, &mut self.owners));
-            if meta.is_dir() && level < self.depth {
-                let child = Perms::of_meta(&meta);
+            self.out.push(entry_from(&fs_child, &reported, &Stat::from(&stat), &mut self.owners));
+            let child = Perms::of(&stat);
+            if child.is_dir() && level < self.depth {
                 self.followed.check(Need::Read, child, Some(child), Path::new(&reported))?;
                 self.dir(&fs_child, &reported, level + 1)?;
             }
