@@ -5,8 +5,10 @@
 use std::ffi::OsString;
 use std::io::ErrorKind;
 use std::os::fd::AsFd;
+use std::os::unix::ffi::OsStringExt;
 use std::path::Path;
 
+use nix::dir::Dir;
 use nix::errno::Errno;
 use nix::fcntl::{AtFlags, OFlag, renameat};
 use nix::sys::stat::Mode;
@@ -53,19 +55,14 @@ struct Listing<'a> {
 
 impl Listing<'_> {
     fn dir(&mut self, fs_dir: &Path, reported_dir: &str, level: u32) -> Result<(), FsError> {
-        let names = match sorted_names(fs_dir) {
-            Ok(names) => names,
+        // One open of the directory serves its names and each entry's
+        // stat: `fstatat` on its fd looks up one name, not the whole
+        // /proc/self/fd path.
+        let (dir, names) = match open_sorted(fs_dir) {
+            Ok(listed) => listed,
             // Removed while we walked: skip it, like any vanished entry.
             Err(e) if e.kind() == ErrorKind::NotFound && level > 1 => return Ok(()),
             Err(e) => return Err(FsError::io_strict("read directory", Path::new(reported_dir), e)),
-        };
-        // Each entry is stat'ed on the directory's fd: one name to look
-        // up, not the whole /proc/self/fd path.
-        let dir = match nix::fcntl::open(fs_dir, OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty())
-        {
-            Ok(dir) => dir,
-            Err(Errno::ENOENT) if level > 1 => return Ok(()),
-            Err(e) => return Err(FsError::io_strict("open directory", Path::new(reported_dir), e.into())),
         };
         for name in names {
             let fs_child = fs_dir.join(&name);
@@ -86,11 +83,19 @@ impl Listing<'_> {
     }
 }
 
-/// Entry names of a directory in byte order, as Go's directory walk.
-fn sorted_names(dir: &Path) -> std::io::Result<Vec<OsString>> {
-    let mut names = std::fs::read_dir(dir)?.map(|e| e.map(|e| e.file_name())).collect::<Result<Vec<_>, _>>()?;
+/// The directory, open, and its entry names in byte order, as Go's
+/// directory walk.
+fn open_sorted(path: &Path) -> std::io::Result<(Dir, Vec<OsString>)> {
+    let mut dir = Dir::open(path, OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty())?;
+    let mut names = Vec::new();
+    for entry in dir.iter() {
+        let name = entry?.file_name().to_bytes().to_vec();
+        if name != b"." && name != b".." {
+            names.push(OsString::from_vec(name));
+        }
+    }
     names.sort();
-    Ok(names)
+    Ok((dir, names))
 }
 
 /// Creates `path` and its missing parents for `owner`; an existing
