@@ -222,8 +222,9 @@ async fn processes_survive_twenty_upgrades_with_their_output_and_exit_codes() {
     client.call(rpc::SEND_INPUT, &json!({"process": {"pid": terminal}, "input": {"pty": keys}})).await;
     let run = stream.collect().await;
     let typed = String::from_utf8_lossy(&run.pty).into_owned();
-    assert!(typed.contains("40 120"), "the terminal size: {typed}");
-    assert!(typed.contains("marker-42"), "{typed}");
+    let ending = format!("end {:?}, error {:?}, events {:?}", run.end, run.error, run.events);
+    assert!(typed.contains("40 120"), "the terminal size: {typed}; {ending}");
+    assert!(typed.contains("marker-42"), "{typed}; {ending}");
     assert_eq!(run.exit_code(), 9);
 
     for pid in [counter, ticker] {

@@ -318,7 +318,8 @@ async fn pump(handle: Arc<ProcessHandle>, reader: pipe::Receiver, output: Output
         let mut chunk = Vec::with_capacity(PIPE_CHUNK);
         tokio::select! {
             read = open.reader.read_buf(&mut chunk) => match read {
-                Ok(0) | Err(_) => return,
+                Ok(0) => return,
+                Err(err) => return output_lost(&handle, output, &err),
                 Ok(_) => handle.broadcast(output, Bytes::from(chunk)).await,
             },
             () = handle.gate.pause_requested() => {}
@@ -348,7 +349,8 @@ async fn pump_pty(handle: Arc<ProcessHandle>) {
         let mut chunk = vec![0u8; PTY_CHUNK];
         tokio::select! {
             read = pty.read(&mut chunk) => match read {
-                Ok(0) | Err(_) => return,
+                Ok(0) => return,
+                Err(err) => return output_lost(&handle, Output::Pty, &err),
                 Ok(n) => {
                     chunk.truncate(n);
                     handle.broadcast(Output::Pty, Bytes::from(chunk)).await;
@@ -357,6 +359,12 @@ async fn pump_pty(handle: Arc<ProcessHandle>) {
             () = handle.gate.pause_requested() => {}
         }
     }
+}
+
+/// A read that failed ends that output early; said, since what the
+/// process writes there from now on is not delivered.
+fn output_lost(handle: &ProcessHandle, output: Output, err: &std::io::Error) {
+    tracing::warn!(pid = handle.pid(), ?output, "reading the process's output failed, the rest of it is lost: {err}");
 }
 
 /// Waits for the process (pausably), then for its output to drain (unless
