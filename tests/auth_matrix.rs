@@ -81,6 +81,12 @@ enum Guard {
     InitHeaderOnly,
 }
 
+impl Guard {
+    fn is_init(self) -> bool {
+        matches!(self, Guard::Init | Guard::InitHeaderOnly)
+    }
+}
+
 /// What a request that passed the auth layers gets from its handler.
 #[derive(Clone, Copy, Debug)]
 enum Success {
@@ -155,10 +161,63 @@ impl Fixture {
 }
 
 struct Route {
-    label: &'static str,
+    label: String,
     guard: Guard,
     success: Success,
     call: fn(&Fixture, Credential, usize) -> Call,
+    /// How the call's path is spelled (see [`SPELLINGS`]).
+    spelling: Spelling,
+}
+
+type Spelling = fn(&str) -> String;
+
+/// Other spellings of a route's path: each must reach the route with the
+/// route's own checks (and only those), as its plain spelling does.
+const SPELLINGS: [(&str, Spelling); 7] = [
+    ("//", |path| format!("/{path}")),
+    ("trailing /", |path| format!("{path}/")),
+    ("%-escaped", |path| {
+        let (first, rest) = path[1..].split_at(1);
+        format!("/%{:02X}{rest}", first.as_bytes()[0])
+    }),
+    ("/.", |path| format!("/.{path}")),
+    ("/files/..", |path| format!("/files/..{path}")),
+    ("/health/..", |path| format!("/health/..{path}")),
+    ("%2F..%2F", |path| format!("/health%2F..%2F{}", &path[1..])),
+];
+
+fn as_spelled(path: &str, spelling: Spelling) -> String {
+    match path.split_once('?') {
+        Some((path, query)) => format!("{}?{query}", spelling(path)),
+        None => spelling(path),
+    }
+}
+
+/// `routes` and, for each HTTP route (not an RPC), a row per spelling; the
+/// `/init` rows stay last, every header-only one before the others.
+fn with_spellings(routes: Vec<Route>) -> Vec<Route> {
+    let (init, other): (Vec<Route>, Vec<Route>) = routes.into_iter().partition(|r| r.guard.is_init());
+    let spelled = |routes: &[Route]| -> Vec<Route> {
+        let http = routes.iter().filter(|r| r.label.split_once(' ').is_some_and(|(_, path)| path.starts_with('/')));
+        http.flat_map(|route| {
+            SPELLINGS.iter().map(|(name, spelling)| Route {
+                label: format!("{} ({name})", route.label),
+                spelling: *spelling,
+                ..*route
+            })
+        })
+        .collect()
+    };
+    let (header_only, full): (Vec<Route>, Vec<Route>) =
+        init.into_iter().partition(|r| r.guard == Guard::InitHeaderOnly);
+    let mut all = spelled(&other);
+    all.splice(0..0, other.iter().map(|r| Route { label: r.label.clone(), ..*r }));
+    for group in [header_only, full] {
+        let spelled = spelled(&group);
+        all.extend(group);
+        all.extend(spelled);
+    }
+    all
 }
 
 fn signature(path: &str, operation: &str, expiration: i64) -> String {
@@ -209,7 +268,8 @@ const NOT_FOUND: Success = Success::Status(404);
 fn routes() -> Vec<Route> {
     use Guard::*;
     use Success::*;
-    let route = |label, guard, success, call| Route { label, guard, success, call };
+    let route =
+        |label: &str, guard, success, call| Route { label: label.into(), guard, success, call, spelling: |p| p.into() };
     vec![
         route("GET /health", Open, Status(204), |_, _, _| Call::new(Method::GET, "/health")),
         route("OPTIONS preflight", Open, Status(204), |_, _, _| {
@@ -400,7 +460,8 @@ async fn run_phase(envd: &Envd, fixture: &Fixture, routes: &[Route], phase: Phas
                 Credential::RightToken => headers.push(("x-access-token", TOKEN)),
                 _ => {}
             }
-            let reply = client.send(call.method, &call.path, &headers, call.body).await;
+            let path = as_spelled(&call.path, route.spelling);
+            let reply = client.send(call.method, &path, &headers, call.body).await;
             let wrong = judge(expected(route, phase, credential), &reply).err();
             cells.push(Cell { status: Some(reply.status.as_u16()), wrong });
         }
@@ -410,14 +471,14 @@ async fn run_phase(envd: &Envd, fixture: &Fixture, routes: &[Route], phase: Phas
 }
 
 fn print_and_check(routes: &[Route], phases: &[Phase], matrix: &[Vec<Vec<Cell>>]) {
-    let mut out = format!("{:<30}", "route \\ phase: credential");
+    let mut out = format!("{:<42}", "route \\ phase: credential");
     for phase in phases {
         out.push_str(&format!("| {:<29}", format!("{phase:?}: none wrong right sig exp")));
     }
     out.push('\n');
     let mut wrong = Vec::new();
     for (r, route) in routes.iter().enumerate() {
-        out.push_str(&format!("{:<30}", route.label));
+        out.push_str(&format!("{:<42}", route.label));
         for (p, phase) in phases.iter().enumerate() {
             out.push_str("| ");
             for (c, cell) in matrix[p][r].iter().enumerate() {
@@ -480,7 +541,7 @@ async fn wait_until_token_accepted(envd: &Envd) {
 async fn every_route_answers_each_credential_as_the_contract_says() {
     let (state, run_dir) = (Scratch::new("auth-state"), Scratch::new("auth-run"));
     let fixture = Fixture { dir: Scratch::new("auth-files"), signatures: Default::default() };
-    let routes = routes();
+    let routes = with_spellings(routes());
     let mut n = 0;
 
     let envd = Envd::options().args(envd_args(&state, &run_dir, None)).start();

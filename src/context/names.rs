@@ -37,8 +37,11 @@ impl Version {
 /// Values found in the database, valid for one version of its files.
 #[derive(Debug)]
 pub(super) struct Kept<K, V> {
-    cached: Mutex<Option<(Vec<Option<Version>>, HashMap<K, V>)>>,
+    cached: Mutex<Option<KeptFor<K, V>>>,
 }
+
+/// The versions of the files (`None`: missing) and what was found in them.
+type KeptFor<K, V> = (Vec<Option<Version>>, HashMap<K, V>);
 
 impl<K: std::hash::Hash + Eq, V: Clone> Kept<K, V> {
     pub(super) const fn new() -> Self {

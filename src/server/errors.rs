@@ -83,6 +83,12 @@ impl IntoResponse for HttpError {
     }
 }
 
+impl From<super::canonical_path::RoutePathError> for HttpError {
+    fn from(err: super::canonical_path::RoutePathError) -> Self {
+        HttpError::new(StatusCode::BAD_REQUEST, err.to_string())
+    }
+}
+
 impl From<FreezeError> for HttpError {
     fn from(err: FreezeError) -> Self {
         let status = match err {

@@ -1,14 +1,17 @@
-//! The layers every request passes, in the contract's order: CORS (so
-//! preflights never need a token), the token check, then the Basic-header
-//! user check.
+//! The layers every request passes, in the contract's order: the path
+//! made canonical (one spelling per route, before anything matches on
+//! it), CORS (so preflights never need a token), the token check, then
+//! the Basic-header user check.
 
 use std::sync::Arc;
 
 use axum::extract::{Request, State};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use http::uri::PathAndQuery;
+use http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
 
+use super::canonical_path::{RoutePathError, canonical};
 use super::errors::{HttpError, answer_early, connect_error_response};
 use super::state::{AppState, NamedUser};
 use crate::auth::basic_user;
@@ -23,6 +26,27 @@ const EXPOSED_HEADERS: &str =
     "Grpc-Status, Grpc-Message, Grpc-Status-Details-Bin, Location, Cache-Control, X-Content-Type-Options";
 const ALLOWED_METHODS: &str = "HEAD, GET, POST, PUT, PATCH, DELETE";
 const PREFLIGHT_VARY: &str = "Origin, Access-Control-Request-Method, Access-Control-Request-Headers";
+
+/// Rewrites the request path to its canonical spelling
+/// ([`super::canonical_path`]); the query stays as sent.
+pub async fn canonical_route(mut request: Request, next: Next) -> Response {
+    let cleaned = match canonical(request.uri().path()) {
+        Ok(std::borrow::Cow::Borrowed(_)) => return next.run(request).await,
+        Ok(std::borrow::Cow::Owned(cleaned)) => cleaned,
+        Err(err) => return HttpError::from(err).into_response(),
+    };
+    let path_and_query = match request.uri().query() {
+        Some(query) => format!("{cleaned}?{query}"),
+        None => cleaned,
+    };
+    let mut parts = request.uri().clone().into_parts();
+    parts.path_and_query = PathAndQuery::try_from(path_and_query).ok();
+    match Uri::from_parts(parts) {
+        Ok(uri) => *request.uri_mut() = uri,
+        Err(_) => return HttpError::from(RoutePathError::Unusable(request.uri().path().to_owned())).into_response(),
+    }
+    next.run(request).await
+}
 
 /// CORS for browsers using the JS SDK: any origin, no credentials.
 pub async fn cors(request: Request, next: Next) -> Response {

@@ -3,6 +3,7 @@
 //! routes, behind the CORS and auth layers.
 
 mod accept;
+mod canonical_path;
 mod errors;
 mod files_http;
 mod filesystem_rpc;
@@ -207,7 +208,7 @@ fn router(state: Arc<AppState>) -> axum::Router {
         .add_service(Arc::new(ProcessService::new(state.clone())))
         .add_service(Arc::new(filesystem_rpc::FilesystemService::new(state.clone())));
     let rpc = rpc_service_with(rpc, state.body_budget.clone());
-    axum::Router::new()
+    let routes = axum::Router::new()
         .route("/health", get(http_api::health))
         .route("/init", post(http_api::init))
         .route("/envs", get(http_api::envs))
@@ -223,5 +224,9 @@ fn router(state: Arc<AppState>) -> axum::Router {
         .fallback_service(rpc)
         .layer(axum::middleware::from_fn_with_state(state.clone(), middleware::authenticate))
         .layer(axum::middleware::from_fn(middleware::cors))
-        .with_state(state)
+        .with_state(state);
+    // Layers of a router run once its route is chosen; this outer one,
+    // with no route of its own, rewrites the path before the inner one
+    // chooses.
+    axum::Router::new().fallback_service(routes).layer(axum::middleware::from_fn(middleware::canonical_route))
 }
