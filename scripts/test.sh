@@ -54,6 +54,10 @@ fi
 step "build"
 cargo build --all-targets
 
+step "lints: rustfmt and clippy (warnings are errors; the [lints] table of Cargo.toml)"
+cargo fmt --check
+cargo clippy --all-targets -- -D warnings
+
 step "unit and integration tests"
 cargo test --no-fail-fast
 

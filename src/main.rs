@@ -1,3 +1,5 @@
+//! The envd daemon: parses its flags and runs the library's server.
+
 use std::process::ExitCode;
 
 fn main() -> ExitCode {

@@ -10,6 +10,9 @@
 //! watched directory: inotify keeps order, so the events before the
 //! marker's are exactly the operation's, with no waiting on time.
 
+// A test stops at the first thing that is not as expected: unwrap is how it says so.
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::io::Read;

@@ -2,6 +2,9 @@
 //! info, listing, mkdir, move, remove, stream and polling watchers, with
 //! real files, a real user and real extended attributes.
 
+// A test stops at the first thing that is not as expected: unwrap is how it says so.
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};

@@ -4,6 +4,9 @@
 //! its own, so the daemons of tests running side by side never compete for
 //! a port.
 
+// A test stops at the first thing that is not as expected: unwrap is how it says so.
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::io::{BufRead, BufReader, Read, Write};

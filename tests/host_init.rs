@@ -8,6 +8,9 @@
 //! volume tests use the `mount` stand-in of `common::host_setup`, since
 //! this kernel has no NFS client (the VM test mounts a real export).
 
+// A test stops at the first thing that is not as expected: unwrap is how it says so.
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::os::unix::fs::PermissionsExt;

@@ -4,6 +4,9 @@
 //! without (best effort); nothing outside the command is touched, and no
 //! per-command cgroup is left behind.
 
+// A test stops at the first thing that is not as expected: unwrap is how it says so.
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::collections::HashMap;

@@ -3,6 +3,9 @@
 //! started afresh on the same state directory), FIFREEZE on a loop-mounted
 //! ext4 image, and workload freezing through cgroup v2.
 
+// A test stops at the first thing that is not as expected: unwrap is how it says so.
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::path::{Path, PathBuf};

@@ -9,6 +9,9 @@
 //! `ENVD_LOAD_CALLS` [1000] Stat/ListDir calls, `ENVD_LOAD_WATCHERS`
 //! [100] WatchDir streams.
 
+// A test stops at the first thing that is not as expected: unwrap is how it says so.
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::collections::BTreeSet;

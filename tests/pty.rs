@@ -1,6 +1,9 @@
 //! Terminals through the raw RPCs: a real pseudo-terminal, typed input,
 //! resize with SIGWINCH, Ctrl-C, exit codes, and no leaked fds or zombies.
 
+// A test stops at the first thing that is not as expected: unwrap is how it says so.
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::time::{Duration, Instant};

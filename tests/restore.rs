@@ -4,6 +4,9 @@
 //! cold boot leaves), a new boot id (the reboot), and envd started again on
 //! the same state directory.
 
+// A test stops at the first thing that is not as expected: unwrap is how it says so.
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::io::{Read, Write};

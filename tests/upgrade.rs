@@ -4,6 +4,9 @@
 //! and the workload freeze; failed upgrades leave the old envd serving; a
 //! handover that cannot be read makes envd start clean and say so.
 
+// A test stops at the first thing that is not as expected: unwrap is how it says so.
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::path::PathBuf;

@@ -16,6 +16,9 @@
 //! cached image). It is `#[ignore]`d so that a plain `cargo test` does not
 //! need root, qemu and a minute of CPU.
 
+// A test stops at the first thing that is not as expected: unwrap is how it says so.
+#![allow(clippy::unwrap_used)]
+
 #[path = "vm/harness/mod.rs"]
 mod harness;
 #[path = "common/time.rs"]

@@ -12,6 +12,9 @@
 //! memory, then each figure in turn with envd's VmHWM reset before it.
 //! envd runs its commands as the same unprivileged user sshd logs in as.
 
+// A test stops at the first thing that is not as expected: unwrap is how it says so.
+#![allow(clippy::unwrap_used)]
+
 #[path = "../../tests/common/mod.rs"]
 mod common;
 

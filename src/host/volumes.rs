@@ -402,13 +402,30 @@ mod tests {
         assert!(parse_mount_at(table, Path::new("/mnt")).is_none());
     }
 
+    /// Far beyond any wait that should end, well inside the test's patience.
+    const BOUND: Duration = Duration::from_secs(10);
+
     #[tokio::test]
     async fn nothing_pending_means_no_wait() {
         let volumes = Volumes::default();
-        volumes.wait_ready(None).await;
+        let ready = tokio::time::timeout(BOUND, volumes.wait_ready(None)).await;
+        assert!(ready.is_ok(), "nothing is pending: no wait");
+        let _guard = volumes.mark_pending(vec![PathBuf::from("/mnt/v")]);
+        let ready = tokio::time::timeout(BOUND, volumes.wait_ready(Some(Path::new("/home/user")))).await;
+        assert!(ready.is_ok(), "a path outside the pending volume does not wait for it");
+    }
+
+    #[tokio::test]
+    async fn a_path_under_a_pending_volume_waits_until_the_guard_drops() {
+        let volumes = Volumes::new(BOUND * 3);
         let guard = volumes.mark_pending(vec![PathBuf::from("/mnt/v")]);
-        volumes.wait_ready(Some(Path::new("/home/user"))).await;
+        let under = volumes.wait_ready(Some(Path::new("/mnt/v/file")));
+        let any = volumes.wait_ready(None);
+        tokio::pin!(under, any);
+        let still = tokio::time::timeout(Duration::from_millis(300), async { tokio::join!(&mut under, &mut any) });
+        assert!(still.await.is_err(), "a path under the pending volume, and any path, wait while it is pending");
         drop(guard);
-        volumes.wait_ready(Some(Path::new("/mnt/v/file"))).await;
+        let ready = tokio::time::timeout(BOUND, async { tokio::join!(under, any) }).await;
+        assert!(ready.is_ok(), "both waits end once the guard drops");
     }
 }
