@@ -228,3 +228,25 @@ async fn two_hundred_terminals_leak_no_fds_or_zombies() {
     assert!(after <= before + 4, "fds grew from {before} to {after} over 200 terminals");
     assert_eq!(zombie_children(envd.pid()), 0, "zombies left behind");
 }
+
+/// A command may close every descriptor of its terminal and open it again
+/// later (`/dev/tty`): in between, the terminal reports every slave closed,
+/// yet what the command writes afterwards is its output too.
+#[tokio::test]
+async fn output_after_the_terminal_was_closed_and_reopened_is_delivered() {
+    let envd = Envd::start();
+    let client = envd.client();
+    let script = "echo before; exec 0<&- 1>&- 2>&-; sleep 0.5; echo after-reopen > /dev/tty; exit 4";
+    for round in 0..5 {
+        let start = json!({
+            "process": {"cmd": "/bin/bash", "args": ["-c", script]},
+            "pty": {"size": {"cols": 80, "rows": 24}}
+        });
+        let run = client.run(&start, &[]).await;
+        let shown = String::from_utf8_lossy(&run.pty).into_owned();
+        assert!(shown.contains("before"), "round {round}: {shown:?}");
+        assert!(shown.contains("after-reopen"), "round {round}: the output after the reopen was lost: {shown:?}");
+        assert_eq!(run.exit_code(), 4, "round {round}");
+    }
+    assert!(envd.stderr().contains("reading on"), "the early hangup report is logged: {}", envd.stderr());
+}

@@ -155,6 +155,8 @@ pub struct ProcessHandle {
     /// Set once the process itself is reaped (its pid is free again),
     /// before the output has drained.
     reaped: Mutex<Option<EndStatus>>,
+    /// Woken when `reaped` is set.
+    reaped_now: tokio::sync::Notify,
     /// Pauses the pumps and the reaper of this process.
     pub(super) gate: Arc<Gate>,
 }
@@ -181,6 +183,7 @@ impl ProcessHandle {
             outputs: Mutex::new(parts.outputs),
             deadline: parts.deadline,
             reaped: Mutex::new(parts.reaped),
+            reaped_now: tokio::sync::Notify::new(),
             gate: parts.gate,
         }
     }
@@ -227,6 +230,17 @@ impl ProcessHandle {
     /// Records the status of a reaped process.
     pub(super) fn set_reaped(&self, end: &EndStatus) {
         *self.reaped.lock().unwrap_or_else(|e| e.into_inner()) = Some(end.clone());
+        self.reaped_now.notify_waiters();
+    }
+
+    /// Resolves once the process is reaped, or after `at_most`.
+    pub(super) async fn reaped_within(&self, at_most: std::time::Duration) {
+        let notified = self.reaped_now.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        if !self.is_reaped() {
+            let _ = tokio::time::timeout(at_most, notified).await;
+        }
     }
 
     pub(super) fn is_reaped(&self) -> bool {

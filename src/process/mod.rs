@@ -43,6 +43,9 @@ use tree::ProcessTree;
 const PIPE_CHUNK: usize = 32 * 1024;
 /// Bytes per read from a terminal.
 const PTY_CHUNK: usize = 16 * 1024;
+/// First wait before the terminal is read again after it reported every
+/// slave closed while the process runs; doubled up to 64 times that.
+const PTY_REREAD_FIRST: std::time::Duration = std::time::Duration::from_millis(10);
 
 /// What went wrong with a process request.
 #[derive(Debug, thiserror::Error)]
@@ -342,16 +345,33 @@ impl Drop for OpenOutput {
     }
 }
 
+/// Reads the terminal until it reports every slave closed (EIO) once the
+/// process is reaped. Closed while the process still runs, the terminal is
+/// read again (backing off): output that comes later is delivered, never
+/// dropped because of an early hangup report.
 async fn pump_pty(handle: Arc<ProcessHandle>) {
     let Some(pty) = handle.pty() else { return };
+    let mut closed_while_running = 0u32;
     loop {
         let _step = handle.gate.step().await;
         let mut chunk = vec![0u8; PTY_CHUNK];
         tokio::select! {
             read = pty.read(&mut chunk) => match read {
-                Ok(0) => return,
+                Ok(0) if handle.is_reaped() => return,
+                Ok(0) => {
+                    // An exiting process closes its terminal just before
+                    // it is reaped: usually this wait ends at the reap.
+                    let backoff = PTY_REREAD_FIRST * 2u32.saturating_pow(closed_while_running.min(6));
+                    drop(_step);
+                    handle.reaped_within(backoff).await;
+                    if closed_while_running == 0 && !handle.is_reaped() {
+                        tracing::warn!(pid = handle.pid(), "the terminal reports no open slave while its process runs: reading on");
+                    }
+                    closed_while_running = closed_while_running.saturating_add(1);
+                }
                 Err(err) => return output_lost(&handle, Output::Pty, &err),
                 Ok(n) => {
+                    closed_while_running = 0;
                     chunk.truncate(n);
                     handle.broadcast(Output::Pty, Bytes::from(chunk)).await;
                 }
