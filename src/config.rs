@@ -106,7 +106,7 @@ pub struct Config {
     pub restore_limit: u64,
     /// The file holding the current boot id (tells a cold boot from an
     /// envd restart).
-    #[arg(long, value_name = "PATH", default_value = crate::restore::record::BOOT_ID_PATH)]
+    #[arg(long, value_name = "PATH", default_value = crate::record::template::BOOT_ID_PATH)]
     pub boot_id_path: PathBuf,
     /// The hosts file that maps events.e2b.local to the /init events address.
     #[arg(long, value_name = "PATH", default_value = "/etc/hosts")]

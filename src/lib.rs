@@ -16,12 +16,17 @@ pub mod forward;
 pub mod fs;
 /// What comes from or goes to the host: /init, metrics, pause hooks.
 pub mod host;
+/// Holding the listening sockets still while an upgrade hands them over.
+pub mod intake;
 /// glibc's heap set up to give memory back after a burst.
 pub mod memory;
 /// Spawning processes as users, the process table, output fan-out.
 pub mod process;
 /// Generated protobuf messages and Connect service traits.
 pub mod proto;
+/// Persisted records (the leaf every module that saves or reads state
+/// shares): template processes, volumes.
+pub mod record;
 /// Restored processes: the template's running processes, back after a cold boot.
 pub mod restore;
 /// One listener, one router: Connect services, HTTP routes, auth, CORS.

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::restore::record::TemplateRecord;
+use crate::record::TemplateRecord;
 
 /// The file name under the state directory.
 const FILE_NAME: &str = "exec-context.json";
@@ -53,7 +53,7 @@ pub struct HostSetup {
     pub ca_bundle: Option<String>,
     /// The volumes of the last `/init` that mounted them all.
     #[serde(default)]
-    pub volumes: Vec<crate::host::volumes::VolumeMount>,
+    pub volumes: Vec<crate::record::VolumeMount>,
     /// The lifecycle those volumes were mounted for.
     #[serde(default)]
     pub lifecycle_id: String,

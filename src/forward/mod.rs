@@ -81,7 +81,7 @@ pub struct Forwarder {
     /// Shared with a live upgrade.
     shared: Arc<Forwards>,
     /// Held while an upgrade hands the forward sockets over.
-    intake: crate::upgrade::IntakeWatch,
+    intake: crate::intake::IntakeWatch,
 }
 
 /// The cap on forwarded connections, shared by every forwarded port.
@@ -127,7 +127,7 @@ impl Drop for Forward {
 impl Forwarder {
     /// A forwarder holding no forwards yet; it serves the sockets an
     /// earlier image handed over in `shared` from its first scan on.
-    pub fn new(config: ForwardConfig, shared: Arc<Forwards>, intake: crate::upgrade::IntakeWatch) -> Self {
+    pub fn new(config: ForwardConfig, shared: Arc<Forwards>, intake: crate::intake::IntakeWatch) -> Self {
         Self {
             config,
             shared,
@@ -257,10 +257,10 @@ struct Forwarding {
     forwards: Arc<Forwards>,
 }
 
-async fn accept_loop(listener: TcpListener, forwarding: Forwarding, mut intake: crate::upgrade::IntakeWatch) {
+async fn accept_loop(listener: TcpListener, forwarding: Forwarding, mut intake: crate::intake::IntakeWatch) {
     let Forwarding { target, capacity, forwards } = forwarding;
     loop {
-        // Handed over with its backlog during an upgrade (see `crate::upgrade::Intake`).
+        // Handed over with its backlog during an upgrade (see `crate::intake::Intake`).
         let Some(accepted) = intake.unless_held(listener.accept()).await else { continue };
         let client = match accepted {
             Ok((client, _peer)) => client,

@@ -12,6 +12,7 @@ mod access;
 pub mod compose;
 mod dirs;
 pub mod entry;
+mod event_kind;
 mod in_place;
 pub(crate) mod inotify;
 pub mod metadata;

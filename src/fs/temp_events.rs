@@ -27,9 +27,9 @@
 use std::collections::{HashMap, VecDeque};
 use std::ffi::OsString;
 
+use super::event_kind::{EventKind, kinds};
 use super::inotify::RawEvent;
 use super::transfer::{is_replacing_temp, is_temp_name};
-use super::watch::{EventKind, kinds};
 
 /// Temporaries whose events are kept at once.
 const MAX_OPEN: usize = 1024;

@@ -11,6 +11,8 @@ use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 
 use super::entry::{Entry, Owners, entry_info};
+pub use super::event_kind::EventKind;
+use super::event_kind::kinds;
 use super::inotify::{Inotify, InotifyBudget, MAX_USER_INSTANCES, RawEvent};
 use super::temp_events::{Seen, TempEvents};
 use super::transfer::is_temp_name;
@@ -31,21 +33,6 @@ pub struct WatchOptions {
     pub include_entry: bool,
     /// Allow NFS, SMB and FUSE mounts.
     pub allow_network_mounts: bool,
-}
-
-/// What happened to an entry.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub enum EventKind {
-    /// Created or moved in.
-    Create,
-    /// Content modified.
-    Write,
-    /// Deleted.
-    Remove,
-    /// Moved away or renamed.
-    Rename,
-    /// Attributes changed.
-    Chmod,
 }
 
 /// One event, as the wire wants it.
@@ -258,20 +245,6 @@ impl Watcher {
             self.dirs.remove(&wd);
         }
     }
-}
-
-/// The contract's order for one record: CREATE, RENAME, CHMOD, WRITE, REMOVE.
-pub(crate) fn kinds(mask: u32) -> impl Iterator<Item = EventKind> {
-    [
-        (libc::IN_CREATE | libc::IN_MOVED_TO, EventKind::Create),
-        (libc::IN_MOVED_FROM | libc::IN_MOVE_SELF, EventKind::Rename),
-        (libc::IN_ATTRIB, EventKind::Chmod),
-        (libc::IN_MODIFY, EventKind::Write),
-        (libc::IN_DELETE | libc::IN_DELETE_SELF, EventKind::Remove),
-    ]
-    .into_iter()
-    .filter(move |(bits, _)| mask & bits != 0)
-    .map(|(_, kind)| kind)
 }
 
 fn is_network_mount(path: &Path) -> Result<bool, FsError> {

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::command_cgroup::{self, CommandCgroup};
-use super::workload_freeze::Freezing;
+use super::freeze_state::Freezing;
 
 /// The tag of processes the orchestrator starts for maintenance: they
 /// stay in envd's cgroup, so a freeze never stops them.

@@ -17,12 +17,11 @@ use super::clock;
 use super::identity::Identity;
 use super::persist::Persister;
 use super::provision::Provisioner;
-use super::volumes::VolumeMount;
 use super::workload_freeze::FreezeAudit;
 use crate::auth::{AccessGuard, Secret, sha512_hex};
 use crate::context::state::SavedContext;
 use crate::context::{ContextStore, INTERNAL_ENV_VARS};
-use crate::restore::TemplateProcesses;
+use crate::record::VolumeMount;
 
 /// Longest wait for the metadata service's sandbox id before `/init` is
 /// acknowledged (it answers in microseconds inside a VM).
@@ -141,11 +140,24 @@ pub struct Initializer {
     identity: Option<Identity>,
     /// Template processes: restored before the first `/init` is
     /// acknowledged, recorded when the sandbox identity changes.
-    templates: Option<std::sync::Arc<TemplateProcesses>>,
+    templates: Option<std::sync::Arc<dyn AfterInit>>,
     /// Hosts entry, CA and volumes; without one they are ignored.
     provisioner: Option<std::sync::Arc<Provisioner>>,
     /// An authorised `/init` has been seen by this image of envd.
     initialized: std::sync::atomic::AtomicBool,
+}
+
+/// A future of [`AfterInit`].
+pub type Pending<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>>;
+
+/// What `/init` waits for and reports to beyond its own work: the template
+/// processes (`restore::TemplateProcesses`). A trait, because `restore`
+/// sits above `host` and builds on it.
+pub trait AfterInit: Send + Sync + std::fmt::Debug {
+    /// Resolves once the start-up restore is over.
+    fn restored(&self) -> Pending<'_>;
+    /// The sandbox identity as this `/init` left it (`None`: unknown).
+    fn identity_settled(&self, sandbox: Option<String>) -> Pending<'_>;
 }
 
 impl Initializer {
@@ -167,7 +179,7 @@ impl Initializer {
     }
 
     /// Waits for restored processes and records template processes.
-    pub fn with_templates(mut self, templates: std::sync::Arc<TemplateProcesses>) -> Self {
+    pub fn with_templates(mut self, templates: std::sync::Arc<dyn AfterInit>) -> Self {
         self.templates = Some(templates);
         self
     }

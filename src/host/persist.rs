@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use super::fsfreeze::FsFreezer;
 use crate::context::state::{SavedContext, StateFile};
-use crate::restore::record::TemplateRecord;
+use crate::record::TemplateRecord;
 
 /// Writes the exec context to disk when it changes.
 #[derive(Debug)]

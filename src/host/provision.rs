@@ -14,8 +14,9 @@ use std::sync::{Arc, Mutex};
 
 use super::ca_bundle::{CaBundle, CaError};
 use super::events_host;
-use super::volumes::{VolumeError, VolumeMount, Volumes};
+use super::volumes::{VolumeError, Volumes};
 use crate::context::state::HostSetup;
+use crate::record::VolumeMount;
 
 /// Where the system files live (flags, so tests use scratch files).
 #[derive(Debug, Clone)]

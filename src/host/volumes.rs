@@ -28,9 +28,10 @@ use std::path::{Component, Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
 use tokio::process::Command;
 use tokio::sync::watch;
+
+use crate::record::VolumeMount;
 
 /// Mount options of the reference: its NFS proxy speaks only NFSv3 over
 /// TCP on port 2049; `sync` so that a sandbox stopped abruptly loses no
@@ -46,15 +47,6 @@ pub const DEFAULT_WAIT: Duration = Duration::from_secs(10);
 const LAZY_UNMOUNT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Pause between start-up mount attempts.
 const RETRY_PAUSE: Duration = Duration::from_millis(500);
-
-/// One volume of `/init`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct VolumeMount {
-    /// `host:/export` of the NFS server.
-    pub nfs_target: String,
-    /// Where it is mounted in the sandbox.
-    pub path: String,
-}
 
 /// Why a volume could not be mounted.
 #[derive(Debug, thiserror::Error)]

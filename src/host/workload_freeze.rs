@@ -23,17 +23,15 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use tokio::sync::OwnedMutexGuard;
 
 use super::cgroups::{Workload, is_frozen, own_cgroup};
+pub use super::freeze_state::{FreezeMode, FreezeRecord, Freezing, WATCHDOG};
 
-/// A freeze nobody thaws is undone after this long (guest time, which
-/// stands still while the VM is paused).
-pub const WATCHDOG: Duration = Duration::from_secs(600);
 /// How often `cgroup.events` is polled while waiting for a freeze.
 const POLL_INTERVAL: Duration = Duration::from_millis(2);
 /// Default and ceiling of cgroups visited by a hierarchy freeze.
@@ -49,16 +47,6 @@ const ALLOWLIST: &[&str] = &[
     "system.slice/rpc-statd.service",
     "socats",
 ];
-
-/// How much to freeze.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum FreezeMode {
-    /// `user` and `ptys` only.
-    Legacy,
-    /// Also every other cgroup that does not hold envd.
-    Hierarchy,
-}
 
 /// Another freeze held the lock for longer than the caller would wait.
 #[derive(Debug, thiserror::Error)]
@@ -109,45 +97,6 @@ pub struct FreezeAudit {
     pub violations: usize,
     /// The walk hit its bound: every count is a floor.
     pub truncated: bool,
-}
-
-/// What a freeze leaves behind for the thaw, and for an upgraded envd.
-#[derive(Debug, Default, Clone, Serialize, Deserialize)]
-pub struct FreezeRecord {
-    /// A freeze of ours is in effect.
-    pub active: bool,
-    /// The mode of the freeze in effect.
-    pub mode: Option<FreezeMode>,
-    /// Cgroups the guest froze itself, relative to the cgroup root.
-    pub guest_frozen: BTreeSet<PathBuf>,
-}
-
-/// The lock, the record and the watchdog of one workload.
-#[derive(Debug)]
-pub struct Freezing {
-    lock: Arc<tokio::sync::Mutex<()>>,
-    record: std::sync::Mutex<FreezeRecord>,
-    watchdog: Duration,
-    /// The armed watchdog; any freeze or thaw moves it on, so a timer that
-    /// fires late for an earlier freeze does nothing.
-    generation: AtomicU64,
-}
-
-impl Default for Freezing {
-    fn default() -> Self {
-        Self { lock: Default::default(), record: Default::default(), watchdog: WATCHDOG, generation: AtomicU64::new(0) }
-    }
-}
-
-impl Freezing {
-    /// With a watchdog window other than [`WATCHDOG`].
-    pub fn with_watchdog(watchdog: Duration) -> Self {
-        Self { watchdog, ..Default::default() }
-    }
-
-    fn record(&self) -> std::sync::MutexGuard<'_, FreezeRecord> {
-        self.record.lock().unwrap_or_else(|e| e.into_inner())
-    }
 }
 
 /// Holds off every other freeze and thaw while it lives (the upgrade).

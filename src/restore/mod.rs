@@ -38,7 +38,6 @@
 
 mod ports;
 mod readiness;
-pub mod record;
 mod startup;
 
 pub use startup::RestoreError;
@@ -54,7 +53,7 @@ use crate::host::cgroups::SYSTEM_TAG;
 use crate::host::persist::Persister;
 use crate::process::spawn::StdioMode;
 use crate::process::{ProcessHandle, ProcessTable, StartSpec};
-use record::{RecordedStdio, TemplateProcess, TemplateRecord};
+use crate::record::{RecordedStdio, TemplateProcess, TemplateRecord};
 
 /// Where the kernel shows processes and sockets.
 const PROC_ROOT: &str = "/proc";
@@ -143,6 +142,16 @@ struct Inner {
     record: TemplateRecord,
 }
 
+impl crate::host::init::AfterInit for TemplateProcesses {
+    fn restored(&self) -> crate::host::init::Pending<'_> {
+        Box::pin(TemplateProcesses::restored(self))
+    }
+
+    fn identity_settled(&self, sandbox: Option<String>) -> crate::host::init::Pending<'_> {
+        Box::pin(TemplateProcesses::identity_settled(self, sandbox))
+    }
+}
+
 /// Tracks processes started through envd, records the template ones and
 /// restores them after a cold boot.
 #[derive(Debug)]
@@ -169,7 +178,7 @@ impl TemplateProcesses {
         record: TemplateRecord,
         options: RestoreOptions,
     ) -> Arc<Self> {
-        let boot_id = record::read_boot_id(&options.boot_id_path);
+        let boot_id = crate::record::template::read_boot_id(&options.boot_id_path);
         if boot_id.is_none() {
             tracing::warn!(path = %options.boot_id_path.display(), "boot id unreadable: template processes are not restored");
         }

@@ -11,12 +11,12 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::readiness::{self, Outcome};
-use super::record::{RecordedStdio, TemplateProcess};
 use super::{PROC_ROOT, TemplateProcesses, Tracked, ports};
 use crate::context::{INTERNAL_ENV_VARS, UserError, users};
 use crate::host::cgroups::{Placement, Slot, Workload};
 use crate::process::spawn::StdioMode;
 use crate::process::{self, CommandConfig, Event, ProcessError, StartSpec};
+use crate::record::{RecordedStdio, TemplateProcess};
 
 /// Longest wait for the sandbox identity before restarting without it.
 const IDENTITY_WAIT: Duration = Duration::from_secs(5);
@@ -189,8 +189,8 @@ mod tests {
     use crate::host::fsfreeze::FsFreezer;
     use crate::host::persist::Persister;
     use crate::process::ProcessTable;
+    use crate::record::TemplateRecord;
     use crate::restore::RestoreOptions;
-    use crate::restore::record::TemplateRecord;
 
     fn entry(pid: u32, start_time: Option<u64>) -> TemplateProcess {
         TemplateProcess {

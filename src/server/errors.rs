@@ -12,6 +12,8 @@ use crate::host::fsfreeze::FreezeError;
 use crate::host::init::InitError;
 use crate::process::ProcessError;
 
+pub use super::http_error::HttpError;
+
 impl From<ProcessError> for ConnectError {
     fn from(err: ProcessError) -> Self {
         let code = match &err {
@@ -38,48 +40,17 @@ impl From<PathError> for ConnectError {
 }
 
 /// A caller's user that cannot be found, for RPC handlers.
-pub fn unknown_user(err: UserError) -> ConnectError {
-    match err {
-        UserError::Unknown(name) => {
-            ConnectError::new(ErrorCode::Unauthenticated, format!("invalid username: '{name}'"))
+impl From<UserError> for ConnectError {
+    fn from(err: UserError) -> Self {
+        match err {
+            UserError::Unknown(name) => {
+                ConnectError::new(ErrorCode::Unauthenticated, format!("invalid username: '{name}'"))
+            }
+            other => {
+                tracing::error!("user database: {other}");
+                ConnectError::new(ErrorCode::Internal, other.to_string())
+            }
         }
-        other => {
-            tracing::error!("user database: {other}");
-            ConnectError::new(ErrorCode::Internal, other.to_string())
-        }
-    }
-}
-
-/// The plain JSON error of the HTTP API: `{"code":<status>,"message":..}`.
-#[derive(Debug)]
-pub struct HttpError {
-    status: StatusCode,
-    message: String,
-}
-
-impl HttpError {
-    /// An error with this status and message.
-    pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
-        Self { status, message: message.into() }
-    }
-
-    /// The token check's refusal.
-    pub fn unauthorized_access() -> Self {
-        Self::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized access, please provide a valid access token or method signing if supported",
-        )
-    }
-}
-
-impl IntoResponse for HttpError {
-    fn into_response(self) -> Response {
-        let body = serde_json::json!({ "code": self.status.as_u16(), "message": self.message });
-        let mut response = (self.status, format!("{body}\n")).into_response();
-        let headers = response.headers_mut();
-        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json; charset=utf-8"));
-        headers.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
-        response
     }
 }
 

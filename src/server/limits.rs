@@ -24,6 +24,10 @@ use connectrpc::Limits;
 use hyper::body::{Body as HttpBody, Frame, SizeHint};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+/// How long a request waits for the token hash right after a cold boot
+/// before it is refused.
+pub const HASH_PATIENCE: Duration = Duration::from_secs(3);
+
 /// Connections served at once.
 pub const MAX_CONNECTIONS: usize = 2048;
 /// An HTTP/1 connection's read buffer, which also bounds a request head.

@@ -13,14 +13,11 @@ use http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
 
 use super::canonical_path::{RoutePathError, canonical};
 use super::errors::{HttpError, answer_early, connect_error_response};
+use super::limits::HASH_PATIENCE;
 use super::state::{AppState, NamedUser};
 use crate::auth::basic_user;
 use crate::auth::token::Access;
 use crate::context::{UserError, users};
-
-/// How long a request waits for the token hash right after a cold boot
-/// before it is refused.
-pub(super) const HASH_PATIENCE: std::time::Duration = std::time::Duration::from_secs(3);
 
 const EXPOSED_HEADERS: &str =
     "Grpc-Status, Grpc-Message, Grpc-Status-Details-Bin, Location, Cache-Control, X-Content-Type-Options";

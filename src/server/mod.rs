@@ -9,6 +9,7 @@ mod files_http;
 mod filesystem_rpc;
 mod host_api;
 mod http_api;
+mod http_error;
 mod limits;
 mod middleware;
 mod process_rpc;

@@ -6,7 +6,7 @@ use std::time::Duration;
 use crate::auth::AccessGuard;
 use crate::config::Config;
 use crate::context::state::{SavedContext, StateFile};
-use crate::context::{ContextStore, ExecContext, User};
+use crate::context::{ContextStore, ExecContext, User, UserError};
 use crate::fs::InotifyBudget;
 use crate::fs::watchers::PollingWatchers;
 use crate::host::cgroups::Workload;
@@ -58,7 +58,7 @@ pub struct AppState {
     /// Forwarded ports, shared with `/upgrade`.
     pub forwards: Arc<crate::forward::Forwards>,
     /// Held by `/upgrade` while it hands the listening sockets over.
-    pub intake: Arc<crate::upgrade::Intake>,
+    pub intake: Arc<crate::intake::Intake>,
     /// The listening socket, handed over by `/upgrade`.
     pub listener_fd: std::sync::OnceLock<std::os::fd::RawFd>,
     /// What this image took over from the one before, for `/init`.
@@ -102,10 +102,10 @@ pub struct NamedUser(pub User);
 
 impl AppState {
     /// The user an RPC runs as: the Basic-header user, else the default.
-    pub fn caller(&self, ctx: &connectrpc::RequestContext) -> Result<User, connectrpc::ConnectError> {
+    pub fn caller(&self, ctx: &connectrpc::RequestContext) -> Result<User, UserError> {
         match ctx.extensions().get::<NamedUser>() {
             Some(NamedUser(user)) => Ok(user.clone()),
-            None => self.context.user(None).map_err(super::errors::unknown_user),
+            None => self.context.user(None),
         }
     }
 }

@@ -24,7 +24,7 @@
 //!    stays a zombie for the new image to reap; starts, stdin closes and
 //!    retirements wait; then the streams attached now get (bounded) time
 //!    to take the output already read, which would die with this image;
-//! 6. stop accepting on the listening sockets ([`Intake`]): new connections
+//! 6. stop accepting on the listening sockets ([`crate::intake::Intake`]): new connections
 //!    wait in the backlog for the next image;
 //! 7. write the handover ([`handover`]): a sealed memfd with the secrets
 //!    (token, env values) and a 0600 file in the run directory (a tmpfs)
@@ -75,7 +75,6 @@ mod binary;
 mod exec;
 pub mod handover;
 mod incoming;
-mod intake;
 
 use std::os::fd::RawFd;
 use std::path::{Path, PathBuf};
@@ -83,7 +82,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use incoming::{HandoverReport, close_carried_on_exec, parse_fd_list, resume};
-pub use intake::{Intake, IntakeWatch};
 
 use crate::auth::AccessGuard;
 use crate::context::ContextStore;
@@ -156,7 +154,7 @@ pub struct Daemon {
     /// Log lines on their way to the host's collector.
     pub logs: Option<LogShipper>,
     /// Held while the listening sockets are handed over.
-    pub intake: Arc<Intake>,
+    pub intake: Arc<crate::intake::Intake>,
     /// The listening socket.
     pub listener: RawFd,
     /// Where the handover file goes (a tmpfs in a VM).

@@ -18,7 +18,7 @@ use axum::response::{IntoResponse, Response};
 use http::{HeaderMap, HeaderValue, StatusCode, header};
 use serde::Deserialize;
 
-use super::errors::HttpError;
+use super::http_error::HttpError;
 use super::state::AppState;
 use crate::auth::signature::{Operation, sign};
 use crate::auth::token::Access;
@@ -124,7 +124,7 @@ async fn authorize(
         return Ok(());
     }
     if let Some(token) = headers.get("x-access-token") {
-        return match guard.check_patiently(Some(token.as_bytes()), crate::server::middleware::HASH_PATIENCE).await {
+        return match guard.check_patiently(Some(token.as_bytes()), super::limits::HASH_PATIENCE).await {
             Access::Denied => Err(FilesError::Unauthorized("access token present in header but does not match")),
             Access::Open | Access::Granted => Ok(()),
         };
