@@ -59,15 +59,29 @@ pub struct HostSetup {
     pub lifecycle_id: String,
 }
 
+/// Why the bytes of a state file are not a saved context.
+#[derive(Debug, thiserror::Error)]
+pub enum StateFormatError {
+    /// Not the JSON of a saved context.
+    #[error("{0}")]
+    Json(#[from] serde_json::Error),
+    /// Written by a layout this envd does not know.
+    #[error("unknown format {0}")]
+    UnknownFormat(u32),
+    /// A saved context always names its default user.
+    #[error("empty default user")]
+    NoDefaultUser,
+}
+
 impl SavedContext {
     /// Parses a state file's bytes; the error says what is wrong.
-    pub fn parse(bytes: &[u8]) -> Result<SavedContext, String> {
-        let saved: SavedContext = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+    pub fn parse(bytes: &[u8]) -> Result<SavedContext, StateFormatError> {
+        let saved: SavedContext = serde_json::from_slice(bytes)?;
         if saved.format != FORMAT {
-            return Err(format!("unknown format {}", saved.format));
+            return Err(StateFormatError::UnknownFormat(saved.format));
         }
         if saved.default_user.is_empty() {
-            return Err("empty default user".into());
+            return Err(StateFormatError::NoDefaultUser);
         }
         Ok(saved)
     }
@@ -114,7 +128,7 @@ pub enum StateError {
         /// The file.
         path: PathBuf,
         /// What is wrong.
-        reason: String,
+        reason: StateFormatError,
     },
 }
 

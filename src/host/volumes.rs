@@ -281,7 +281,7 @@ async fn remount(path: &Path, target: &str) -> Result<(), VolumeError> {
     tokio::fs::create_dir_all(path).await.map_err(|e| command_error("create the mount point for", e.to_string()))?;
     let mut mount = Command::new("mount");
     mount.args(["-v", "-t", "nfs", "-o", NFS_OPTIONS, target]).arg(path);
-    run(mount).await.map_err(|output| command_error("mount", output))
+    run(mount).await.map_err(|failure| command_error("mount", failure.to_string()))
 }
 
 async fn unmount(path: &Path) -> Result<(), VolumeError> {
@@ -291,16 +291,32 @@ async fn unmount(path: &Path) -> Result<(), VolumeError> {
     tracing::warn!(path = %path.display(), "forced unmount failed, unmounting lazily: {output}");
     let mut lazy = Command::new("umount");
     lazy.arg("--lazy").arg(path);
-    let unmounted =
-        tokio::time::timeout(LAZY_UNMOUNT_TIMEOUT, run(lazy)).await.unwrap_or_else(|_| Err("timed out".into()));
-    unmounted.map_err(|output| VolumeError::Command { action: "unmount", path: path.display().to_string(), output })
+    let unmounted = tokio::time::timeout(LAZY_UNMOUNT_TIMEOUT, run(lazy)).await.unwrap_or(Err(ToolFailure::TimedOut));
+    unmounted.map_err(|failure| VolumeError::Command {
+        action: "unmount",
+        path: path.display().to_string(),
+        output: failure.to_string(),
+    })
 }
 
-/// Runs a system tool; the error is what it printed. Killed when the
-/// caller gives up on it.
-async fn run(mut command: Command) -> Result<(), String> {
+/// Why a system tool did not do its work.
+#[derive(Debug, thiserror::Error)]
+pub enum ToolFailure {
+    /// It could not be started.
+    #[error("{0}")]
+    Start(#[from] std::io::Error),
+    /// It ran and failed: what it printed, else its exit status.
+    #[error("{0}")]
+    Failed(String),
+    /// It did not end in time and was killed.
+    #[error("timed out")]
+    TimedOut,
+}
+
+/// Runs a system tool. Killed when the caller gives up on it.
+async fn run(mut command: Command) -> Result<(), ToolFailure> {
     command.stdin(std::process::Stdio::null()).kill_on_drop(true);
-    let output = command.output().await.map_err(|e| e.to_string())?;
+    let output = command.output().await?;
     if output.status.success() {
         return Ok(());
     }
@@ -308,7 +324,7 @@ async fn run(mut command: Command) -> Result<(), String> {
     if text.is_empty() {
         text = String::from_utf8_lossy(&output.stdout).trim().to_owned();
     }
-    Err(if text.is_empty() { output.status.to_string() } else { text })
+    Err(ToolFailure::Failed(if text.is_empty() { output.status.to_string() } else { text }))
 }
 
 /// What is mounted at a path.

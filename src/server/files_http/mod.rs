@@ -220,9 +220,10 @@ fn parse_query(query: Result<Query<FilesQuery>, QueryRejection>) -> Result<(File
 /// The check both `/files` methods make of a request without a header
 /// token, before touching its body: query binding, expiration, signature.
 #[doc(hidden)]
-pub async fn check_signed_query(guard: &AccessGuard, uri: &http::Uri, op: Operation) -> Result<(), String> {
-    let (query, expiration) = parse_query(Query::try_from_uri(uri)).map_err(|QueryError(message)| message)?;
-    authorize(guard, &HeaderMap::new(), &query, op, expiration).await.map_err(|e| e.to_string())
+pub async fn check_signed_query(guard: &AccessGuard, uri: &http::Uri, op: Operation) -> Result<(), FilesError> {
+    let (query, expiration) =
+        parse_query(Query::try_from_uri(uri)).map_err(|QueryError(message)| FilesError::BadRequest(message))?;
+    authorize(guard, &HeaderMap::new(), &query, op, expiration).await
 }
 
 #[cfg(test)]
