@@ -590,10 +590,16 @@ async fn an_adopted_process_that_ends_before_anyone_reconnects_still_delivers_it
 
 /// `sleep 600` with exactly `pid`: the kernel's next pid is set through
 /// `ns_last_pid` (root), retried while other processes take it first.
-fn sleeper_with_pid(pid: u32) -> std::process::Child {
+/// A `sleep` with pid `pid`; `own_group`: leading a process group of its
+/// own (so its group id is that number too, as a shell's jobs are).
+fn sleeper_with_pid(pid: u32, own_group: bool) -> std::process::Child {
     for _ in 0..200 {
         std::fs::write("/proc/sys/kernel/ns_last_pid", (pid - 1).to_string()).unwrap();
-        let mut child = std::process::Command::new("sleep").arg("600").spawn().unwrap();
+        let mut sleep = std::process::Command::new("sleep");
+        if own_group {
+            std::os::unix::process::CommandExt::process_group(&mut sleep, 0);
+        }
+        let mut child = sleep.arg("600").spawn().unwrap();
         if child.id() == pid {
             return child;
         }
@@ -636,7 +642,7 @@ async fn a_reaped_commands_pid_taken_by_another_process_is_never_signalled() {
     let daemon = Upgradable::start("upgrade-pid-reuse").await;
     let (leader, _) = command_outliving_its_leader(&daemon.client(), &daemon.scratch).await;
     daemon.upgrade_and_init(Bytes::new()).await;
-    let victim = sleeper_with_pid(leader);
+    let victim = sleeper_with_pid(leader, false);
     kill_spares(&daemon.client(), leader, victim).await;
 
     // Without cgroups (the kill walks /proc), no upgrade needed.
@@ -644,8 +650,15 @@ async fn a_reaped_commands_pid_taken_by_another_process_is_never_signalled() {
     let envd = Envd::options().args(["--no-cgroups"]).start();
     let client = envd.client();
     let (leader, escaped) = command_outliving_its_leader(&client, &scratch).await;
-    let victim = sleeper_with_pid(leader);
+    let victim = sleeper_with_pid(leader, false);
     kill_spares(&client, leader, victim).await;
+    // The pid taken by a process that leads a group of its own (a shell's
+    // job): the walk must not take that group for the command's.
+    let (leader, escaped_too) = command_outliving_its_leader(&client, &scratch).await;
+    let victim = sleeper_with_pid(leader, true);
+    kill_spares(&client, leader, victim).await;
+    // SAFETY: kill(2) of the sleeper this test's second command left behind.
+    unsafe { libc::kill(escaped_too as libc::pid_t, libc::SIGKILL) };
     // SAFETY: kill(2) of the sleeper this test's command left behind.
     unsafe { libc::kill(escaped as libc::pid_t, libc::SIGKILL) };
 }

@@ -132,9 +132,16 @@ fn walk_and_signal(leader: u32, leader_alive: bool, signal: Signal) -> Vec<Membe
 
 /// The leader (while alive), its session and process group, and their
 /// descendants.
+///
+/// Once the leader is reaped, its pid is free: a process that has it now
+/// is someone else's, and so is every group or session with that number
+/// (the kernel gives a pid out again only when no group or session uses
+/// it). Then nothing is matched by it.
 fn collect(leader: u32, leader_alive: bool) -> Vec<ProcEntry> {
     let table = scan_proc();
-    let in_tree = |e: &&ProcEntry| (leader_alive && e.pid == leader) || e.sid == leader || e.pgid == leader;
+    let reused = !leader_alive && table.iter().any(|e| e.pid == leader);
+    let in_tree =
+        |e: &&ProcEntry| (leader_alive && e.pid == leader) || (!reused && (e.sid == leader || e.pgid == leader));
     let mut found: HashSet<u32> = table.iter().filter(in_tree).map(|e| e.pid).collect();
     loop {
         let before = found.len();
