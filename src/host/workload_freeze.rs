@@ -32,6 +32,12 @@ use tokio::sync::OwnedMutexGuard;
 use super::cgroups::{Workload, is_frozen, own_cgroup};
 pub use super::freeze_state::{FreezeMode, FreezeRecord, Freezing, WATCHDOG};
 
+/// A cgroup of the workload that could not be thawed (the first such
+/// write's error; the others were still tried).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ThawError(#[from] std::io::Error);
+
 /// How often `cgroup.events` is polled while waiting for a freeze.
 const POLL_INTERVAL: Duration = Duration::from_millis(2);
 /// Default and ceiling of cgroups visited by a hierarchy freeze.
@@ -198,9 +204,9 @@ impl Workload {
     }
 
     /// Thaws the workload; waits for a freeze in progress to finish.
-    pub async fn thaw(&self) -> std::io::Result<()> {
+    pub async fn thaw(&self) -> Result<(), ThawError> {
         let _hold = self.freezing.lock.lock().await;
-        self.thaw_locked()
+        Ok(self.thaw_locked()?)
     }
 
     fn thaw_locked(&self) -> std::io::Result<()> {

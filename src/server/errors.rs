@@ -2,7 +2,6 @@
 //! statuses. Clients get a chosen code and a one-line message; the
 //! details go to the log.
 
-use axum::body::Body;
 use axum::response::{IntoResponse, Response};
 use connectrpc::{ConnectError, ErrorCode};
 use http::{HeaderMap, HeaderValue, StatusCode, header};
@@ -12,7 +11,7 @@ use crate::host::fsfreeze::FreezeError;
 use crate::host::init::InitError;
 use crate::process::ProcessError;
 
-pub use super::http_error::HttpError;
+pub use super::http_error::{HttpError, answer_early, connect_error_response};
 
 impl From<ProcessError> for ConnectError {
     fn from(err: ProcessError) -> Self {
@@ -30,6 +29,84 @@ impl From<ProcessError> for ConnectError {
             | ProcessError::Io(_) => ErrorCode::Internal,
         };
         ConnectError::new(code, err.to_string())
+    }
+}
+
+/// What the Connect handlers refuse or fail on themselves, before or
+/// beside any module: a request of the wrong shape, a deadline, a task.
+#[derive(Debug, thiserror::Error)]
+pub enum RpcError {
+    /// A process selector with neither a pid nor a tag.
+    #[error("process selector must name a pid or a tag")]
+    NoSelector,
+    /// `StreamInput` data before its start event.
+    #[error("input data arrived before the start event")]
+    InputBeforeStart,
+    /// A `StreamInput` event of no known kind.
+    #[error("stream input event must be start, data or keepalive")]
+    UnknownInputEvent,
+    /// A signal other than SIGTERM and SIGKILL.
+    #[error("only SIGNAL_SIGTERM and SIGNAL_SIGKILL are supported")]
+    UnsupportedSignal,
+    /// Input with neither stdin nor pty bytes.
+    #[error("input must be stdin or pty bytes")]
+    NoInput,
+    /// A `Connect-Timeout-Ms` header that is not 1 to 10 digits.
+    #[error("invalid Connect-Timeout-Ms: must be 1 to 10 digits")]
+    BadTimeout,
+    /// The stream's `Connect-Timeout-Ms` passed.
+    #[error("context deadline exceeded")]
+    DeadlineExceeded,
+    /// Blocking filesystem work panicked or was cancelled.
+    #[error("filesystem task failed: {0}")]
+    FsTask(tokio::task::JoinError),
+}
+
+impl From<RpcError> for ConnectError {
+    fn from(err: RpcError) -> Self {
+        let code = match &err {
+            RpcError::NoSelector | RpcError::UnknownInputEvent | RpcError::UnsupportedSignal | RpcError::NoInput => {
+                ErrorCode::Unimplemented
+            }
+            RpcError::InputBeforeStart => ErrorCode::FailedPrecondition,
+            RpcError::BadTimeout => ErrorCode::InvalidArgument,
+            RpcError::DeadlineExceeded => ErrorCode::DeadlineExceeded,
+            RpcError::FsTask(_) => ErrorCode::Internal,
+        };
+        ConnectError::new(code, err.to_string())
+    }
+}
+
+/// A request no Connect handler may see, answered as the reference's
+/// router answers it (plain text, not a Connect error).
+#[derive(Debug)]
+pub enum RouteRefusal {
+    /// No such method.
+    NotFound,
+    /// A method of the service asked for with another verb than POST.
+    MethodNotAllowed,
+    /// A body type the method's kind does not take; names the types it does.
+    UnsupportedMediaType {
+        /// The `Accept-Post` value.
+        accepted: &'static str,
+    },
+}
+
+impl IntoResponse for RouteRefusal {
+    fn into_response(self) -> Response {
+        match self {
+            RouteRefusal::NotFound => (StatusCode::NOT_FOUND, "404 page not found\n").into_response(),
+            RouteRefusal::MethodNotAllowed => {
+                let mut response = (StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n").into_response();
+                response.headers_mut().insert(header::ALLOW, HeaderValue::from_static("POST"));
+                response
+            }
+            RouteRefusal::UnsupportedMediaType { accepted } => {
+                let mut response = StatusCode::UNSUPPORTED_MEDIA_TYPE.into_response();
+                response.headers_mut().insert("accept-post", HeaderValue::from_static(accepted));
+                response
+            }
+        }
     }
 }
 
@@ -51,6 +128,49 @@ impl From<UserError> for ConnectError {
                 ConnectError::new(ErrorCode::Internal, other.to_string())
             }
         }
+    }
+}
+
+/// The token check's refusal, on every route it guards (Connect ones too,
+/// as the reference answers).
+pub fn unauthorized_access() -> HttpError {
+    HttpError::new(
+        StatusCode::UNAUTHORIZED,
+        "unauthorized access, please provide a valid access token or method signing if supported",
+    )
+}
+
+/// A Basic header's user that cannot be looked up, on any route: an
+/// unknown name is a Connect `unauthenticated` (the SDKs read it so), a
+/// broken user database a 500.
+pub fn caller_refused(request: &HeaderMap, err: UserError) -> Response {
+    match err {
+        UserError::Unknown(_) => connect_error_response(request, err.into()),
+        other => {
+            tracing::error!("user database: {other}");
+            HttpError::new(StatusCode::INTERNAL_SERVER_ERROR, other.to_string()).into_response()
+        }
+    }
+}
+
+/// A blocking task of a route that panicked or was cancelled.
+pub fn task_failed(what: &str, err: tokio::task::JoinError) -> HttpError {
+    tracing::error!("{what}: {err}");
+    HttpError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("{what}: {err}"))
+}
+
+/// `/metrics` that could not be read: 500 with an empty body, as the
+/// reference answers.
+impl IntoResponse for crate::host::metrics::MetricsError {
+    fn into_response(self) -> Response {
+        tracing::error!("metrics: {self}");
+        StatusCode::INTERNAL_SERVER_ERROR.into_response()
+    }
+}
+
+impl From<crate::host::workload_freeze::ThawError> for HttpError {
+    fn from(err: crate::host::workload_freeze::ThawError) -> Self {
+        HttpError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("thawing the workload: {err}"))
     }
 }
 
@@ -148,52 +268,6 @@ pub fn body_limit_error(err: super::limits::BodyLimitError) -> Response {
     response
 }
 
-/// Most of an unread request body that is read and dropped before an early
-/// answer, so the connection stays usable for the next request (a client
-/// that is still sending would otherwise hit a closed socket).
-const DRAIN_LIMIT: usize = 256 << 10;
-const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
-
-/// Answers `response` after discarding the request's body.
-pub async fn answer_early(request: axum::extract::Request, response: Response) -> Response {
-    use http_body_util::BodyExt;
-    let body = http_body_util::Limited::new(request.into_body(), DRAIN_LIMIT);
-    let drained = tokio::time::timeout(DRAIN_TIMEOUT, body.collect()).await;
-    let mut response = response;
-    if !matches!(drained, Ok(Ok(_))) {
-        // Too large or too slow: tell the client this connection is done.
-        response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
-    }
-    response
-}
-
-/// A Connect error answered outside the Connect library (by the auth and
-/// routing layers): Connect streams get HTTP 200 with an end-of-stream
-/// frame, unary calls the status of the code and a JSON body.
-pub fn connect_error_response(request: &HeaderMap, err: ConnectError) -> Response {
-    let error = serde_json::json!({ "code": err.code.as_str(), "message": err.message.clone().unwrap_or_default() });
-    let content_type = request.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
-    let media = content_type.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
-    let stream_type = match media.as_str() {
-        "application/connect+json" => Some("application/connect+json"),
-        "application/connect+proto" => Some("application/connect+proto"),
-        _ => None,
-    };
-    if let Some(stream_type) = stream_type {
-        let end = serde_json::json!({ "error": error }).to_string();
-        let mut frame = Vec::with_capacity(5 + end.len());
-        frame.push(0x02);
-        frame.extend_from_slice(&u32::try_from(end.len()).unwrap_or(u32::MAX).to_be_bytes());
-        frame.extend_from_slice(end.as_bytes());
-        let mut response = Response::new(Body::from(frame));
-        response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(stream_type));
-        return response;
-    }
-    let mut response = (err.code.http_status(), error.to_string()).into_response();
-    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    response
-}
-
 // === Filesystem ===
 
 impl From<crate::fs::FsError> for ConnectError {
@@ -229,6 +303,30 @@ impl From<crate::fs::watchers::WatcherError> for ConnectError {
             WatcherError::Failed(_) => ErrorCode::Internal,
         };
         ConnectError::new(code, err.to_string())
+    }
+}
+
+impl IntoResponse for super::files_http::QueryError {
+    fn into_response(self) -> Response {
+        (StatusCode::BAD_REQUEST, self.0).into_response()
+    }
+}
+
+impl IntoResponse for super::files_http::Unsent {
+    fn into_response(self) -> Response {
+        use super::files_http::Unsent;
+        match self {
+            Unsent::NotModified => StatusCode::NOT_MODIFIED.into_response(),
+            Unsent::PreconditionFailed => StatusCode::PRECONDITION_FAILED.into_response(),
+            Unsent::RangeNotSatisfiable { len } => {
+                let mut response =
+                    (StatusCode::RANGE_NOT_SATISFIABLE, "invalid range: failed to overlap").into_response();
+                if let Ok(value) = HeaderValue::from_str(&format!("bytes */{len}")) {
+                    response.headers_mut().insert(header::CONTENT_RANGE, value);
+                }
+                response
+            }
+        }
     }
 }
 

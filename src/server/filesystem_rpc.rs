@@ -8,6 +8,7 @@ use std::sync::Arc;
 use connectrpc::{ConnectError, RequestContext, Response, ServiceRequest, ServiceResult, ServiceStream};
 use futures_util::StreamExt;
 
+use super::errors::RpcError;
 use super::state::AppState;
 use super::stream::{keepalive_interval, until_deadline, with_keepalive};
 use crate::context::User;
@@ -51,7 +52,7 @@ async fn blocking<T: Send + 'static>(
 ) -> Result<T, ConnectError> {
     match tokio::task::spawn_blocking(work).await {
         Ok(result) => result.map_err(ConnectError::from),
-        Err(err) => Err(ConnectError::internal(format!("filesystem task failed: {err}"))),
+        Err(err) => Err(RpcError::FsTask(err).into()),
     }
 }
 

@@ -9,7 +9,7 @@ use axum::response::{IntoResponse, Response};
 use http::StatusCode;
 use serde::Deserialize;
 
-use super::errors::{HttpError, freeze_busy};
+use super::errors::{HttpError, freeze_busy, task_failed};
 use super::state::AppState;
 use crate::host::collapse;
 use crate::host::workload_freeze::FreezeMode;
@@ -47,9 +47,7 @@ pub async fn freeze(State(state): State<Arc<AppState>>, Query(query): Query<Free
 pub async fn unfreeze(State(state): State<Arc<AppState>>) -> Response {
     match state.workload.thaw().await {
         Ok(()) => StatusCode::NO_CONTENT.into_response(),
-        Err(err) => {
-            HttpError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("thawing the workload: {err}")).into_response()
-        }
+        Err(err) => HttpError::from(err).into_response(),
     }
 }
 
@@ -88,7 +86,7 @@ pub async fn collapse() -> Response {
             response
         }
         Ok(Err(err)) => HttpError::from(err).into_response(),
-        Err(join) => HttpError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("collapse: {join}")).into_response(),
+        Err(join) => task_failed("collapse", join).into_response(),
     }
 }
 

@@ -69,9 +69,6 @@ pub async fn envs(State(state): State<Arc<AppState>>) -> Response {
 pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     match state.metrics.sample() {
         Ok(metrics) => no_store(axum::Json(metrics).into_response()),
-        Err(err) => {
-            tracing::error!("metrics: {err}");
-            StatusCode::INTERNAL_SERVER_ERROR.into_response()
-        }
+        Err(err) => err.into_response(),
     }
 }

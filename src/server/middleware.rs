@@ -12,12 +12,12 @@ use http::uri::PathAndQuery;
 use http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
 
 use super::canonical_path::{RoutePathError, canonical};
-use super::errors::{HttpError, answer_early, connect_error_response};
+use super::errors::{HttpError, answer_early, caller_refused, unauthorized_access};
 use super::limits::HASH_PATIENCE;
 use super::state::{AppState, NamedUser};
 use crate::auth::basic_user;
 use crate::auth::token::Access;
-use crate::context::{UserError, users};
+use crate::context::users;
 
 const EXPOSED_HEADERS: &str =
     "Grpc-Status, Grpc-Message, Grpc-Status-Details-Bin, Location, Cache-Control, X-Content-Type-Options";
@@ -90,7 +90,7 @@ pub async fn authenticate(State(state): State<Arc<AppState>>, mut request: Reque
     if !exempt_from_token(request.method(), request.uri().path()) {
         let token = request.headers().get("x-access-token").map(HeaderValue::as_bytes);
         if state.guard.check_patiently(token, HASH_PATIENCE).await == Access::Denied {
-            return answer_early(request, HttpError::unauthorized_access().into_response()).await;
+            return answer_early(request, unauthorized_access().into_response()).await;
         }
     }
     if let Some(name) = basic_user(request.headers().get(header::AUTHORIZATION).map(HeaderValue::as_bytes)) {
@@ -98,22 +98,11 @@ pub async fn authenticate(State(state): State<Arc<AppState>>, mut request: Reque
             Ok(user) => {
                 request.extensions_mut().insert(NamedUser(user));
             }
-            Err(UserError::Unknown(name)) => {
-                let response = invalid_username(request.headers(), &name);
-                return answer_early(request, response).await;
-            }
             Err(err) => {
-                tracing::error!("user database: {err}");
-                return HttpError::new(StatusCode::INTERNAL_SERVER_ERROR, err.to_string()).into_response();
+                let response = caller_refused(request.headers(), err);
+                return answer_early(request, response).await;
             }
         }
     }
     next.run(request).await
-}
-
-/// A Basic header naming an unknown user is refused on every route.
-fn invalid_username(headers: &HeaderMap, name: &str) -> Response {
-    let err =
-        connectrpc::ConnectError::new(connectrpc::ErrorCode::Unauthenticated, format!("invalid username: '{name}'"));
-    connect_error_response(headers, err)
 }

@@ -4,9 +4,10 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use connectrpc::{ConnectError, ErrorCode, RequestContext, Response, ServiceRequest, ServiceResult, ServiceStream};
+use connectrpc::{ConnectError, RequestContext, Response, ServiceRequest, ServiceResult, ServiceStream};
 use futures_util::StreamExt;
 
+use super::errors::RpcError;
 use super::state::AppState;
 use super::stream::{keepalive_interval, until_deadline, with_keepalive};
 use crate::host::cgroups::{Placement, Slot};
@@ -80,7 +81,7 @@ fn selector(selector: Option<&pb::ProcessSelector>) -> Result<Selector, ConnectE
     match selector.and_then(|s| s.selector.as_ref()) {
         Some(PbSelector::Pid(pid)) => Ok(Selector::Pid(*pid)),
         Some(PbSelector::Tag(tag)) => Ok(Selector::Tag(tag.clone())),
-        None => Err(ConnectError::new(ErrorCode::Unimplemented, "process selector must name a pid or a tag")),
+        None => Err(RpcError::NoSelector.into()),
     }
 }
 
@@ -248,19 +249,13 @@ impl pb::Process for ProcessService {
                 }
                 Some(PbInputEvent::Data(data)) => {
                     let Some(handle) = &target else {
-                        return Err(ConnectError::new(
-                            ErrorCode::FailedPrecondition,
-                            "input data arrived before the start event",
-                        ));
+                        return Err(RpcError::InputBeforeStart.into());
                     };
                     send_input(handle, data.input.as_option()).await?;
                 }
                 Some(PbInputEvent::Keepalive(_)) => {}
                 None => {
-                    return Err(ConnectError::new(
-                        ErrorCode::Unimplemented,
-                        "stream input event must be start, data or keepalive",
-                    ));
+                    return Err(RpcError::UnknownInputEvent.into());
                 }
             }
         }
@@ -291,10 +286,7 @@ impl pb::Process for ProcessService {
             Some(pb::Signal::SIGNAL_SIGKILL) => (nix::sys::signal::Signal::SIGKILL, SIGKILL_WAIT),
             Some(pb::Signal::SIGNAL_SIGTERM) => (nix::sys::signal::Signal::SIGTERM, SIGTERM_WAIT),
             _ => {
-                return Err(ConnectError::new(
-                    ErrorCode::Unimplemented,
-                    "only SIGNAL_SIGTERM and SIGNAL_SIGKILL are supported",
-                ));
+                return Err(RpcError::UnsupportedSignal.into());
             }
         };
         let wait = ctx.deadline().map_or(wait, |d| wait.min(d.saturating_duration_since(Instant::now())));
@@ -330,7 +322,7 @@ async fn send_input(handle: &process::ProcessHandle, input: Option<&pb::ProcessI
     match input.and_then(|i| i.input.as_ref()) {
         Some(PbInput::Stdin(data)) => handle.write_stdin(data).await?,
         Some(PbInput::Pty(data)) => handle.write_pty(data).await?,
-        None => return Err(ConnectError::new(ErrorCode::Unimplemented, "input must be stdin or pty bytes")),
+        None => return Err(RpcError::NoInput.into()),
     }
     Ok(())
 }

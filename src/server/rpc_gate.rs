@@ -13,10 +13,10 @@ use axum::body::Body;
 use axum::extract::Request;
 use axum::response::{IntoResponse, Response};
 use connectrpc::{ConnectRpcService, Dispatcher, MethodKind};
-use http::{HeaderValue, Method, StatusCode, header};
+use http::{HeaderValue, Method, header};
 use tower::ServiceExt;
 
-use super::errors::{answer_early, connect_error_response};
+use super::errors::{RouteRefusal, RpcError, answer_early, connect_error_response};
 use super::limits::{BodyBudget, DeadlineBody, budget_for, rpc_body_max};
 
 /// Types accepted by unary methods (Connect unary, gRPC, gRPC-Web).
@@ -81,23 +81,18 @@ async fn bound_buffered_body(request: Request, budget: &BodyBudget) -> Result<Re
 fn checked_kind(request: &Request, methods: &[(String, MethodKind)]) -> Result<MethodKind, Box<Response>> {
     let path = request.uri().path().strip_prefix('/');
     let Some(kind) = methods.iter().find(|(m, _)| Some(m.as_str()) == path).map(|(_, kind)| *kind) else {
-        return Err(Box::new((StatusCode::NOT_FOUND, "404 page not found\n").into_response()));
+        return Err(Box::new(RouteRefusal::NotFound.into_response()));
     };
     if request.method() != Method::POST {
-        let mut response = (StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n").into_response();
-        response.headers_mut().insert(header::ALLOW, HeaderValue::from_static("POST"));
-        return Err(Box::new(response));
+        return Err(Box::new(RouteRefusal::MethodNotAllowed.into_response()));
     }
     if let Some(accepted) = wrong_kind_of_type(request, kind) {
-        let mut response = StatusCode::UNSUPPORTED_MEDIA_TYPE.into_response();
-        response.headers_mut().insert("accept-post", HeaderValue::from_static(accepted));
-        return Err(Box::new(response));
+        return Err(Box::new(RouteRefusal::UnsupportedMediaType { accepted }.into_response()));
     }
     if let Some(timeout) = request.headers().get("connect-timeout-ms")
         && !valid_timeout(timeout.as_bytes())
     {
-        let err = connectrpc::ConnectError::invalid_argument("invalid Connect-Timeout-Ms: must be 1 to 10 digits");
-        return Err(Box::new(connect_error_response(request.headers(), err)));
+        return Err(Box::new(connect_error_response(request.headers(), RpcError::BadTimeout.into())));
     }
     Ok(kind)
 }

@@ -8,6 +8,8 @@ use futures_util::Stream;
 use futures_util::StreamExt;
 use http::HeaderMap;
 
+use super::errors::RpcError;
+
 /// Used when the header is missing, not an integer, or not positive.
 const DEFAULT_KEEPALIVE: Duration = Duration::from_secs(90);
 
@@ -44,7 +46,7 @@ where
 pub fn until_deadline<T: Send + 'static>(stream: ServiceStream<T>, deadline: Option<Instant>) -> ServiceStream<T> {
     let Some(deadline) = deadline else { return stream };
     let expiry = Box::pin(tokio::time::sleep_until(deadline.into()));
-    let exceeded = || ConnectError::deadline_exceeded("context deadline exceeded");
+    let exceeded = || ConnectError::from(RpcError::DeadlineExceeded);
     Box::pin(futures_util::stream::unfold(Some((stream, expiry)), move |state| async move {
         let (mut stream, mut expiry) = state?;
         tokio::select! {

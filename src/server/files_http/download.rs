@@ -17,7 +17,7 @@ use tokio::io::{AsyncReadExt, AsyncSeekExt, BufReader};
 use tokio_util::io::ReaderStream;
 
 use super::encoding::{Coding, content_disposition, negotiate, sniff, type_by_extension};
-use super::{FilesError, FilesQuery, authorize, file_user, parse_query};
+use super::{FilesError, FilesQuery, Unsent, authorize, file_user, parse_query};
 use crate::auth::signature::Operation;
 use crate::fs::transfer::{Download, open_download};
 use crate::server::state::AppState;
@@ -100,17 +100,15 @@ enum Span {
 
 async fn identity(path: &Path, opened: Download, headers: &HeaderMap) -> Result<Response, FilesError> {
     let Download { file, len, modified } = opened;
-    if let Some(status) = precondition(headers, modified) {
-        return Ok(status.into_response());
+    if let Some(unsent) = precondition(headers, modified) {
+        return Ok(unsent.into_response());
     }
     let span = match headers.get(header::RANGE).and_then(|v| v.to_str().ok()) {
         Some(range) if range_applies(headers, modified) => parse_range(range, len),
         _ => Span::Full,
     };
     if span == Span::Unsatisfiable {
-        let mut response = (StatusCode::RANGE_NOT_SATISFIABLE, "invalid range: failed to overlap").into_response();
-        insert(response.headers_mut(), header::CONTENT_RANGE, &format!("bytes */{len}"));
-        return Ok(response);
+        return Ok(Unsent::RangeNotSatisfiable { len }.into_response());
     }
     let content_type = match type_by_extension(path) {
         Some(known) => known,
@@ -172,22 +170,22 @@ fn whole_seconds(time: SystemTime) -> u64 {
 }
 
 /// Go's `checkPreconditions` without ETags (envd sets none): 412 or 304.
-fn precondition(headers: &HeaderMap, modified: Option<SystemTime>) -> Option<StatusCode> {
+fn precondition(headers: &HeaderMap, modified: Option<SystemTime>) -> Option<Unsent> {
     let mtime = modified.map(whole_seconds);
     if let Some(if_match) = headers.get(header::IF_MATCH) {
         if if_match.as_bytes().trim_ascii() != b"*" {
-            return Some(StatusCode::PRECONDITION_FAILED);
+            return Some(Unsent::PreconditionFailed);
         }
     } else if let (Some(since), Some(mtime)) = (date_header(headers, header::IF_UNMODIFIED_SINCE), mtime)
         && mtime > whole_seconds(since)
     {
-        return Some(StatusCode::PRECONDITION_FAILED);
+        return Some(Unsent::PreconditionFailed);
     }
     if let Some(none_match) = headers.get(header::IF_NONE_MATCH) {
-        return (none_match.as_bytes().trim_ascii() == b"*").then_some(StatusCode::NOT_MODIFIED);
+        return (none_match.as_bytes().trim_ascii() == b"*").then_some(Unsent::NotModified);
     }
     match (date_header(headers, header::IF_MODIFIED_SINCE), mtime) {
-        (Some(since), Some(mtime)) if mtime <= whole_seconds(since) => Some(StatusCode::NOT_MODIFIED),
+        (Some(since), Some(mtime)) if mtime <= whole_seconds(since) => Some(Unsent::NotModified),
         _ => None,
     }
 }
@@ -259,12 +257,12 @@ mod tests {
         let mut headers = HeaderMap::new();
         assert_eq!(precondition(&headers, Some(modified)), None);
         headers.insert(header::IF_MODIFIED_SINCE, HeaderValue::from_str(&httpdate::fmt_http_date(modified)).unwrap());
-        assert_eq!(precondition(&headers, Some(modified)), Some(StatusCode::NOT_MODIFIED));
+        assert_eq!(precondition(&headers, Some(modified)), Some(Unsent::NotModified));
         let earlier = modified - std::time::Duration::from_secs(10);
         headers.insert(header::IF_MODIFIED_SINCE, HeaderValue::from_str(&httpdate::fmt_http_date(earlier)).unwrap());
         assert_eq!(precondition(&headers, Some(modified)), None);
         headers.insert(header::IF_UNMODIFIED_SINCE, HeaderValue::from_str(&httpdate::fmt_http_date(earlier)).unwrap());
-        assert_eq!(precondition(&headers, Some(modified)), Some(StatusCode::PRECONDITION_FAILED));
+        assert_eq!(precondition(&headers, Some(modified)), Some(Unsent::PreconditionFailed));
         let mut headers = HeaderMap::new();
         headers.insert(header::IF_RANGE, HeaderValue::from_static("\"etag\""));
         assert!(!range_applies(&headers, Some(modified)));

@@ -89,14 +89,23 @@ pub struct FilesQuery {
 }
 
 /// A malformed query parameter, answered like Go's query binding: 400
-/// with a plain-text body.
+/// with a plain-text body (`server::errors`).
 #[derive(Debug)]
-pub struct QueryError(String);
+pub struct QueryError(pub(super) String);
 
-impl IntoResponse for QueryError {
-    fn into_response(self) -> Response {
-        (StatusCode::BAD_REQUEST, self.0).into_response()
-    }
+/// A download answered without its body, as Go's `http.ServeContent`
+/// answers it (`server::errors` writes it).
+#[derive(Debug, PartialEq, Eq)]
+pub enum Unsent {
+    /// `If-None-Match: *` or `If-Modified-Since` not older than the file.
+    NotModified,
+    /// `If-Match` other than `*`, or the file changed since `If-Unmodified-Since`.
+    PreconditionFailed,
+    /// A `Range` that overlaps none of the file's `len` bytes.
+    RangeNotSatisfiable {
+        /// The file's length.
+        len: u64,
+    },
 }
 
 impl FilesQuery {
