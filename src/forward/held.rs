@@ -15,6 +15,8 @@ use std::sync::{Mutex, MutexGuard};
 
 use serde::{Deserialize, Serialize};
 
+use crate::record::{CarriedFds, Carry, NamesFds};
+
 /// One forwarded port, as the handover names it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HeldForward {
@@ -58,6 +60,30 @@ impl HeldRelay {
             upstream: [map(up_read)?, map(up_write)?],
             downstream: [map(down_read)?, map(down_write)?],
         })
+    }
+}
+
+/// The forwards' part of the upgrade handover (its `forwards` and
+/// `relays` sections).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ForwardsPart {
+    /// Forwarded ports' listening sockets.
+    #[serde(default)]
+    pub forwards: Vec<HeldForward>,
+    /// Forwarded connections being relayed.
+    #[serde(default)]
+    pub relays: Vec<HeldRelay>,
+}
+
+impl NamesFds for ForwardsPart {
+    fn fds_mut(&mut self) -> Vec<&mut RawFd> {
+        let listeners = self.forwards.iter_mut().map(|f| &mut f.fd);
+        let relays = self.relays.iter_mut().flat_map(|r| {
+            let [up_read, up_write] = &mut r.upstream;
+            let [down_read, down_write] = &mut r.downstream;
+            [&mut r.client, &mut r.server, up_read, up_write, down_read, down_write]
+        });
+        listeners.chain(relays).collect()
     }
 }
 
@@ -117,29 +143,34 @@ impl Forwards {
     /// Every held socket passed through `carry` (which duplicates it),
     /// under the lock the forwarder takes before it closes one: no fd
     /// closes or changes meaning between being listed and being duplicated.
-    pub fn carry_all(
-        &self,
-        mut carry: impl FnMut(RawFd) -> std::io::Result<RawFd>,
-    ) -> std::io::Result<(Vec<HeldForward>, Vec<HeldRelay>)> {
+    pub fn export(&self, carry: &mut Carry) -> std::io::Result<ForwardsPart> {
         let held = self.held();
-        let listeners = held
+        let forwards = held
             .listeners
             .values()
             .map(|forward| Ok(HeldForward { fd: carry(forward.fd)?, ..*forward }))
             .collect::<std::io::Result<_>>()?;
-        let relays = held.relays.values().map(|relay| relay.map_fds(&mut carry)).collect::<std::io::Result<_>>()?;
-        Ok((listeners, relays))
+        let relays = held.relays.values().map(|relay| relay.map_fds(&mut *carry)).collect::<std::io::Result<_>>()?;
+        Ok(ForwardsPart { forwards, relays })
     }
 
-    /// A listening socket from an earlier image, for the forwarder to serve.
-    pub fn hand_over(&self, forward: HeldForward, socket: OwnedFd) {
-        self.handed().listeners.push((forward, socket));
-    }
-
-    /// A relayed connection from an earlier image, for the forwarder to
-    /// resume.
-    pub fn hand_over_relay(&self, relay: RelayFds) {
-        self.handed().relays.push(relay);
+    /// Takes over the listening sockets and relays of an earlier image,
+    /// for the forwarder to serve and resume before its first scan;
+    /// returns how many of each.
+    pub fn resume(&self, part: ForwardsPart, fds: &mut CarriedFds) -> (usize, usize) {
+        let mut handed = self.handed();
+        for forward in part.forwards {
+            if let Some(socket) = fds.take(forward.fd) {
+                handed.listeners.push((forward, socket));
+            }
+        }
+        for relay in part.relays {
+            let owned: Vec<OwnedFd> = relay.fds().into_iter().filter_map(|fd| fds.take(fd)).collect();
+            if let Ok(fds) = <[OwnedFd; 6]>::try_from(owned) {
+                handed.relays.push(RelayFds { target: relay.target, fds });
+            }
+        }
+        (handed.listeners.len(), handed.relays.len())
     }
 
     /// What was handed over, once.
@@ -165,5 +196,46 @@ impl Forwards {
         held.next_relay += 1;
         held.relays.insert(id, relay);
         RelayListing { forwards: self, id }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::AsRawFd;
+
+    use super::*;
+    use crate::record::fds::testing::{claimed, duplicate, inode};
+
+    #[test]
+    fn every_held_socket_survives_export_serialise_and_resume() {
+        let forwards = Forwards::default();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let target: SocketAddr = "127.0.0.1:8080".parse().unwrap();
+        forwards.insert(HeldForward { port: 8080, target, fd: listener.as_raw_fd() });
+        let pipes: Vec<(OwnedFd, OwnedFd)> = (0..3).map(|_| nix::unistd::pipe().unwrap()).collect();
+        let raw = |i: usize| (pipes[i].0.as_raw_fd(), pipes[i].1.as_raw_fd());
+        let relay = HeldRelay {
+            target,
+            client: raw(0).0,
+            server: raw(0).1,
+            upstream: [raw(1).0, raw(1).1],
+            downstream: [raw(2).0, raw(2).1],
+        };
+        let _listed = forwards.list_relay(relay);
+
+        let mut carried = Vec::new();
+        let part = forwards.export(&mut |fd| duplicate(fd, &mut carried)).unwrap();
+        let read_back: ForwardsPart = serde_json::from_str(&serde_json::to_string(&part).unwrap()).unwrap();
+        assert_eq!(read_back, part, "serialising loses nothing");
+
+        let next = Forwards::default();
+        assert_eq!(next.resume(read_back, &mut claimed(carried)), (1, 1));
+        let (listeners, relays) = next.take_handed_over();
+        assert_eq!(listeners[0].0, part.forwards[0]);
+        assert_eq!(inode(listeners[0].1.as_raw_fd()), inode(listener.as_raw_fd()), "the same listening socket");
+        assert_eq!(relays[0].target, target);
+        let resumed: Vec<u64> = relays[0].fds.iter().map(|fd| inode(fd.as_raw_fd())).collect();
+        let original: Vec<u64> = relay.fds().iter().map(|fd| inode(*fd)).collect();
+        assert_eq!(resumed, original, "each relay fd in its own place");
     }
 }

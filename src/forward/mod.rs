@@ -34,7 +34,7 @@ pub mod listeners;
 pub mod plan;
 pub mod relay;
 
-pub use held::{Forwards, HeldForward, HeldRelay, RelayFds};
+pub use held::{Forwards, ForwardsPart, HeldForward, HeldRelay, RelayFds};
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};

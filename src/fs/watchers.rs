@@ -69,7 +69,7 @@ struct Polled {
 
 /// A polling watcher as data: what another image of envd needs to go on
 /// with the same id and the events queued so far.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct WatcherState {
     /// Its id.
     pub id: String,
@@ -159,9 +159,26 @@ impl PollingWatchers {
             .collect()
     }
 
+    /// Re-arms the watchers of an earlier image with their ids and queued
+    /// events; returns how many were re-armed and how many failed.
+    pub async fn resume(&self, states: Vec<WatcherState>) -> (usize, usize) {
+        let (mut armed, mut failed) = (0, 0);
+        for state in states {
+            let id = state.id.clone();
+            match self.restore(state).await {
+                Ok(_) => armed += 1,
+                Err(err) => {
+                    tracing::warn!(watcher = %id, "polling watcher not re-armed: {err}");
+                    failed += 1;
+                }
+            }
+        }
+        (armed, failed)
+    }
+
     /// Watches again as `state` describes (a failed watcher stays failed);
     /// returns its id.
-    pub async fn restore(&self, state: WatcherState) -> Result<String, FsError> {
+    async fn restore(&self, state: WatcherState) -> Result<String, FsError> {
         let watcher = match state.failure {
             Some(_) => None,
             None => {
@@ -342,6 +359,39 @@ mod tests {
 
     async fn settle() {
         tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    /// Watchers in the order of their ids, for comparing two exports.
+    fn sorted(mut states: Vec<WatcherState>) -> Vec<WatcherState> {
+        states.sort_by(|a, b| a.id.cmp(&b.id));
+        states
+    }
+
+    #[tokio::test]
+    async fn every_field_of_a_watcher_survives_export_serialise_and_resume() {
+        let (root, flooded) = (dir("handover"), dir("handover-flooded"));
+        let watchers = PollingWatchers::new(3, Duration::from_secs(60), InotifyBudget::new(4));
+        let options = WatchOptions { recursive: true, ..WatchOptions::default() };
+        let queued = watchers.create(root.clone(), options).await.unwrap();
+        let failed = watchers.create(flooded.clone(), WatchOptions::default()).await.unwrap();
+        std::fs::write(root.join("queued"), b"").unwrap();
+        // Five events for a queue of three: that watcher fails.
+        for i in 0..5 {
+            std::fs::write(flooded.join(format!("f{i}")), b"").unwrap();
+        }
+        settle().await;
+        let mut part = watchers.export();
+        part.retain(|w| w.id == failed || w.id == queued);
+        let queued_state = part.iter().find(|w| w.id == queued).unwrap();
+        assert!(!queued_state.events.is_empty() && queued_state.options.recursive);
+        assert!(part.iter().find(|w| w.id == failed).unwrap().failure.is_some());
+
+        let read_back: Vec<WatcherState> = serde_json::from_str(&serde_json::to_string(&part).unwrap()).unwrap();
+        assert_eq!(read_back, part, "serialising loses nothing");
+        let next = PollingWatchers::new(3, Duration::from_secs(60), InotifyBudget::new(4));
+        assert_eq!(next.resume(read_back).await, (2, 0));
+        assert_eq!(sorted(next.export()), sorted(part), "resuming loses nothing");
+        let _ = (std::fs::remove_dir_all(root), std::fs::remove_dir_all(flooded));
     }
 
     #[tokio::test]

@@ -27,7 +27,7 @@ pub enum FreezeMode {
 }
 
 /// What a freeze leaves behind for the thaw, and for an upgraded envd.
-#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FreezeRecord {
     /// A freeze of ours is in effect.
     pub active: bool,

@@ -32,6 +32,19 @@ use tokio::sync::OwnedMutexGuard;
 use super::cgroups::{Workload, is_frozen, own_cgroup};
 pub use super::freeze_state::{FreezeMode, FreezeRecord, Freezing, WATCHDOG};
 
+/// The workload's part of the upgrade handover (its `freeze` and
+/// `nextCommandCgroup` sections).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkloadPart {
+    /// The workload freeze in effect.
+    #[serde(default)]
+    pub freeze: FreezeRecord,
+    /// The number in the next command cgroup's name.
+    #[serde(default)]
+    pub next_command_cgroup: u64,
+}
+
 /// A cgroup of the workload that could not be thawed (the first such
 /// write's error; the others were still tried).
 #[derive(Debug, thiserror::Error)]
@@ -288,10 +301,18 @@ impl Workload {
         self.freezing.record().clone()
     }
 
-    /// Takes over the record of the envd image before an upgrade.
-    pub fn adopt_freeze_record(self: &Arc<Self>, record: FreezeRecord) {
-        let active = record.active;
-        *self.freezing.record() = record;
+    /// The workload's part of the upgrade handover.
+    pub fn export(&self) -> WorkloadPart {
+        WorkloadPart { freeze: self.freeze_record(), next_command_cgroup: self.next_command_cgroup() }
+    }
+
+    /// Takes over the freeze in effect and the command-cgroup numbering of
+    /// the envd image before an upgrade.
+    pub fn resume(self: &Arc<Self>, part: WorkloadPart) {
+        let WorkloadPart { freeze, next_command_cgroup } = part;
+        self.continue_command_cgroups_from(next_command_cgroup);
+        let active = freeze.active;
+        *self.freezing.record() = freeze;
         if active {
             self.arm_watchdog();
         }
@@ -394,4 +415,30 @@ fn walk(root: &Path, limit: usize) -> (Vec<PathBuf>, bool) {
         }
     }
     (found, false)
+}
+
+#[cfg(test)]
+mod handover_tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_freeze_and_the_cgroup_numbering_survive_export_serialise_and_resume() {
+        let workload = Arc::new(Workload::default());
+        let populated = WorkloadPart {
+            freeze: FreezeRecord {
+                active: true,
+                mode: Some(FreezeMode::Hierarchy),
+                guest_frozen: [PathBuf::from("user.slice/app")].into(),
+            },
+            next_command_cgroup: 7,
+        };
+        workload.resume(populated.clone());
+        let part = workload.export();
+        assert_eq!(part, populated);
+        let read_back: WorkloadPart = serde_json::from_str(&serde_json::to_string(&part).unwrap()).unwrap();
+        assert_eq!(read_back, part, "serialising loses nothing");
+        let next = Arc::new(Workload::default());
+        next.resume(read_back);
+        assert_eq!(next.export(), part, "resuming loses nothing");
+    }
 }

@@ -1,13 +1,7 @@
-//! One running process: its output fanned out to every attached stream,
-//! its stdin or terminal, and signals to it and everything it started.
-//!
-//! Output is read in chunks and sent to each subscriber through a small
-//! bounded channel: a slow subscriber slows the reader (back-pressure into
-//! the pipe), and with no subscriber the output is read and dropped, except
-//! for an adopted process, whose output waits (bounded) for the first
-//! subscriber: nobody could be attached yet when it was adopted.
+//! One running process: its output fanned out to every attached stream
+//! (`fanout`), its stdin or terminal, and signals to it and everything it
+//! started.
 
-use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
 use std::sync::Mutex;
@@ -17,63 +11,15 @@ use std::time::Instant;
 use bytes::Bytes;
 use tokio::io::AsyncWriteExt;
 use tokio::net::unix::pipe;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
+use super::fanout::{Fanout, Output, Subscription};
 use super::gate::Gate;
 use super::pty::PtyMaster;
+use super::record::ProcessRecord;
 use super::status::EndStatus;
 use super::tree::{Member, ProcessTree};
 use super::{CommandConfig, ProcessError};
-
-/// Events buffered per subscriber before the reader waits.
-const SUBSCRIBER_BUFFER: usize = 64;
-/// Output of one adopted process kept for its first subscriber, at most.
-pub(super) const BACKLOG_BYTES: usize = 1 << 20;
-
-/// Which stream a chunk of output came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Output {
-    /// The stdout pipe.
-    Stdout,
-    /// The stderr pipe.
-    Stderr,
-    /// The terminal.
-    Pty,
-}
-
-/// What a subscriber receives after the start event.
-#[derive(Debug, Clone)]
-pub enum Event {
-    /// Exactly the bytes of one read.
-    Data(Output, Bytes),
-    /// The process ended; nothing follows.
-    End(EndStatus),
-}
-
-/// The result of attaching to a process.
-#[derive(Debug)]
-pub enum Subscription {
-    /// Live events from now on.
-    Live(mpsc::Receiver<Event>),
-    /// The process had already ended.
-    Ended(EndStatus),
-}
-
-#[derive(Debug, Default)]
-struct Fanout {
-    subscribers: Vec<mpsc::Sender<Event>>,
-    end: Option<EndStatus>,
-    /// Output kept until the first subscriber (adopted processes only).
-    backlog: Option<Backlog>,
-}
-
-#[derive(Debug, Default)]
-struct Backlog {
-    chunks: VecDeque<(Output, Bytes)>,
-    bytes: usize,
-    limit: usize,
-    dropped: usize,
-}
 
 /// Where input goes.
 #[derive(Debug)]
@@ -89,32 +35,6 @@ impl Input {
     pub(super) fn pipe(stdin: Option<pipe::Sender>) -> Self {
         Input::Pipe(tokio::sync::Mutex::new(stdin))
     }
-}
-
-/// A running process as its fds and state, for a process image that
-/// takes it over. The fds stay owned by the handle.
-#[derive(Debug, Clone)]
-pub struct ProcessState {
-    /// The process id.
-    pub pid: u32,
-    /// The tag given at start.
-    pub tag: Option<String>,
-    /// The command as requested.
-    pub config: CommandConfig,
-    /// stdout and stderr read ends still open.
-    pub stdout: Option<RawFd>,
-    /// See `stdout`.
-    pub stderr: Option<RawFd>,
-    /// The stdin write end, while open.
-    pub stdin: Option<RawFd>,
-    /// The terminal master.
-    pub pty: Option<RawFd>,
-    /// When the process is killed.
-    pub deadline: Option<Instant>,
-    /// Already reaped, with this status, but its output not yet drained.
-    pub reaped: Option<EndStatus>,
-    /// Its own cgroup's directory, if it has one.
-    pub cgroup: Option<std::path::PathBuf>,
 }
 
 /// The fds of a process and how it ends, for [`ProcessHandle::new`].
@@ -137,7 +57,7 @@ pub struct ProcessHandle {
     pid: u32,
     tag: Option<String>,
     config: CommandConfig,
-    fanout: Mutex<Fanout>,
+    fanout: Fanout,
     input: Input,
     /// Refers to this process even after its pid is reused.
     pidfd: Option<OwnedFd>,
@@ -167,13 +87,11 @@ impl ProcessHandle {
             Input::Pipe(stdin) => stdin.try_lock().ok().and_then(|s| s.as_ref().map(|s| s.as_raw_fd())),
             Input::Pty(_) => None,
         };
-        let backlog = parts.backlog.map(|limit| Backlog { limit, ..Default::default() });
-        let fanout = Fanout { backlog, ..Default::default() };
         Self {
             pid,
             tag,
             config,
-            fanout: Mutex::new(fanout),
+            fanout: Fanout::new(parts.backlog),
             input: parts.input,
             pidfd: if parts.reaped.is_none() { open_pidfd(pid) } else { None },
             stop_waiting: watch::channel(false).0,
@@ -188,22 +106,48 @@ impl ProcessHandle {
         }
     }
 
-    /// Its fds and state at this moment; consistent while the table is
-    /// paused.
-    pub fn state(&self) -> ProcessState {
-        let outputs = *self.outputs.lock().unwrap_or_else(|e| e.into_inner());
-        let stdin = self.stdin_fd.load(Ordering::SeqCst);
-        ProcessState {
-            pid: self.pid,
-            tag: self.tag.clone(),
-            config: self.config.clone(),
-            stdout: outputs[0],
-            stderr: outputs[1],
-            stdin: (stdin >= 0).then_some(stdin),
-            pty: self.pty().map(PtyMaster::raw_fd),
-            deadline: self.deadline,
-            reaped: self.reaped.lock().unwrap_or_else(|e| e.into_inner()).clone(),
-            cgroup: self.tree.cgroup().map(|c| c.dir().to_owned()),
+    /// This process as the next image takes it over, its fds by their
+    /// numbers here; consistent while the table is paused.
+    pub fn record(&self, now: Instant) -> ProcessRecord {
+        // Every field is named, so one added to the handle is carried
+        // across an upgrade or said here why not.
+        let ProcessHandle {
+            pid,
+            tag,
+            config,
+            // Streams attached now end with the image; what they had not
+            // taken was given time to go before the exec. Output kept for
+            // an adopted process's first subscriber is not carried again.
+            fanout: _,
+            input,
+            // The next image opens its own.
+            pidfd: _,
+            stop_waiting: _,
+            tree,
+            ended: _,
+            stdin_fd,
+            outputs,
+            deadline,
+            reaped,
+            reaped_now: _,
+            gate: _,
+        } = self;
+        let outputs = *outputs.lock().unwrap_or_else(|e| e.into_inner());
+        let stdin = stdin_fd.load(Ordering::SeqCst);
+        ProcessRecord {
+            pid: *pid,
+            tag: tag.clone(),
+            command: config.clone(),
+            stdout_fd: outputs[0],
+            stderr_fd: outputs[1],
+            stdin_fd: (stdin >= 0).then_some(stdin),
+            pty_fd: match input {
+                Input::Pty(pty) => Some(pty.raw_fd()),
+                Input::Pipe(_) => None,
+            },
+            deadline_ms: deadline.map(|d| d.saturating_duration_since(now).as_millis() as u64),
+            reaped: reaped.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+            cgroup: tree.cgroup().map(|c| c.dir().to_owned()),
         }
     }
 
@@ -219,12 +163,12 @@ impl ProcessHandle {
 
     /// Output sent to a subscriber that has not taken it yet.
     pub(super) fn has_undelivered(&self) -> bool {
-        self.fanout().subscribers.iter().any(|s| !s.is_closed() && s.capacity() < s.max_capacity())
+        self.fanout.has_undelivered()
     }
 
     /// Output kept for a first subscriber that has not come yet.
     pub(super) fn has_unread_output(&self) -> bool {
-        self.fanout().backlog.as_ref().is_some_and(|b| !b.chunks.is_empty())
+        self.fanout.has_unread_output()
     }
 
     /// Records the status of a reaped process.
@@ -274,105 +218,22 @@ impl ProcessHandle {
         }
     }
 
-    fn fanout(&self) -> std::sync::MutexGuard<'_, Fanout> {
-        self.fanout.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
     /// Attaches a new subscriber, which gets every event from now on (the
     /// first subscriber of an adopted process also what it wrote before,
     /// even if it has ended since).
     pub fn subscribe(&self) -> Subscription {
-        let mut fanout = self.fanout();
-        let backlog = fanout.backlog.take().unwrap_or_default();
-        let end = fanout.end.clone();
-        if let Some(end) = &end
-            && backlog.chunks.is_empty()
-        {
-            return Subscription::Ended(end.clone());
-        }
-        if backlog.dropped > 0 {
-            tracing::warn!(
-                pid = self.pid,
-                dropped = backlog.dropped,
-                "output kept for the first subscriber overflowed"
-            );
-        }
-        let (tx, rx) = mpsc::channel(SUBSCRIBER_BUFFER + backlog.chunks.len() + 1);
-        for (output, data) in backlog.chunks {
-            let _ = tx.try_send(Event::Data(output, data));
-        }
-        match end {
-            Some(end) => drop(tx.try_send(Event::End(end))),
-            None => fanout.subscribers.push(tx),
-        }
-        Subscription::Live(rx)
+        self.fanout.subscribe(self.pid)
     }
 
     /// Sends a chunk of output to every subscriber, waiting for room.
     pub(super) async fn broadcast(&self, output: Output, data: Bytes) {
-        let subscribers = {
-            let mut fanout = self.fanout();
-            if let Some(backlog) = fanout.backlog.as_mut() {
-                backlog.bytes += data.len();
-                backlog.chunks.push_back((output, data));
-                while backlog.bytes > backlog.limit
-                    && let Some((_, oldest)) = backlog.chunks.pop_front()
-                {
-                    backlog.bytes -= oldest.len();
-                    backlog.dropped += oldest.len();
-                }
-                return;
-            }
-            fanout.subscribers.clone()
-        };
-        let mut lost = false;
-        let mut stalled = Vec::new();
-        if let Some((last, others)) = subscribers.split_last() {
-            for subscriber in others {
-                match self.send_unless_paused(subscriber, Event::Data(output, data.clone())).await {
-                    Some(sent) => lost |= !sent,
-                    None => stalled.push(subscriber.clone()),
-                }
-            }
-            // The last one gets the original, so a lone subscriber owns it.
-            match self.send_unless_paused(last, Event::Data(output, data)).await {
-                Some(sent) => lost |= !sent,
-                None => stalled.push(last.clone()),
-            }
-        }
-        if lost || !stalled.is_empty() {
-            self.fanout().subscribers.retain(|s| !s.is_closed() && !stalled.iter().any(|x| x.same_channel(s)));
-        }
+        self.fanout.broadcast(&self.gate, output, data).await;
     }
 
-    /// Sends, waiting for room; `Some(false)` if the subscriber is gone,
-    /// `None` if a pause was asked for while it had no room: a subscriber
-    /// that stopped reading must not hold up an upgrade, so it is cut off
-    /// (its stream ends, as it would at the exec).
-    async fn send_unless_paused(&self, subscriber: &mpsc::Sender<Event>, event: Event) -> Option<bool> {
-        tokio::select! {
-            // A subscriber with room always gets the event.
-            biased;
-            sent = subscriber.send(event) => Some(sent.is_ok()),
-            () = self.gate.pause_requested() => None,
-        }
-    }
-
-    /// Records the end and tells every subscriber; a subscriber that is
-    /// not reading does not hold up the others.
+    /// Records the end and tells every subscriber and every waiter.
     pub(super) fn finish(&self, end: EndStatus) {
-        let subscribers = {
-            let mut fanout = self.fanout();
-            fanout.end = Some(end.clone());
-            std::mem::take(&mut fanout.subscribers)
-        };
-        self.ended.send_replace(Some(end.clone()));
-        for subscriber in subscribers {
-            let end = end.clone();
-            tokio::spawn(async move {
-                let _ = subscriber.send(Event::End(end)).await;
-            });
-        }
+        self.fanout.finish(&end);
+        self.ended.send_replace(Some(end));
     }
 
     /// Resolves with the end once the process has ended, without

@@ -4,11 +4,14 @@
 //! envd started. Every pump, reaper and start runs through the table's
 //! [`gate`], so all of them can be held still at once.
 
+mod fanout;
 mod gate;
 mod handle;
+mod handover;
 mod kill;
 mod pty;
 pub mod reaper;
+mod record;
 pub mod spawn;
 pub mod status;
 mod table;
@@ -26,16 +29,20 @@ use bytes::Bytes;
 use tokio::io::AsyncReadExt;
 use tokio::net::unix::pipe;
 
+pub use fanout::{Event, Output, Subscription};
 pub use gate::{PauseTimeout, Paused};
-pub use handle::{Event, Output, ProcessHandle, ProcessState, Subscription};
+pub use handle::ProcessHandle;
+#[cfg(test)]
+pub(crate) use handover::testing;
+pub use handover::{ProcessesPart, Resumed};
 pub use kill::{KillReport, kill};
+pub use record::ProcessRecord;
 pub use status::EndStatus;
 pub use table::{Ended, Found, ProcessTable, Selector};
 use waiter::Waiter;
 
 use crate::context::User;
 use crate::host::cgroups::Placement;
-use crate::host::command_cgroup::CommandCgroup;
 use spawn::{SpawnSpec, StdioMode};
 use tree::ProcessTree;
 
@@ -96,15 +103,20 @@ pub enum ProcessError {
 }
 
 /// A command as requested; `List` reports it back unchanged.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct CommandConfig {
     /// The program.
     pub cmd: String,
     /// Its arguments.
+    #[serde(default)]
     pub args: Vec<String>,
-    /// The request's own env vars.
+    /// The request's own env vars. Never serialised: env values are
+    /// secrets, which whoever writes a command down carries apart (the
+    /// upgrade: in its sealed memfd, see [`ProcessesPart::envs`]).
+    #[serde(skip)]
     pub envs: BTreeMap<String, String>,
     /// The unresolved cwd, if one was sent.
+    #[serde(default)]
     pub cwd: Option<String>,
 }
 
@@ -193,75 +205,6 @@ pub struct Fds {
     pub stdin: Option<OwnedFd>,
     /// Its terminal's master side.
     pub pty: Option<OwnedFd>,
-}
-
-/// A running child of this process that an earlier image of envd started.
-#[derive(Debug)]
-pub struct Adopted {
-    /// Its pid (still our child).
-    pub pid: u32,
-    /// Its tag.
-    pub tag: Option<String>,
-    /// The command as requested.
-    pub config: CommandConfig,
-    /// Its fds.
-    pub fds: Fds,
-    /// When it is killed.
-    pub deadline: Option<Instant>,
-    /// Reaped already, with this status.
-    pub reaped: Option<EndStatus>,
-    /// Its own cgroup's directory, if it has one.
-    pub cgroup: Option<PathBuf>,
-    /// Bytes of its output kept for the first subscriber
-    /// ([`output_kept_per_process`]).
-    pub keep_output: usize,
-}
-
-/// All adopted processes together keep at most this much output for
-/// their first subscribers.
-const ADOPTED_OUTPUT_BUDGET: usize = 64 << 20;
-
-/// What each of `adopted` processes keeps for its first subscriber: a
-/// share of a bound on all of them, so many adopted processes cannot make
-/// envd hold more than that.
-pub fn output_kept_per_process(adopted: usize) -> usize {
-    (ADOPTED_OUTPUT_BUDGET / adopted.max(1)).min(handle::BACKLOG_BYTES)
-}
-
-/// Takes over a running child: it is listed, connectable, killable (its
-/// own cgroup included) and reaped as if started here, and its output
-/// waits for the first subscriber. Returns its handle.
-pub fn adopt(table: &Arc<ProcessTable>, adopted: Adopted) -> Result<Arc<ProcessHandle>, ProcessError> {
-    let waiter = match adopted.reaped.clone() {
-        Some(end) => Waiter::Reaped(end),
-        None => Waiter::pidfd(adopted.pid).map_err(ProcessError::Io)?,
-    };
-    let alive = adopted.reaped.is_none();
-    let tree = match adopted.cgroup.map(|dir| CommandCgroup::reopen(&dir).map_err(|err| (dir, err))) {
-        Some(Ok(cgroup)) => ProcessTree::Cgroup(Arc::new(cgroup)),
-        Some(Err((dir, err))) => {
-            tracing::warn!(pid = adopted.pid, cgroup = %dir.display(), "its cgroup is not reachable, kill walks /proc: {err}");
-            ProcessTree::Walk
-        }
-        None => ProcessTree::Walk,
-    };
-    let entry = Entry {
-        pid: adopted.pid,
-        tag: adopted.tag,
-        config: adopted.config,
-        fds: adopted.fds,
-        tree,
-        deadline: adopted.deadline,
-        reaped: adopted.reaped,
-    };
-    let (handle, readers, _) = register(table, entry, Some(adopted.keep_output))?;
-    if alive {
-        // Its own waiter reaps it, never the orphan reaper (which starts
-        // only after every adoption).
-        table.children().spawning().register(handle.pid());
-    }
-    tokio::spawn(supervise(table.clone(), handle.clone(), waiter, readers, adopted.deadline));
-    Ok(handle)
 }
 
 /// A process to enter in the table, started here or adopted.
@@ -436,20 +379,5 @@ async fn supervise(
     if let Some(cgroup) = handle.tree().cgroup().cloned() {
         drop(handle);
         cgroup.release_when_empty().await;
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn adopted_processes_share_one_bound_on_kept_output() {
-        assert_eq!(output_kept_per_process(1), handle::BACKLOG_BYTES);
-        assert_eq!(output_kept_per_process(0), handle::BACKLOG_BYTES);
-        for count in [64, 100, 1_000, 100_000] {
-            assert!(output_kept_per_process(count) * count <= ADOPTED_OUTPUT_BUDGET, "{count}");
-        }
-        assert_eq!(output_kept_per_process(100), ADOPTED_OUTPUT_BUDGET / 100);
     }
 }

@@ -4,8 +4,10 @@
 use std::os::unix::process::ExitStatusExt;
 use std::process::ExitStatus;
 
-/// The end of a process as clients see it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// The end of a process as clients see it (and as the upgrade handover
+/// writes it down).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct EndStatus {
     /// The exit status, or −1 when a signal ended the process.
     pub exit_code: i32,

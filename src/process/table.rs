@@ -65,8 +65,10 @@ struct Inner {
     retained: VecDeque<Retained>,
 }
 
-/// A process that ended recently, as kept for a late `Connect`.
-#[derive(Debug, Clone)]
+/// A process that ended recently, as kept for a late `Connect` (and as
+/// the upgrade handover writes it down).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Ended {
     /// Its pid.
     pub pid: u32,
@@ -75,7 +77,21 @@ pub struct Ended {
     /// How it ended.
     pub end: EndStatus,
     /// How long ago.
+    #[serde(rename = "ageMs", with = "milliseconds")]
     pub age: Duration,
+}
+
+/// A duration as whole milliseconds.
+mod milliseconds {
+    use std::time::Duration;
+
+    pub fn serialize<S: serde::Serializer>(age: &Duration, to: S) -> Result<S::Ok, S::Error> {
+        to.serialize_u64(u64::try_from(age.as_millis()).unwrap_or(u64::MAX))
+    }
+
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(from: D) -> Result<Duration, D::Error> {
+        <u64 as serde::Deserialize>::deserialize(from).map(Duration::from_millis)
+    }
 }
 
 /// Every process envd started and has not yet reaped.

@@ -3,8 +3,10 @@
 //! bottom layer, so that `context`, `host`, `restore` and `upgrade` can all
 //! read them without depending on one another (docs/ARCHITECTURE.md).
 
+pub mod fds;
 pub mod template;
 pub mod volume;
 
+pub use fds::{CarriedFds, Carry, NamesFds};
 pub use template::{RecordedStdio, TemplateProcess, TemplateRecord};
 pub use volume::VolumeMount;

@@ -42,7 +42,7 @@ mod startup;
 
 pub use startup::RestoreError;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -112,7 +112,7 @@ fn env_value(env: &[(String, String)], name: &str) -> Option<String> {
 
 /// A tracked process as data (see [`TemplateProcesses::export`]); its
 /// environment makes it a secret of the handover.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct TrackedState {
     /// Its pid.
@@ -229,9 +229,20 @@ impl TemplateProcesses {
             .collect()
     }
 
+    /// Tracks again the processes an earlier image tracked, those of them
+    /// that were adopted (the record itself came with the exec context).
+    pub fn resume(self: &Arc<Self>, tracked: Vec<TrackedState>, adopted: &[Arc<ProcessHandle>]) {
+        let mut tracked: BTreeMap<u32, TrackedState> = tracked.into_iter().map(|t| (t.pid, t)).collect();
+        for handle in adopted {
+            if let Some(state) = tracked.remove(&handle.pid()) {
+                self.adopt(state, handle);
+            }
+        }
+    }
+
     /// Tracks a process another image of envd tracked, now adopted as
-    /// `handle`; the record itself came with the exec context.
-    pub fn adopt(self: &Arc<Self>, state: TrackedState, handle: &Arc<ProcessHandle>) {
+    /// `handle`.
+    fn adopt(self: &Arc<Self>, state: TrackedState, handle: &Arc<ProcessHandle>) {
         let serial = self.next_serial();
         let tracked = Tracked { serial, identity: state.identity, process: state.process, template: state.template };
         self.inner().tracked.insert(handle.pid(), tracked);
@@ -316,5 +327,68 @@ impl TemplateProcesses {
     pub async fn restored(&self) {
         let mut restored = self.restored.subscribe();
         let _ = restored.wait_for(|done| *done).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::context::ExecContext;
+    use crate::host::fsfreeze::FsFreezer;
+    use crate::process::testing::started_as_me;
+    use crate::record::RecordedStdio;
+
+    fn tracker(table: &Arc<ProcessTable>, dir: &std::path::Path) -> Arc<TemplateProcesses> {
+        let context = ContextStore::new(ExecContext {
+            default_user: "user".into(),
+            default_workdir: None,
+            init_env: BTreeMap::new(),
+            internal_env: BTreeMap::new(),
+        });
+        let freezer = FsFreezer::new(None, Duration::from_secs(1));
+        let persister = Persister::new(crate::context::state::StateFile::new(dir), freezer, None);
+        let options =
+            RestoreOptions { enabled: false, limit: Duration::from_secs(1), boot_id_path: dir.join("boot_id") };
+        TemplateProcesses::new(table.clone(), context, persister, TemplateRecord::default(), options)
+    }
+
+    #[tokio::test]
+    async fn a_tracked_process_survives_export_serialise_and_resume() {
+        let dir = std::env::temp_dir().join(format!("envd-restore-handover-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let table = Arc::new(ProcessTable::default());
+        let spec = started_as_me("sleep", &["30"], "server", StdioMode::Pty { cols: 80, rows: 24 });
+        let handle = crate::process::start(&table, spec).await.unwrap().handle;
+        let tracked = TrackedState {
+            pid: handle.pid(),
+            identity: Some("sbx-1".into()),
+            process: TemplateProcess {
+                cmd: "sleep".into(),
+                args: vec!["30".into()],
+                request_envs: [("A".to_owned(), "1".to_owned())].into(),
+                requested_cwd: Some("/tmp".into()),
+                env: vec![("A".into(), "1".into())],
+                user: "user".into(),
+                cwd: "/tmp".into(),
+                tag: Some("server".into()),
+                stdio: RecordedStdio::Pty { cols: 80, rows: 24 },
+                ports: vec![8080],
+                pid: handle.pid(),
+                start_time: Some(7),
+            },
+            template: true,
+        };
+        let earlier = tracker(&table, &dir);
+        earlier.resume(vec![tracked.clone()], std::slice::from_ref(&handle));
+        let part = earlier.export();
+        assert_eq!(part, std::slice::from_ref(&tracked));
+        let read_back: Vec<TrackedState> = serde_json::from_str(&serde_json::to_string(&part).unwrap()).unwrap();
+        assert_eq!(read_back, part, "serialising loses nothing");
+        let next = tracker(&table, &dir);
+        next.resume(read_back, std::slice::from_ref(&handle));
+        assert_eq!(next.export(), part, "resuming loses nothing");
+        // SAFETY: kill(2) of a child that is not reaped yet.
+        unsafe { libc::kill(handle.pid() as libc::pid_t, libc::SIGKILL) };
+        let _ = std::fs::remove_dir_all(dir);
     }
 }

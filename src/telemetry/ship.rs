@@ -23,8 +23,8 @@
 //!
 //! A batch being shipped stays in the shared state, each line until the
 //! collector answered for it, so a live upgrade hands every line not yet
-//! shipped to the next image ([`LogShipper::pending`],
-//! [`LogShipper::resume_pending`]); at worst the line being sent at the
+//! shipped to the next image ([`LogShipper::export`],
+//! [`LogShipper::resume`]); at worst the line being sent at the
 //! moment of the exec arrives twice.
 //!
 //! The shipper's own log lines are never shipped: a collector that is down
@@ -176,18 +176,20 @@ impl LogShipper {
         }
     }
 
-    /// Every line not yet shipped, oldest first.
-    pub fn pending(&self) -> Vec<Vec<u8>> {
+    /// Every line not yet shipped, oldest first: the shipper's part of
+    /// the upgrade handover.
+    pub fn export(&self) -> Vec<String> {
         let in_flight = self.shared.in_flight().clone();
         let buffer = self.shared.buffer.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        in_flight.into_iter().chain(buffer.lines.iter().cloned()).collect()
+        let lines = in_flight.into_iter().chain(buffer.lines.iter().cloned());
+        lines.map(|line| String::from_utf8_lossy(&line).into_owned()).collect()
     }
 
     /// Ships `lines` (from an earlier image of envd) before everything
     /// logged here, within the same bounds.
-    pub fn resume_pending(&self, lines: Vec<Vec<u8>>) {
+    pub fn resume(&self, lines: Vec<String>) {
         let newer = self.shared.take();
-        for line in lines.into_iter().chain(newer) {
+        for line in lines.into_iter().map(String::into_bytes).chain(newer) {
             self.shared.push(line);
         }
     }
@@ -410,6 +412,23 @@ mod tests {
         shipper.shared.push(vec![b'y'; MAX_LINE_BYTES + 1]);
         assert_eq!(shipper.shared.lost.snapshot(), [10, 1, 0, 0]);
         assert_eq!(shipper.shared.take().len(), MAX_BUFFER_BYTES / 1024);
+    }
+
+    #[test]
+    fn lines_not_yet_shipped_survive_export_serialise_and_resume() {
+        let (shipper, _layer) = LogShipper::new();
+        for line in [r#"{"message":"one"}"#, r#"{"message":"two"}"#] {
+            shipper.shared.push(line.as_bytes().to_vec());
+        }
+        let part = shipper.export();
+        assert_eq!(part.len(), 2);
+        let read_back: Vec<String> = serde_json::from_str(&serde_json::to_string(&part).unwrap()).unwrap();
+        let (next, _layer) = LogShipper::new();
+        next.shared.push(br#"{"message":"logged by the new image"}"#.to_vec());
+        next.resume(read_back);
+        let mut expected = part.clone();
+        expected.push(r#"{"message":"logged by the new image"}"#.to_owned());
+        assert_eq!(next.export(), expected, "the earlier image's lines first, none lost");
     }
 
     #[test]

@@ -10,10 +10,10 @@ use std::ffi::{CString, OsString};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
-use super::handover::{self, EndedEntry, Handover, ProcessEntry, Secrets};
+use super::handover::{self, Handover, Secrets};
 use super::{Daemon, UpgradeError};
+use crate::process::ProcessesPart;
 use crate::telemetry::ship::LogShipper;
 
 /// Longest wait for envd's queued lines to reach stderr before the exec.
@@ -47,51 +47,14 @@ pub(super) fn hand_over_and_exec(daemon: &Daemon, program: &Path) -> UpgradeErro
     UpgradeError::Exec(err)
 }
 
-/// The handover and the carried fds (the listener's duplicate returned).
+/// The handover and the carried fds (the listener's duplicate returned):
+/// each module exports its part, passing its fds through `carry`.
 fn prepare(daemon: &Daemon, carried: &mut Vec<OwnedFd>) -> std::io::Result<(Handover, RawFd)> {
     let listener = carry(daemon.listener, carried)?;
-    let auth = daemon.guard.export();
-    let context = daemon.context.snapshot();
-    let mut secrets = Secrets {
-        token: auth.token.map(|t| t.expose().to_owned()),
-        token_hash: auth.token_hash,
-        fail_closed: auth.fail_closed,
-        default_user: context.default_user,
-        default_workdir: context.default_workdir,
-        init_env: context.init_env,
-        internal_env: context.internal_env,
-        process_envs: Default::default(),
-        tracked: daemon.templates.export(),
-    };
-    let now = Instant::now();
-    let mut processes = Vec::new();
-    for handle in daemon.processes.list() {
-        let state = handle.state();
-        let mut carry_opt = |fd: Option<RawFd>| fd.map(|fd| carry(fd, carried)).transpose();
-        let entry = ProcessEntry {
-            pid: state.pid,
-            tag: state.tag,
-            cmd: state.config.cmd,
-            args: state.config.args,
-            cwd: state.config.cwd,
-            stdout_fd: carry_opt(state.stdout)?,
-            stderr_fd: carry_opt(state.stderr)?,
-            stdin_fd: carry_opt(state.stdin)?,
-            pty_fd: carry_opt(state.pty)?,
-            deadline_ms: state.deadline.map(|d| d.saturating_duration_since(now).as_millis() as u64),
-            reaped: state.reaped.as_ref().map(Into::into),
-            cgroup: state.cgroup,
-        };
-        secrets.process_envs.insert(state.pid, state.config.envs);
-        processes.push(entry);
-    }
-    let ended = daemon
-        .processes
-        .ended()
-        .into_iter()
-        .map(|e| EndedEntry { pid: e.pid, tag: e.tag, end: (&e.end).into(), age_ms: e.age.as_millis() as u64 })
-        .collect();
-    let (forwards, relays) = daemon.forwards.carry_all(|fd| carry(fd, carried))?;
+    let mut carry_fd = |fd| carry(fd, carried);
+    let processes = daemon.processes.export(&mut carry_fd)?;
+    let forwards = daemon.forwards.export(&mut carry_fd)?;
+    let secrets = secrets(daemon, &processes);
     let (memfd, secrets_ref) = handover::seal_secrets(&secrets)?;
     drop(secrets);
     carried.push(memfd);
@@ -102,21 +65,35 @@ fn prepare(daemon: &Daemon, carried: &mut Vec<OwnedFd>) -> std::io::Result<(Hand
         required: vec!["processes".into(), "secrets".into()],
         secrets: secrets_ref,
         processes,
-        ended,
-        freeze: daemon.workload.freeze_record(),
+        workload: daemon.workload.export(),
         watchers: daemon.watchers.export(),
         forwards,
-        relays,
-        next_command_cgroup: daemon.workload.next_command_cgroup(),
         logs: Vec::new(),
     };
     Ok((handover, listener))
 }
 
+/// What goes into the sealed memfd: the access token and its hash, the
+/// exec context, each process's env vars, the tracked template processes.
+fn secrets(daemon: &Daemon, processes: &ProcessesPart) -> Secrets {
+    let auth = daemon.guard.export();
+    let context = daemon.context.snapshot();
+    Secrets {
+        token: auth.token.map(|t| t.expose().to_owned()),
+        token_hash: auth.token_hash,
+        fail_closed: auth.fail_closed,
+        default_user: context.default_user,
+        default_workdir: context.default_workdir,
+        init_env: context.init_env,
+        internal_env: context.internal_env,
+        process_envs: processes.envs(),
+        tracked: daemon.templates.export(),
+    }
+}
+
 /// envd's log lines not yet shipped to the collector.
 fn unshipped_lines(daemon: &Daemon) -> Vec<String> {
-    let lines = daemon.logs.as_ref().map(LogShipper::pending).unwrap_or_default();
-    lines.iter().map(|line| String::from_utf8_lossy(line).into_owned()).collect()
+    daemon.logs.as_ref().map(LogShipper::export).unwrap_or_default()
 }
 
 /// A close-on-exec duplicate of `fd`, kept in `carried`.

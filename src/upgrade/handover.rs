@@ -22,10 +22,10 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::forward::{HeldForward, HeldRelay};
+use crate::forward::ForwardsPart;
 use crate::fs::watchers::WatcherState;
-use crate::host::workload_freeze::FreezeRecord;
-use crate::process::EndStatus;
+use crate::host::workload_freeze::WorkloadPart;
+use crate::process::ProcessesPart;
 use crate::restore::TrackedState;
 
 /// Identifies the file.
@@ -99,27 +99,18 @@ pub struct Handover {
     pub required: Vec<String>,
     /// Where the secrets are.
     pub secrets: SecretsRef,
-    /// Running processes.
-    #[serde(default)]
-    pub processes: Vec<ProcessEntry>,
-    /// Recently ended processes.
-    #[serde(default)]
-    pub ended: Vec<EndedEntry>,
-    /// The workload freeze in effect.
-    #[serde(default)]
-    pub freeze: FreezeRecord,
+    /// Running and recently ended processes.
+    #[serde(flatten)]
+    pub processes: ProcessesPart,
+    /// The workload freeze in effect and the command-cgroup numbering.
+    #[serde(flatten)]
+    pub workload: WorkloadPart,
     /// Polling watchers with their queued events.
     #[serde(default)]
     pub watchers: Vec<WatcherState>,
-    /// Forwarded ports' listening sockets.
-    #[serde(default)]
-    pub forwards: Vec<HeldForward>,
-    /// Forwarded connections being relayed.
-    #[serde(default)]
-    pub relays: Vec<HeldRelay>,
-    /// The number in the next command cgroup's name.
-    #[serde(default)]
-    pub next_command_cgroup: u64,
+    /// Forwarded ports' listening sockets and the connections being relayed.
+    #[serde(flatten)]
+    pub forwards: ForwardsPart,
     /// envd's own log lines not yet shipped to the host's collector (log
     /// lines hold no secret).
     #[serde(default)]
@@ -136,77 +127,6 @@ pub struct SecretsRef {
     pub len: usize,
     /// SHA-256 of its content, hex.
     pub sha256: String,
-}
-
-/// One running process.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct ProcessEntry {
-    /// Its pid.
-    pub pid: u32,
-    /// Its tag.
-    pub tag: Option<String>,
-    /// The command.
-    pub cmd: String,
-    /// Its arguments.
-    pub args: Vec<String>,
-    /// The cwd as requested.
-    pub cwd: Option<String>,
-    /// stdout read end.
-    pub stdout_fd: Option<RawFd>,
-    /// stderr read end.
-    pub stderr_fd: Option<RawFd>,
-    /// stdin write end, while open.
-    pub stdin_fd: Option<RawFd>,
-    /// Terminal master.
-    pub pty_fd: Option<RawFd>,
-    /// Milliseconds left until its deadline.
-    pub deadline_ms: Option<u64>,
-    /// Reaped already, with this status.
-    pub reaped: Option<EndEntry>,
-    /// Its own cgroup's directory.
-    #[serde(default)]
-    pub cgroup: Option<PathBuf>,
-}
-
-/// How a process ended.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct EndEntry {
-    /// Exit code, −1 for a signal.
-    pub exit_code: i32,
-    /// Exited normally.
-    pub exited: bool,
-    /// `exit status N` or `signal: ...`.
-    pub status: String,
-    /// Absent on success.
-    pub error: Option<String>,
-}
-
-impl From<&EndStatus> for EndEntry {
-    fn from(end: &EndStatus) -> Self {
-        EndEntry { exit_code: end.exit_code, exited: end.exited, status: end.status.clone(), error: end.error.clone() }
-    }
-}
-
-impl From<EndEntry> for EndStatus {
-    fn from(end: EndEntry) -> Self {
-        EndStatus { exit_code: end.exit_code, exited: end.exited, status: end.status, error: end.error }
-    }
-}
-
-/// One recently ended process.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct EndedEntry {
-    /// Its pid.
-    pub pid: u32,
-    /// Its tag.
-    pub tag: Option<String>,
-    /// How it ended.
-    pub end: EndEntry,
-    /// How long ago, in milliseconds.
-    pub age_ms: u64,
 }
 
 /// What never goes into the file. No `Debug`: nothing here may be logged.
@@ -334,13 +254,10 @@ mod tests {
             from_version: "0.0.1".into(),
             required,
             secrets: SecretsRef { fd: 3, len: 0, sha256: String::new() },
-            processes: Vec::new(),
-            ended: Vec::new(),
-            freeze: FreezeRecord::default(),
+            processes: ProcessesPart::default(),
+            workload: WorkloadPart::default(),
             watchers: Vec::new(),
-            forwards: Vec::new(),
-            relays: Vec::new(),
-            next_command_cgroup: 0,
+            forwards: ForwardsPart::default(),
             logs: Vec::new(),
         }
     }
@@ -364,6 +281,49 @@ mod tests {
         assert!(!file.exists(), "removed once read");
         assert_eq!(read_back.secrets.sha256, reference.sha256);
         assert_eq!(open_secrets(fd, &reference).unwrap().token.as_deref(), Some("tok-secret-1"));
+    }
+
+    /// A handover as envd 0.7.0 wrote it, every section filled: each
+    /// module's part reads its values and writes them back under the same
+    /// names, so images before and after the parts were split still hand
+    /// over to each other.
+    const WRITTEN_BY_0_7_0: &str = r#"{
+        "format": "envd-handover", "version": 1, "fromVersion": "0.7.0",
+        "required": ["processes", "secrets"],
+        "secrets": {"fd": 3, "len": 10, "sha256": "ab"},
+        "processes": [{"pid": 42, "tag": "server", "cmd": "python3", "args": ["-m", "http.server"],
+            "cwd": "/home/user", "stdoutFd": 5, "stderrFd": 6, "stdinFd": 7, "ptyFd": null,
+            "deadlineMs": 1000, "reaped": {"exitCode": 1, "exited": true, "status": "exit status 1",
+            "error": "exit status 1"}, "cgroup": "/sys/fs/cgroup/envd/commands/c7"}],
+        "ended": [{"pid": 41, "tag": null, "end": {"exitCode": -1, "exited": false,
+            "status": "signal: killed", "error": "signal: killed"}, "ageMs": 5}],
+        "freeze": {"active": true, "mode": "hierarchy", "guest_frozen": ["user.slice"]},
+        "watchers": [],
+        "forwards": [{"port": 8080, "target": "127.0.0.1:8080", "fd": 8}],
+        "relays": [{"target": "127.0.0.1:8080", "client": 9, "server": 10, "upstream": [11, 12],
+            "downstream": [13, 14]}],
+        "nextCommandCgroup": 7,
+        "logs": ["a line not yet shipped"]
+    }"#;
+
+    #[test]
+    fn a_handover_of_0_7_0_is_read_and_written_back_field_by_field() {
+        let written: serde_json::Value = serde_json::from_str(WRITTEN_BY_0_7_0).unwrap();
+        let mut handover: Handover = serde_json::from_value(written.clone()).unwrap();
+        let process = &handover.processes.processes[0];
+        assert_eq!((process.pid, process.stdout_fd, process.deadline_ms), (42, Some(5), Some(1000)));
+        assert_eq!(process.reaped.as_ref().map(|r| r.exit_code), Some(1));
+        assert_eq!(handover.processes.ended[0].age, std::time::Duration::from_millis(5));
+        assert_eq!(handover.workload.next_command_cgroup, 7);
+        assert!(handover.workload.freeze.active);
+        assert_eq!(handover.forwards.relays[0].downstream, [13, 14]);
+        assert_eq!(handover.logs, ["a line not yet shipped"]);
+        let fds: Vec<RawFd> = [&mut handover.processes as &mut dyn crate::record::NamesFds, &mut handover.forwards]
+            .into_iter()
+            .flat_map(|part| part.fds_mut().into_iter().map(|fd| *fd).collect::<Vec<_>>())
+            .collect();
+        assert_eq!(fds, [5, 6, 7, 8, 9, 10, 11, 12, 13, 14], "every fd the file names is claimed");
+        assert_eq!(serde_json::to_value(&handover).unwrap(), written);
     }
 
     #[test]

@@ -3,7 +3,6 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::path::Path;
-use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
@@ -11,9 +10,7 @@ use super::Daemon;
 use super::handover::{self, Handover, HandoverError, Secrets};
 use crate::auth::{AuthState, Secret};
 use crate::context::ExecContext;
-use crate::forward::RelayFds;
-use crate::process::{Adopted, CommandConfig, Ended, Fds};
-use crate::restore::TrackedState;
+use crate::record::{CarriedFds, NamesFds};
 
 /// The outcome, reported by `/init` in `X-Envd-Handover`, with the
 /// reference's field names (the orchestrator decodes them).
@@ -82,125 +79,63 @@ pub async fn resume(
     report
 }
 
+/// Every fd is claimed before any module resumes: a file naming a wrong
+/// fd is refused as a whole. Then each module takes its part.
 async fn take_over(
     daemon: &Daemon,
-    handover: Handover,
+    mut handover: Handover,
     unclaimed: &mut BTreeSet<RawFd>,
 ) -> Result<HandoverReport, HandoverError> {
-    let mut claim = |fd: Option<RawFd>| -> Result<Option<OwnedFd>, HandoverError> {
-        match fd {
-            None => Ok(None),
-            // SAFETY: the fd was carried across the exec for exactly this
-            // purpose and is claimed once (removed from the set).
-            Some(fd) if unclaimed.remove(&fd) => Ok(Some(unsafe { OwnedFd::from_raw_fd(fd) })),
-            Some(fd) => Err(HandoverError::Corrupt(format!("fd {fd} is not a carried fd"))),
-        }
-    };
-    // Every fd is claimed before anything is adopted: a file naming a wrong
-    // fd is refused as a whole.
-    let secrets_fd = claim(Some(handover.secrets.fd))?.ok_or_else(|| HandoverError::Secrets("no fd".into()))?;
-    let mut claimed = Vec::new();
-    for entry in &handover.processes {
-        claimed.push(Fds {
-            stdout: claim(entry.stdout_fd)?,
-            stderr: claim(entry.stderr_fd)?,
-            stdin: claim(entry.stdin_fd)?,
-            pty: claim(entry.pty_fd)?,
-        });
-    }
-    let mut forwards = Vec::new();
-    for forward in &handover.forwards {
-        if let Some(socket) = claim(Some(forward.fd))? {
-            forwards.push((*forward, socket));
-        }
-    }
-    let mut relays = Vec::new();
-    for relay in &handover.relays {
-        let mut owned = Vec::with_capacity(6);
-        for fd in relay.fds() {
-            owned.extend(claim(Some(fd))?);
-        }
-        if let Ok(fds) = <[OwnedFd; 6]>::try_from(owned) {
-            relays.push(RelayFds { target: relay.target, fds });
-        }
-    }
+    let secrets_fd = claim(unclaimed, handover.secrets.fd)?;
+    let mut fds = claim_all(unclaimed, [&mut handover.processes as &mut dyn NamesFds, &mut handover.forwards])?;
     let mut secrets = handover::open_secrets(secrets_fd, &handover.secrets)?;
     restore_auth_and_context(daemon, &mut secrets);
-    let mut report = HandoverReport { from_version: Some(handover.from_version.clone()), ..Default::default() };
-    let now = Instant::now();
-    daemon.workload.continue_command_cgroups_from(handover.next_command_cgroup);
-    let mut tracked: BTreeMap<u32, TrackedState> = secrets.tracked.drain(..).map(|t| (t.pid, t)).collect();
-    let keep_output = crate::process::output_kept_per_process(handover.processes.len());
-    for (entry, fds) in handover.processes.into_iter().zip(claimed) {
-        let adopted = Adopted {
-            pid: entry.pid,
-            tag: entry.tag,
-            config: CommandConfig {
-                cmd: entry.cmd,
-                args: entry.args,
-                envs: secrets.process_envs.remove(&entry.pid).unwrap_or_default(),
-                cwd: entry.cwd,
-            },
-            fds,
-            deadline: entry.deadline_ms.map(|ms| now + Duration::from_millis(ms)),
-            reaped: entry.reaped.map(Into::into),
-            cgroup: entry.cgroup,
-            keep_output,
-        };
-        match crate::process::adopt(&daemon.processes, adopted) {
-            Ok(handle) => {
-                report.procs += 1;
-                if let Some(state) = tracked.remove(&entry.pid) {
-                    daemon.templates.adopt(state, &handle);
-                }
-            }
-            Err(err) => {
-                tracing::warn!(pid = entry.pid, "process not adopted: {err}");
-                report.procs_failed += 1;
-            }
-        }
-    }
-    report.retained = handover.ended.len();
-    daemon.processes.restore_ended(
-        handover
-            .ended
-            .into_iter()
-            .map(|e| Ended { pid: e.pid, tag: e.tag, end: e.end.into(), age: Duration::from_millis(e.age_ms) })
-            .collect(),
-    );
-    daemon.workload.adopt_freeze_record(handover.freeze);
-    report.forwards = forwards.len();
-    for (forward, socket) in forwards {
-        daemon.forwards.hand_over(forward, socket);
-    }
+    daemon.workload.resume(handover.workload);
+    handover.processes.set_envs(std::mem::take(&mut secrets.process_envs));
+    let processes = daemon.processes.resume(handover.processes, &mut fds);
+    daemon.templates.resume(std::mem::take(&mut secrets.tracked), &processes.adopted);
+    let (forwards, relays) = daemon.forwards.resume(handover.forwards, &mut fds);
     if let Some(logs) = &daemon.logs {
-        logs.resume_pending(handover.logs.into_iter().map(String::into_bytes).collect());
+        logs.resume(handover.logs);
     }
-    report.relays = relays.len();
-    for relay in relays {
-        daemon.forwards.hand_over_relay(relay);
+    let (watchers, watchers_failed) = daemon.watchers.resume(handover.watchers).await;
+    let report = HandoverReport {
+        from_version: Some(handover.from_version),
+        procs: processes.adopted.len(),
+        procs_failed: processes.failed,
+        retained: processes.retained,
+        watchers,
+        watchers_failed,
+        forwards,
+        relays,
+        ..Default::default()
+    };
+    tracing::info!(?report, "took over the running workload after an upgrade");
+    Ok(report)
+}
+
+/// The carried fd `fd`, once.
+fn claim(unclaimed: &mut BTreeSet<RawFd>, fd: RawFd) -> Result<OwnedFd, HandoverError> {
+    if !unclaimed.remove(&fd) {
+        return Err(HandoverError::Corrupt(format!("fd {fd} is not a carried fd")));
     }
-    for watcher in handover.watchers {
-        let id = watcher.id.clone();
-        match daemon.watchers.restore(watcher).await {
-            Ok(_) => report.watchers += 1,
-            Err(err) => {
-                tracing::warn!(watcher = %id, "polling watcher not re-armed: {err}");
-                report.watchers_failed += 1;
-            }
+    // SAFETY: the fd was carried across the exec for exactly this purpose
+    // and is claimed once (removed from the set).
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Every fd the parts name, each a carried fd named once.
+fn claim_all<const N: usize>(
+    unclaimed: &mut BTreeSet<RawFd>,
+    parts: [&mut dyn NamesFds; N],
+) -> Result<CarriedFds, HandoverError> {
+    let mut claimed = BTreeMap::new();
+    for part in parts {
+        for fd in part.fds_mut() {
+            claimed.insert(*fd, claim(unclaimed, *fd)?);
         }
     }
-    tracing::info!(
-        from = %handover.from_version,
-        procs = report.procs,
-        procs_failed = report.procs_failed,
-        retained = report.retained,
-        watchers = report.watchers,
-        forwards = report.forwards,
-        relays = report.relays,
-        "took over the running workload after an upgrade"
-    );
-    Ok(report)
+    Ok(CarriedFds::new(claimed))
 }
 
 fn restore_auth_and_context(daemon: &Daemon, secrets: &mut Secrets) {
