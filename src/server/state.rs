@@ -150,47 +150,25 @@ impl AppState {
     pub fn build(config: Config, logs: Option<LogShipper>) -> Arc<AppState> {
         let state_file = StateFile::new(&config.state_dir);
         let saved = load_saved_context(&state_file);
-        let guard = AccessGuard::default();
-        if saved.as_ref().is_some_and(|s| s.secured) {
-            // Secured before a cold boot: closed until the token or its hash is known.
-            guard.close_until_known();
-        }
+        let guard = guard_for(saved.as_ref());
         let context = ContextStore::new(initial_context(&config, saved.as_ref()));
         let freezer =
             FsFreezer::new(config.freeze_target().map(Into::into), Duration::from_secs(config.freeze_deadline));
         let processes = Arc::new(ProcessTable::default());
-        // Orphans of killed commands come to envd (from before anything is
-        // started), which reaps them once `start_reaping` runs.
-        let subreaper = match crate::process::reaper::become_subreaper() {
-            Ok(()) => true,
-            Err(err) => {
-                tracing::warn!("not a child subreaper: {err}");
-                false
-            }
-        };
-        let workload = if config.no_cgroups { Workload::default() } else { Workload::setup(&config.cgroup_root) };
-        let workload = Arc::new(workload.with_freeze_watchdog(Duration::from_secs(config.freeze_watchdog)));
+        let subreaper = become_subreaper();
+        let workload = workload(&config);
         let template_record = saved.as_ref().map(|s| s.template_processes.clone()).unwrap_or_default();
         let provisioner = Provisioner::new(config.system_paths());
         if let Some(saved) = &saved {
             provisioner.restore(saved.host.clone());
         }
         let volumes = provisioner.volumes().clone();
-        let inotify = InotifyBudget::from_kernel(std::path::Path::new(crate::fs::MAX_USER_INSTANCES));
-        tracing::info!(
-            max_instances = inotify.limit(),
-            kernel_limit = inotify.kernel_limit(),
-            "watchers share a bounded number of inotify instances"
-        );
+        let inotify = inotify_budget();
         let persister = Persister::new(state_file, freezer.clone(), saved);
-        let templates = TemplateProcesses::new(
-            processes.clone(),
-            context.clone(),
-            persister.clone(),
-            template_record,
-            config.restore_options(),
-        );
-        let mut initializer = Initializer::new(!config.dev, guard.clone(), context.clone())
+        let options = config.restore_options();
+        let templates =
+            TemplateProcesses::new(processes.clone(), context.clone(), persister.clone(), template_record, options);
+        let initializer = Initializer::new(!config.dev, guard.clone(), context.clone())
             .with_persister(persister)
             .with_workload(workload.clone())
             .with_templates(templates.clone())
@@ -198,16 +176,7 @@ impl AppState {
         if !config.dev {
             identity::write_identity_file(&config.run_dir, ".E2B_SANDBOX", "true", 0o444);
         }
-        let mut identity_known = None;
-        if let Some(address) = config.metadata_address() {
-            let mut identity = Identity::new(MmdsClient::new(address), guard.clone(), context.clone(), &config.run_dir);
-            if let Some(logs) = &logs {
-                tokio::spawn(logs.clone().run());
-                identity = identity.with_log_shipper(logs.clone());
-            }
-            identity_known = Some(tokio::spawn(identity.clone().poll_at_start()));
-            initializer = initializer.with_identity(identity);
-        }
+        let (initializer, identity_known) = with_identity(initializer, &config, &guard, &context, logs.as_ref());
         templates.restore_at_start(workload.clone(), identity_known);
         Arc::new(AppState {
             initializer,
@@ -231,4 +200,59 @@ impl AppState {
             handover: Default::default(),
         })
     }
+}
+
+/// Secured before a cold boot: closed until the token or its hash is known.
+fn guard_for(saved: Option<&SavedContext>) -> AccessGuard {
+    let guard = AccessGuard::default();
+    if saved.is_some_and(|s| s.secured) {
+        guard.close_until_known();
+    }
+    guard
+}
+
+/// Orphans of killed commands come to envd (from before anything is
+/// started), which reaps them once `start_reaping` runs.
+fn become_subreaper() -> bool {
+    match crate::process::reaper::become_subreaper() {
+        Ok(()) => true,
+        Err(err) => {
+            tracing::warn!("not a child subreaper: {err}");
+            false
+        }
+    }
+}
+
+fn workload(config: &Config) -> Arc<Workload> {
+    let workload = if config.no_cgroups { Workload::default() } else { Workload::setup(&config.cgroup_root) };
+    Arc::new(workload.with_freeze_watchdog(Duration::from_secs(config.freeze_watchdog)))
+}
+
+fn inotify_budget() -> InotifyBudget {
+    let inotify = InotifyBudget::from_kernel(std::path::Path::new(crate::fs::MAX_USER_INSTANCES));
+    tracing::info!(
+        max_instances = inotify.limit(),
+        kernel_limit = inotify.kernel_limit(),
+        "watchers share a bounded number of inotify instances"
+    );
+    inotify
+}
+
+/// With a metadata service: the sandbox identity polled from start-up on
+/// (its task returned), and log lines shipped once it names the collector.
+fn with_identity(
+    initializer: Initializer,
+    config: &Config,
+    guard: &AccessGuard,
+    context: &ContextStore,
+    logs: Option<&LogShipper>,
+) -> (Initializer, Option<tokio::task::JoinHandle<()>>) {
+    let Some(address) = config.metadata_address() else { return (initializer, None) };
+    let mut identity = Identity::new(MmdsClient::new(address), guard.clone(), context.clone(), &config.run_dir);
+    if let Some(logs) = logs {
+        tokio::spawn(logs.clone().run());
+        identity = identity.with_log_shipper(logs.clone());
+    }
+    let known = tokio::spawn(identity.clone().poll_at_start());
+    (initializer.with_identity(identity), Some(known))
 }
