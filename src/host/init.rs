@@ -6,11 +6,8 @@
 //! before. What was applied is saved even when a later step (CA, volumes)
 //! fails.
 
-use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::SystemTime;
-
-use serde::Deserialize;
 
 use super::cgroups::Workload;
 use super::clock;
@@ -18,10 +15,16 @@ use super::identity::Identity;
 use super::persist::Persister;
 use super::provision::Provisioner;
 use super::workload_freeze::FreezeAudit;
-use crate::auth::{AccessGuard, Secret, sha512_hex};
+use crate::auth::{AccessGuard, Secret};
 use crate::context::state::SavedContext;
 use crate::context::{ContextStore, INTERNAL_ENV_VARS};
 use crate::record::VolumeMount;
+
+mod access;
+mod body;
+
+use access::{TokenHashSource, authorize};
+use body::{InitBody, parse_body};
 
 /// Longest wait for the metadata service's sandbox id before `/init` is
 /// acknowledged (it answers in microseconds inside a VM).
@@ -47,32 +50,6 @@ pub enum InitError {
     Volumes(#[from] super::volumes::VolumeError),
 }
 
-/// The body of `/init`; every field is optional.
-#[derive(Debug, Default, Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct InitBody<'a> {
-    /// Borrowed, so that a string with escapes is a decode error, as in
-    /// the reference.
-    #[serde(borrow, default)]
-    access_token: Option<&'a str>,
-    #[serde(default)]
-    env_vars: Option<HashMap<String, String>>,
-    #[serde(default)]
-    default_user: Option<String>,
-    #[serde(default)]
-    default_workdir: Option<String>,
-    #[serde(default)]
-    timestamp: Option<String>,
-    #[serde(default, rename = "hyperloopIP")]
-    hyperloop_ip: Option<String>,
-    #[serde(default)]
-    ca_bundle: Option<String>,
-    #[serde(default)]
-    volume_mounts: Option<Vec<VolumeMount>>,
-    #[serde(default, rename = "lifecycleID")]
-    lifecycle_id: Option<String>,
-}
-
 /// The parts of `/init` that set up the system, applied after the context.
 #[derive(Debug, Default)]
 struct SystemSetup {
@@ -82,45 +59,9 @@ struct SystemSetup {
     lifecycle_id: Option<String>,
 }
 
-/// Parses and validates an `/init` body; an empty body means no fields.
-fn parse_body(body: &[u8]) -> Result<(InitBody<'_>, Option<SystemTime>), InitError> {
-    let body: InitBody<'_> = if body.iter().all(u8::is_ascii_whitespace) {
-        InitBody::default()
-    } else {
-        // serde's own message may quote the offending value, which can be
-        // the token: say only where and what kind of error it was.
-        serde_json::from_slice(body).map_err(|e| {
-            InitError::BadBody(format!("{:?} error at line {} column {}", e.classify(), e.line(), e.column()))
-        })?
-    };
-    if body.access_token == Some("") {
-        return Err(InitError::BadBody("accessToken must not be empty".into()));
-    }
-    let timestamp = match &body.timestamp {
-        Some(text) => Some(clock::parse_rfc3339(text).map_err(|e| InitError::BadBody(e.to_string()))?),
-        None => None,
-    };
-    Ok((body, timestamp))
-}
-
 /// Checks an `/init` body the way `/init` does (for fuzzing).
 pub fn check_body(body: &[u8]) -> Result<(), InitError> {
     parse_body(body).map(drop)
-}
-
-/// The token hash the metadata service holds, looked up on demand.
-pub trait TokenHashSource: Send + Sync {
-    /// The current `accessTokenHash`, or `None` when unreachable or empty.
-    fn token_hash(&self) -> impl std::future::Future<Output = Option<String>> + Send;
-}
-
-impl TokenHashSource for Option<Identity> {
-    async fn token_hash(&self) -> Option<String> {
-        match self {
-            Some(identity) => identity.token_hash().await,
-            None => None,
-        }
-    }
 }
 
 /// Applies `/init` requests, one at a time.
@@ -236,7 +177,7 @@ impl Initializer {
     async fn init_with(&self, body: &[u8], metadata: &impl TokenHashSource) -> Result<Option<FreezeAudit>, InitError> {
         let (body, timestamp) = parse_body(body)?;
         let _one_at_a_time = self.lock.lock().await;
-        self.authorize(body.access_token, metadata).await?;
+        authorize(&self.guard, body.access_token, metadata).await?;
         self.initialized.store(true, std::sync::atomic::Ordering::SeqCst);
         // The audit must see the frozen set before anything thaws it.
         let audit = self.workload.audit();
@@ -283,41 +224,6 @@ impl Initializer {
             saved = saved.with_host(provisioner.record());
         }
         persister.save(saved).await;
-    }
-
-    /// CONTRACT.md 4.5: the token in memory, else the metadata hash, else
-    /// first-time setup. A sandbox that is secured by a hash or closed after
-    /// a cold boot is never open to first-time setup.
-    async fn authorize(&self, token: Option<&str>, metadata: &impl TokenHashSource) -> Result<(), InitError> {
-        if let Some(token) = token
-            && self.guard.matches_token(token)
-        {
-            return Ok(());
-        }
-        let hash = metadata.token_hash().await;
-        if let Some(hash) = &hash {
-            let given = sha512_hex(token.unwrap_or(""));
-            if crate::auth::constant_time_eq(given.as_bytes(), hash.to_ascii_lowercase().as_bytes()) {
-                return Ok(());
-            }
-        }
-        if hash.is_none() && !self.guard.is_secured() {
-            return Ok(());
-        }
-        if hash.is_none()
-            && self.guard.token().is_none()
-            && let Some(token) = token
-            && crate::auth::token::Access::Granted == self.guard.check(Some(token.as_bytes()))
-        {
-            // Cold boot with the metadata service gone again: the hash
-            // learnt at start-up still recognises the token.
-            return Ok(());
-        }
-        Err(InitError::Unauthorized(if token.is_none() {
-            "access token reset not authorized"
-        } else {
-            "access token validation failed"
-        }))
     }
 
     fn is_newest(&self, timestamp: Option<SystemTime>) -> bool {
@@ -376,6 +282,7 @@ pub fn events_url(address: std::net::IpAddr) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::auth::sha512_hex;
     use crate::auth::token::Access;
     use crate::context::ExecContext;
 

@@ -15,6 +15,7 @@ pub mod identity;
 pub mod init;
 pub mod metrics;
 pub mod mmds;
+mod mountinfo;
 pub mod persist;
 pub mod provision;
 pub mod system_files;

@@ -35,23 +35,20 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use bytes::Bytes;
-use http::{Request, StatusCode, Uri};
-use http_body_util::{BodyExt, Full};
-use hyper::client::conn::http1::SendRequest;
-use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
 use tokio::sync::Notify;
 use tracing_subscriber::layer::Context;
 
 use super::throttle::Throttle;
 
+mod http1;
+
+use http1::{Client, Endpoint};
+
 /// Longer lines are dropped (Loki's default line limit is 256 KiB).
 pub const MAX_LINE_BYTES: usize = 192 * 1024;
 /// Bytes of lines waiting to be shipped at most.
 pub const MAX_BUFFER_BYTES: usize = 4 * 1024 * 1024;
-/// Bound on connecting and on each request.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// First pause after a failure, and the longest one.
 const FIRST_BACKOFF: Duration = Duration::from_millis(250);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
@@ -196,7 +193,8 @@ impl LogShipper {
 
     /// Ships lines until the daemon exits (steps 2 to 4 of the module doc).
     pub async fn run(self) {
-        let mut sender = Sender { connection: None, told: [0; 4], failures: Throttle::new(TELL_FAILURES_EVERY) };
+        let mut sender =
+            Sender { client: Client::default(), told: [0; 4], failures: Throttle::new(TELL_FAILURES_EVERY) };
         let mut backoff = FIRST_BACKOFF;
         loop {
             self.shared.wake.notified().await;
@@ -255,7 +253,7 @@ fn lost_line(now: &[u64; 4], told: &[u64; 4]) -> Vec<u8> {
 
 /// The shipper task's connection and what it has told so far.
 struct Sender {
-    connection: Option<SendRequest<Full<Bytes>>>,
+    client: Client,
     /// Loss counters as of the last report.
     told: [u64; 4],
     failures: Throttle,
@@ -295,17 +293,17 @@ impl Sender {
         let ids = ids_suffix(target);
         let mut reported = false;
         if let Some(report) = report {
-            match self.post(&endpoint, with_ids(report, &ids)).await {
+            match self.client.post(&endpoint, with_ids(report, &ids)).await {
                 Ok(status) => reported = status.is_success(),
                 Err(err) => {
-                    self.connection = None;
+                    self.client.close();
                     return give_up(err);
                 }
             }
         }
         loop {
             let Some(line) = shared.in_flight().front().cloned() else { return Ok(reported) };
-            match self.post(&endpoint, with_ids(line, &ids)).await {
+            match self.client.post(&endpoint, with_ids(line, &ids)).await {
                 Ok(status) => {
                     if !status.is_success() {
                         lost.rejected.fetch_add(1, Ordering::Relaxed);
@@ -313,66 +311,11 @@ impl Sender {
                     shared.in_flight().pop_front();
                 }
                 Err(err) => {
-                    self.connection = None;
+                    self.client.close();
                     return give_up(err);
                 }
             }
         }
-    }
-
-    async fn post(&mut self, endpoint: &Endpoint, body: Vec<u8>) -> Result<StatusCode, ShipError> {
-        let exchange = async {
-            // A kept connection the collector has closed is replaced.
-            let reusable = match self.connection.as_mut() {
-                Some(connection) => connection.ready().await.is_ok(),
-                None => false,
-            };
-            let connection = match self.connection.as_mut() {
-                Some(connection) if reusable => connection,
-                _ => self.connection.insert(endpoint.connect().await?),
-            };
-            let request = Request::post(endpoint.path.clone())
-                .header(http::header::HOST, endpoint.authority.as_str())
-                .header(http::header::CONTENT_TYPE, "application/json")
-                .body(Full::new(Bytes::from(body)))
-                .map_err(|e| ShipError::Send(e.to_string()))?;
-            let response = connection.send_request(request).await.map_err(|e| ShipError::Send(e.to_string()))?;
-            let status = response.status();
-            // The answer's body is read (bounded) so the connection can be reused.
-            let _ = http_body_util::Limited::new(response.into_body(), 64 * 1024).collect().await;
-            Ok(status)
-        };
-        tokio::time::timeout(REQUEST_TIMEOUT, exchange).await.map_err(|_| ShipError::Timeout(REQUEST_TIMEOUT))?
-    }
-}
-
-/// The collector, from its URL.
-#[derive(Debug)]
-struct Endpoint {
-    authority: String,
-    path: Uri,
-}
-
-impl Endpoint {
-    fn parse(url: &str) -> Option<Endpoint> {
-        let uri: Uri = url.trim().parse().ok()?;
-        if uri.scheme_str() != Some("http") {
-            return None;
-        }
-        let host = uri.host()?;
-        let authority = format!("{host}:{}", uri.port_u16().unwrap_or(80));
-        let path = uri.path_and_query().map_or("/", |p| p.as_str()).parse().ok()?;
-        Some(Endpoint { authority, path })
-    }
-
-    async fn connect(&self) -> Result<SendRequest<Full<Bytes>>, ShipError> {
-        let failed = |e: &dyn std::fmt::Display| ShipError::Connect(self.authority.clone(), e.to_string());
-        let stream = tokio::net::TcpStream::connect(&self.authority).await.map_err(|e| failed(&e))?;
-        let _ = stream.set_nodelay(true);
-        let (sender, connection) =
-            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|e| failed(&e))?;
-        tokio::spawn(connection);
-        Ok(sender)
     }
 }
 
@@ -429,14 +372,5 @@ mod tests {
         let mut expected = part.clone();
         expected.push(r#"{"message":"logged by the new image"}"#.to_owned());
         assert_eq!(next.export(), expected, "the earlier image's lines first, none lost");
-    }
-
-    #[test]
-    fn only_plain_http_collectors_are_used() {
-        let endpoint = Endpoint::parse("http://169.254.0.1/logs").unwrap();
-        assert_eq!((endpoint.authority.as_str(), endpoint.path.to_string().as_str()), ("169.254.0.1:80", "/logs"));
-        assert_eq!(Endpoint::parse("http://[::1]:30006").unwrap().authority, "[::1]:30006");
-        assert!(Endpoint::parse("https://collector/logs").is_none());
-        assert!(Endpoint::parse("").is_none());
     }
 }

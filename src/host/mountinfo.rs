@@ -1,0 +1,76 @@
+//! What is mounted where, read from `/proc/self/mountinfo` (proc(5)). On
+//! its own because it is a reader of the kernel's table, apart from the
+//! volumes that consult it.
+
+use std::path::Path;
+
+/// What is mounted at a path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct MountEntry {
+    /// Filesystem type (`nfs`, `tmpfs`, ...).
+    pub(super) fstype: String,
+    /// The mount source (`host:/export` for NFS).
+    pub(super) source: String,
+}
+
+/// The topmost mount at exactly `path`, from `/proc/self/mountinfo`.
+pub(super) fn mount_at(path: &Path) -> Option<MountEntry> {
+    let table = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    parse_mount_at(&table, path)
+}
+
+fn parse_mount_at(table: &str, path: &Path) -> Option<MountEntry> {
+    let wanted = path.to_str()?;
+    table
+        .lines()
+        .filter_map(parse_mountinfo_line)
+        .filter(|(point, _)| point == wanted)
+        .map(|(_, entry)| entry)
+        .next_back()
+}
+
+/// `(mount point, entry)` of one mountinfo line (proc(5)).
+fn parse_mountinfo_line(line: &str) -> Option<(String, MountEntry)> {
+    let (mount, superblock) = line.split_once(" - ")?;
+    let point = unescape_octal(mount.split(' ').nth(4)?);
+    let mut rest = superblock.split(' ');
+    let fstype = rest.next()?.to_owned();
+    let source = unescape_octal(rest.next()?);
+    Some((point, MountEntry { fstype, source }))
+}
+
+/// mountinfo writes space, tab, newline and backslash as `\ooo`.
+fn unescape_octal(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let digits = bytes.get(i + 1..i + 4);
+        if bytes[i] == b'\\'
+            && let Some(digits) = digits
+            && digits.iter().all(|d| (b'0'..=b'7').contains(d))
+        {
+            out.push(digits.iter().fold(0u8, |n, d| n.wrapping_mul(8).wrapping_add(d - b'0')));
+            i += 4;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_lines_are_read() {
+        let table = "22 1 0:21 / /proc rw,nosuid - proc proc rw\n\
+            90 22 0:50 / /mnt/my\\040vol rw,relatime shared:1 - nfs 10.0.0.1:/vol rw,vers=3\n\
+            91 90 0:51 / /mnt/my\\040vol rw - tmpfs tmpfs rw\n";
+        let top = parse_mount_at(table, Path::new("/mnt/my vol")).unwrap();
+        assert_eq!(top, MountEntry { fstype: "tmpfs".into(), source: "tmpfs".into() });
+        assert!(parse_mount_at(table, Path::new("/mnt")).is_none());
+    }
+}
