@@ -4,6 +4,7 @@
 //! system (events address, CA bundle, NFS volumes).
 
 pub mod ca_bundle;
+mod cgroup_tree;
 pub mod cgroups;
 pub mod clock;
 pub mod collapse;

@@ -29,6 +29,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use tokio::sync::OwnedMutexGuard;
 
+use super::cgroup_tree::{ALLOWLIST, MAX_CGROUPS_CEILING, allowlisted, children, reads_frozen, walk};
 use super::cgroups::{Workload, is_frozen, own_cgroup};
 pub use super::freeze_state::{FreezeMode, FreezeRecord, Freezing, WATCHDOG};
 
@@ -55,18 +56,6 @@ pub struct ThawError(#[from] std::io::Error);
 const POLL_INTERVAL: Duration = Duration::from_millis(2);
 /// Default and ceiling of cgroups visited by a hierarchy freeze.
 const DEFAULT_MAX_CGROUPS: usize = 512;
-/// Bound of the walks over the whole tree (guest scan, thaw, audit).
-const MAX_CGROUPS_CEILING: usize = 8192;
-/// Cgroups a hierarchy freeze never touches: what a resume depends on.
-const ALLOWLIST: &[&str] = &[
-    "init.scope",
-    "system.slice/systemd-journald.service",
-    "system.slice/rpcbind.service",
-    "system.slice/rpcbind.socket",
-    "system.slice/rpc-statd.service",
-    "socats",
-];
-
 /// Another freeze held the lock for longer than the caller would wait.
 #[derive(Debug, thiserror::Error)]
 #[error("another freeze or thaw is in progress")]
@@ -381,40 +370,6 @@ async fn await_frozen(written: Vec<PathBuf>, budget: Duration, report: &mut Free
     report.not_frozen = pending.len();
     report.frozen = report.requested - report.not_frozen;
     report.wait_ms = waiting.elapsed().as_millis() as u64;
-}
-
-/// An allowlist entry or anything beneath one.
-fn allowlisted(relative: &Path) -> bool {
-    ALLOWLIST.iter().any(|entry| relative.starts_with(entry))
-}
-
-/// The cgroup's own freeze request (not an ancestor's).
-fn reads_frozen(dir: &Path) -> bool {
-    std::fs::read_to_string(dir.join("cgroup.freeze")).is_ok_and(|v| v.trim() == "1")
-}
-
-fn children(dir: &Path) -> Vec<PathBuf> {
-    let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
-    let mut children: Vec<PathBuf> =
-        entries.flatten().map(|e| e.path()).filter(|p| p.join("cgroup.procs").exists()).collect();
-    children.sort();
-    children
-}
-
-/// Every cgroup below `root`, breadth first, at most `limit` (truncated?).
-fn walk(root: &Path, limit: usize) -> (Vec<PathBuf>, bool) {
-    let mut found = Vec::new();
-    let mut queue = std::collections::VecDeque::from([root.to_path_buf()]);
-    while let Some(dir) = queue.pop_front() {
-        for child in children(&dir) {
-            if found.len() >= limit {
-                return (found, true);
-            }
-            queue.push_back(child.clone());
-            found.push(child);
-        }
-    }
-    (found, false)
 }
 
 #[cfg(test)]
