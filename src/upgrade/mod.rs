@@ -47,29 +47,30 @@
 //! orphan reaper starts (so it never takes an adopted child's exit status):
 //! every listed fd is made close-on-exec at once (a user process must never
 //! inherit one); the file is read and removed; a file that is unreadable, of
-//! an unknown format or version, or that requires a section this image does
-//! not know, is reported and every carried fd but the listener is closed:
-//! envd starts clean, never half-adopted. Otherwise the auth state and the
-//! exec context are restored from the memfd, each process is adopted through
-//! [`crate::process::adopt`] (new pumps on the carried fds, a pidfd reaper,
-//! its own cgroup again for kills, output kept for the first subscriber, so
-//! what was written during the swap reaches the client that reconnects) and
-//! tracked again for the template record, retained exits, the freeze record
-//! and the command-cgroup numbering are taken over, polling watchers are
-//! re-armed with their ids and queued events (streamed `WatchDir`s end with
-//! the old image; clients subscribe again), and the forward sockets and
-//! relays go to the forwarder, which serves and resumes them before its first
-//! scan; log lines not yet shipped go to the new image's shipper, ahead of
-//! its own. Volumes, the CA bundle and the events entry need no section: the
-//! new image restores them from the saved record as after any restart,
-//! recognising live mounts. The workload stays frozen until the next `/init`,
-//! or until `--upgrade-thaw-fallback` passes without one. The next `/init`
-//! reports the outcome in `X-Envd-Handover`.
+//! an unknown format or version, that requires a section this image does
+//! not know, or that names an fd not carried, is reported and every carried
+//! fd but the listener is closed: envd starts clean, never half-adopted.
+//! Otherwise the auth state and the exec context are restored from the
+//! memfd and each module resumes its part: the workload (freeze record,
+//! command-cgroup numbering), the processes (new pumps on the carried fds,
+//! a pidfd reaper, their own cgroups again for kills, output kept for the
+//! first subscriber, so what was written during the swap reaches the
+//! client that reconnects; retained exits), template tracking, forward
+//! sockets and relays (served and resumed before the forwarder's first
+//! scan), log lines not yet shipped (ahead of the new image's own), and
+//! polling watchers (re-armed with their ids and queued events; streamed
+//! `WatchDir`s end with the old image and clients subscribe again).
+//! Volumes, the CA bundle and the events entry need no section: the new
+//! image restores them from the saved record as after any restart,
+//! recognising live mounts. The workload stays frozen until the next
+//! `/init`, or until `--upgrade-thaw-fallback` passes without one. The next
+//! `/init` reports the outcome in `X-Envd-Handover`.
 //!
-//! Adding state: a new optional section of [`handover::Handover`], written
-//! in step 6 and taken over in [`resume`]; a section an older image must
-//! not ignore is named in `required`, so that image refuses the file
-//! instead of half-adopting it.
+//! Adding state: the module that owns it adds it to its part (exported in
+//! step 7, resumed in [`resume`]) and to that part's round-trip test; a
+//! new section of [`handover::Handover`] is for a new module's part, and a
+//! section an older image must not ignore is named in `required`, so that
+//! image refuses the file instead of half-adopting it.
 
 mod binary;
 mod exec;
