@@ -51,6 +51,14 @@ if [[ -n "$leftover" ]]; then
     exit 1
 fi
 
+step "packages the integration tests need"
+# iptables: the metadata route's self-heal (tests/mmds_route.rs, in a
+# network namespace of the test's own).
+if ! command -v iptables >/dev/null; then
+    apt-get update
+    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends iptables
+fi
+
 step "build"
 cargo build --all-targets
 

@@ -10,7 +10,7 @@ use std::time::Duration;
 use clap::Parser;
 
 /// Firecracker's metadata service, reachable from every guest.
-pub const DEFAULT_MMDS_ADDRESS: &str = "169.254.169.254:80";
+pub const DEFAULT_MMDS_ADDRESS: &str = crate::host::mmds::MMDS_ADDRESS;
 
 /// The port the SDKs and the orchestrator expect.
 pub const DEFAULT_PORT: u16 = 49983;

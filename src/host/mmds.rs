@@ -3,6 +3,7 @@
 //! token. Every read takes a fresh token and a fresh connection, as the
 //! reference does, so a restored VM never reuses a stale session.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -10,6 +11,9 @@ use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use serde::Deserialize;
+
+pub use super::mmds_route::MMDS_ADDRESS;
+use super::mmds_route::RouteHealer;
 
 /// Path of the session-token endpoint.
 const TOKEN_PATH: &str = "/latest/api/token";
@@ -77,17 +81,48 @@ pub fn parse_metadata(body: &[u8]) -> Result<Metadata, MmdsError> {
 #[derive(Debug, Clone)]
 pub struct MmdsClient {
     address: String,
+    /// Pins the service's route when a read fails (the real address only).
+    healer: Option<Arc<RouteHealer>>,
 }
 
 impl MmdsClient {
-    /// A client of the service at `host:port`.
+    /// A client of the service at `host:port`; at the VM's own metadata
+    /// address it heals the route when a read fails (`mmds_route`).
     pub fn new(address: impl Into<String>) -> Self {
-        Self { address: address.into() }
+        let address = address.into();
+        let healer = (address == MMDS_ADDRESS).then(Arc::default);
+        Self { address, healer }
+    }
+
+    /// Reads the metadata; when that fails at the VM's metadata address,
+    /// the route is pinned ahead of the nat rules and the read tried once
+    /// more.
+    pub async fn read(&self) -> Result<Metadata, MmdsError> {
+        let first = self.read_once().await;
+        let (Err(err), Some(healer)) = (&first, &self.healer) else { return first };
+        match healer.heal().await {
+            Ok(Some(pinned)) => {
+                tracing::warn!(
+                    stale_jumps = pinned.stale_jumps,
+                    "metadata service not readable ({err}): its route is pinned ahead of every nat rule \
+                     (chain ENVD-MMDS first in PREROUTING and OUTPUT), reading again"
+                );
+                let again = self.read_once().await;
+                healer.helped(again.is_ok());
+                again
+            }
+            // Another read healed it a moment ago.
+            Ok(None) => self.read_once().await,
+            Err(heal) => {
+                tracing::warn!("metadata service not readable ({err}), and its route could not be pinned: {heal}");
+                first
+            }
+        }
     }
 
     /// Reads the metadata once; a 401 (expired session) is retried once
     /// with a new token.
-    pub async fn read(&self) -> Result<Metadata, MmdsError> {
+    async fn read_once(&self) -> Result<Metadata, MmdsError> {
         let mut retried = false;
         loop {
             let token = self.session_token().await?;

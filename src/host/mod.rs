@@ -16,6 +16,7 @@ pub mod identity;
 pub mod init;
 pub mod metrics;
 pub mod mmds;
+pub mod mmds_route;
 mod mountinfo;
 pub mod persist;
 pub mod provision;
