@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import shlex
 import time
 import uuid
 
@@ -259,3 +260,41 @@ async def test_10mb_output_both_streams(async_sandbox):
     assert sizes == [len(want_out), len(want_err)]
     assert digest_out.hexdigest() == hashlib.sha256(want_out).hexdigest()
     assert digest_err.hexdigest() == hashlib.sha256(want_err).hexdigest()
+
+
+# -- reattaching to a long-lived stdio server (E2B issues #1352, #1587) --------
+
+# Answers each line "<id> <size>" with "<id>:" and <size> bytes, on one line.
+LINE_ECHO_SERVER = r"""
+import sys
+for line in sys.stdin:
+    ident, size = line.split()
+    sys.stdout.write(ident + ":" + "x" * int(size) + "\n")
+    sys.stdout.flush()
+"""
+
+
+async def test_a_reattached_stream_delivers_every_response_of_any_size(async_sandbox):
+    """After `connect(pid)` to a running stdio server, `on_stdout` gets every
+    byte written after it attached, in order, also once responses of 8 KB
+    and 64 KB went by, over many connect/disconnect rounds."""
+    server = await async_sandbox.commands.run(
+        "python3 -c " + shlex.quote(LINE_ECHO_SERVER), background=True, stdin=True, timeout=0
+    )
+    try:
+        for rnd in range(20):
+            received: list[str] = []
+            joined = await async_sandbox.commands.connect(server.pid, on_stdout=received.append, timeout=0)
+            expected = ""
+            for i, size in enumerate([8192, 10, 65536, 8000, 70000, 1]):
+                ident = f"r{rnd}-{i}"
+                await async_sandbox.commands.send_stdin(server.pid, f"{ident} {size}\n")
+                expected += f"{ident}:{'x' * size}\n"
+                arrived = await eventually(lambda: len("".join(received)) >= len(expected), timeout=15)
+                got = "".join(received)
+                assert arrived and got == expected, (
+                    f"round {rnd}, response {i} ({size} bytes): got {len(got)} of {len(expected)} bytes"
+                )
+            await joined.disconnect()
+    finally:
+        await server.kill()

@@ -226,6 +226,40 @@ describe('background, connect, list, kill', () => {
   })
 })
 
+// Answers each line "<id> <size>" with "<id>:" and <size> bytes, on one line.
+const LINE_ECHO_SERVER = `
+import sys
+for line in sys.stdin:
+    ident, size = line.split()
+    sys.stdout.write(ident + ":" + "x" * int(size) + "\\n")
+    sys.stdout.flush()
+`
+
+describe('reattaching to a long-lived stdio server (E2B issues #1352, #1587)', () => {
+  test('a reattached stream delivers every response of any size, round after round', async () => {
+    const quoted = `'${LINE_ECHO_SERVER.replaceAll("'", "'\\''")}'`
+    const server = await sbx.commands.run(`python3 -c ${quoted}`, { background: true, stdin: true, timeoutMs: 0 })
+    try {
+      for (let round = 0; round < 20; round++) {
+        const received = []
+        const joined = await sbx.commands.connect(server.pid, { onStdout: (d) => received.push(d), timeoutMs: 0 })
+        let expected = ''
+        for (const [i, size] of [8192, 10, 65536, 8000, 70000, 1].entries()) {
+          const id = `r${round}-${i}`
+          await sbx.commands.sendStdin(server.pid, `${id} ${size}\n`)
+          expected += `${id}:${'x'.repeat(size)}\n`
+          await eventually(() => received.join('').length >= expected.length, 15_000)
+          const got = received.join('')
+          assert.ok(got === expected, `round ${round}, response ${i} (${size} bytes): got ${got.length} of ${expected.length} bytes`)
+        }
+        await joined.disconnect()
+      }
+    } finally {
+      await server.kill()
+    }
+  })
+})
+
 describe('stdin', () => {
   test('sendStdin and closeStdin', async () => {
     const handle = await sbx.commands.run('cat', { background: true, stdin: true })
