@@ -34,6 +34,7 @@ use harness::forward;
 use harness::host_setup::{self, HostSetup};
 use harness::mmds::Mmds;
 use harness::qemu::{Vm, VmSpec};
+use harness::reattach;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256, Sha512};
 
@@ -520,6 +521,10 @@ struct Facts {
 
 fn memory_phase(run: &mut Run, facts: &Facts) -> Result<(), String> {
     const P: &str = "memory";
+    let envd = run.envd()?;
+    let (echo, mut held) = envd.spawn_with_stdin(reattach::TAG, reattach::LINE_ECHO)?;
+    let answered = reattach::round(&envd, echo, &mut held, "before", 8192);
+    run.report.check(P, "a stdio server answers through the stream held over the snapshot", answered)?;
     let snapshot = run.spec.work.join("mem.snap");
     let took = run.vm.as_mut().ok_or("no VM")?.snapshot(&snapshot)?;
     let size = std::fs::metadata(&snapshot).map(|m| m.len()).unwrap_or(0);
@@ -567,6 +572,12 @@ fn memory_phase(run: &mut Run, facts: &Facts) -> Result<(), String> {
         P,
         "exec-context fingerprint unchanged",
         same_fingerprint("fingerprint", &fingerprint, &facts.fingerprint),
+    )?;
+    drop(held);
+    run.report.check(
+        P,
+        "a new connect to that server after the restore gets every byte of 8 KB and 64 KB answers, 3 rounds",
+        reattach::reconnect_rounds(&run.envd()?, echo),
     )?;
     // After the upgrade, so the forwards the new image took over are what is checked.
     upgrade_after_resume(run, facts)?;

@@ -134,6 +134,11 @@ impl Envd {
         if let Some(tag) = tag {
             request["tag"] = json!(tag);
         }
+        self.stream(who, "Start", &request, timeout).map_err(|e| format!("{cmd}: {e}"))
+    }
+
+    /// A server-streaming Process RPC (`Start` or `Connect`).
+    fn stream(&self, who: As<'_>, rpc: &str, request: &Value, timeout: Duration) -> Result<StartStream, String> {
         let payload = request.to_string();
         let mut body = Vec::with_capacity(payload.len() + 5);
         body.push(0);
@@ -147,16 +152,58 @@ impl Envd {
             basic = format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{user}:")));
             headers.push(("Authorization", &basic));
         }
-        let response = http::send(self.port, "POST", "/process.Process/Start", &headers, &body, timeout)
-            .map_err(|e| format!("Process.Start {cmd}: {e}"))?;
+        let path = format!("/process.Process/{rpc}");
+        let response = http::send(self.port, "POST", &path, &headers, &body, timeout)
+            .map_err(|e| format!("Process.{rpc}: {e}"))?;
         if response.status != 200 {
             let mut text = Vec::new();
             let mut response = response;
             let status = response.status;
             let _ = response.read_to_end(&mut text);
-            return Err(format!("Process.Start {cmd} answered HTTP {status}: {}", String::from_utf8_lossy(&text)));
+            return Err(format!("Process.{rpc} answered HTTP {status}: {}", String::from_utf8_lossy(&text)));
         }
         Ok(StartStream { response })
+    }
+
+    /// Starts `script` under bash with a stdin pipe and keeps its start
+    /// stream: the pid and the stream of its output.
+    pub fn spawn_with_stdin(&self, tag: &str, script: &str) -> Result<(u32, OutputStream), String> {
+        let request = json!({ "process": { "cmd": "/bin/bash", "args": ["-c", script] }, "tag": tag, "stdin": true });
+        let mut stream = self.stream(As::Default, "Start", &request, QUICK)?;
+        match stream.next().map_err(|e| format!("start with stdin: {e}"))? {
+            Frame::Message(event) => match event["event"]["start"]["pid"].as_u64() {
+                Some(pid) => Ok((pid as u32, OutputStream(stream))),
+                None => Err(format!("first event is not a start event: {event}")),
+            },
+            Frame::End(trailer) => Err(format!("start with stdin failed: {trailer}")),
+            Frame::Eof => Err("start with stdin: connection closed".into()),
+        }
+    }
+
+    /// `Process.Connect` to `pid`: its output from now on.
+    pub fn connect(&self, pid: u32, timeout: Duration) -> Result<OutputStream, String> {
+        let mut stream = self.stream(As::Default, "Connect", &json!({ "process": { "pid": pid } }), timeout)?;
+        match stream.next().map_err(|e| format!("connect to {pid}: {e}"))? {
+            Frame::Message(event) if event["event"]["start"]["pid"].as_u64() == Some(u64::from(pid)) => {
+                Ok(OutputStream(stream))
+            }
+            other => Err(format!("connect to {pid}: first frame {other:?}")),
+        }
+    }
+
+    /// `Process.SendInput`: `data` to the process's stdin.
+    pub fn send_stdin(&self, pid: u32, data: &[u8]) -> Result<(), String> {
+        let stdin = base64::engine::general_purpose::STANDARD.encode(data);
+        let body = json!({ "process": { "pid": pid }, "input": { "stdin": stdin } }).to_string();
+        let mut headers = self.token_header();
+        headers.push(("Content-Type", "application/json"));
+        headers.push(("Connect-Protocol-Version", "1"));
+        let response = http::request(self.port, "POST", "/process.Process/SendInput", &headers, body.as_bytes(), QUICK)
+            .map_err(|e| format!("Process.SendInput: {e}"))?;
+        if response.status != 200 {
+            return Err(format!("Process.SendInput answered {}: {}", response.status, response.text()));
+        }
+        Ok(())
     }
 
     /// Runs `cmd args` to completion and returns its output and end event.
@@ -265,6 +312,29 @@ enum Frame {
 #[derive(Debug)]
 struct StartStream {
     response: StreamingResponse,
+}
+
+/// A process's output as a `Start` or `Connect` stream delivers it.
+#[derive(Debug)]
+pub struct OutputStream(StartStream);
+
+impl OutputStream {
+    /// Reads stdout until it holds `len` bytes; fails on an end, an error
+    /// or a read that times out first.
+    pub fn stdout(&mut self, len: usize) -> Result<String, String> {
+        let mut stdout = String::new();
+        while stdout.len() < len {
+            match self.0.next().map_err(|e| format!("after {} of {len} bytes: {e}", stdout.len()))? {
+                Frame::Message(event) => {
+                    if let Some(b64) = event["event"]["data"]["stdout"].as_str() {
+                        stdout.push_str(&decode(b64)?);
+                    }
+                }
+                other => return Err(format!("after {} of {len} bytes: {other:?}", stdout.len())),
+            }
+        }
+        Ok(stdout)
+    }
 }
 
 impl StartStream {

@@ -9,5 +9,6 @@ pub mod host_setup;
 pub mod http;
 pub mod mmds;
 pub mod qemu;
+pub mod reattach;
 pub mod restored_processes;
 pub mod upgrade;
