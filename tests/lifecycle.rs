@@ -248,6 +248,39 @@ fn finished_within(child: &mut std::process::Child, wait: Duration) -> bool {
     false
 }
 
+/// Sectors written so far to the loop device that backs `mountpoint`.
+fn sectors_written(mountpoint: &Path) -> u64 {
+    let source = Command::new("findmnt").args(["-no", "SOURCE"]).arg(mountpoint).output().unwrap();
+    let device = String::from_utf8_lossy(&source.stdout).trim().trim_start_matches("/dev/").to_owned();
+    let stat = std::fs::read_to_string(format!("/sys/block/{device}/stat")).unwrap();
+    stat.split_whitespace().nth(6).unwrap().parse().unwrap()
+}
+
+#[tokio::test]
+async fn a_workload_freeze_flushes_every_writable_disk_before_it_answers() {
+    let mount = TestMount::new("freeze-flush");
+    let envd = Envd::start();
+    let client = envd.client();
+    for (round, query) in ["/freeze?maxWaitMs=5000", "/freeze"].into_iter().enumerate() {
+        // Written without a sync: in the page cache only, as a memory pause
+        // would find it (writeback comes seconds later).
+        std::fs::write(mount.mountpoint.join(format!("unsynced-{round}")), vec![7u8; 4 << 20]).unwrap();
+        let before = sectors_written(&mount.mountpoint);
+        let reply = client.send(http::Method::POST, query, &[], "").await;
+        let written = sectors_written(&mount.mountpoint) - before;
+        assert!(written >= (4 << 20) / 512, "{query}: only {written} sectors reached the disk before the answer");
+        if round == 0 {
+            assert_eq!(reply.status, 200, "{}", reply.text());
+            let report = reply.json();
+            assert!(report["flushed"] == true && report["filesystems"].as_u64() >= Some(1), "{report}");
+        } else {
+            assert_eq!(reply.status, 204);
+            assert_eq!(reply.headers.get("x-envd-flushed").map(|v| v.as_bytes()), Some(&b"true"[..]));
+        }
+        assert_eq!(client.send(http::Method::POST, "/unfreeze", &[], "").await.status, 204);
+    }
+}
+
 #[tokio::test]
 async fn fsfreeze_blocks_writers_until_thaw_and_envd_keeps_answering() {
     let mount = TestMount::new("fsfreeze");

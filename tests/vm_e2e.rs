@@ -808,7 +808,8 @@ fn vm_e2e_both_resume_paths() {
     let result = cold_boot_phase(&mut run).and_then(|facts| {
         memory_phase(&mut run, &facts)?;
         filesystem_phase(&mut run, &facts)?;
-        harness::restored_processes::phase(&mut run)
+        harness::restored_processes::phase(&mut run)?;
+        harness::pause_flush::phase(&mut run)
     });
     finish(run, result, started);
 }

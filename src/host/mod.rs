@@ -9,6 +9,7 @@ pub mod cgroups;
 pub mod clock;
 pub mod collapse;
 pub mod command_cgroup;
+pub mod disk_flush;
 pub mod events_host;
 mod freeze_state;
 pub mod fsfreeze;

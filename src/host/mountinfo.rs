@@ -2,7 +2,8 @@
 //! its own because it is a reader of the kernel's table, apart from the
 //! volumes that consult it.
 
-use std::path::Path;
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
 
 /// What is mounted at a path.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,6 +28,31 @@ fn parse_mount_at(table: &str, path: &Path) -> Option<MountEntry> {
         .filter(|(point, _)| point == wanted)
         .map(|(_, entry)| entry)
         .next_back()
+}
+
+/// One mount point of each writable filesystem on a block device (a
+/// filesystem mounted at several points, by bind mounts, once).
+pub(super) fn writable_disk_mounts() -> Vec<PathBuf> {
+    std::fs::read_to_string("/proc/self/mountinfo").map(|table| parse_writable_disks(&table)).unwrap_or_default()
+}
+
+fn parse_writable_disks(table: &str) -> Vec<PathBuf> {
+    let mut seen = BTreeSet::new();
+    let mut mounts = Vec::new();
+    for line in table.lines() {
+        let Some((mount, superblock)) = line.split_once(" - ") else { continue };
+        let fields: Vec<&str> = mount.split(' ').collect();
+        let (Some(device), Some(point), Some(options)) = (fields.get(2), fields.get(4), fields.get(5)) else {
+            continue;
+        };
+        let mut rest = superblock.split(' ');
+        let (_fstype, source, super_options) = (rest.next(), rest.next().unwrap_or(""), rest.next().unwrap_or(""));
+        let writable = |options: &str| options.split(',').any(|o| o == "rw");
+        if source.starts_with("/dev/") && writable(options) && writable(super_options) && seen.insert(*device) {
+            mounts.push(PathBuf::from(unescape_octal(point)));
+        }
+    }
+    mounts
 }
 
 /// `(mount point, entry)` of one mountinfo line (proc(5)).
@@ -72,5 +98,16 @@ mod tests {
         let top = parse_mount_at(table, Path::new("/mnt/my vol")).unwrap();
         assert_eq!(top, MountEntry { fstype: "tmpfs".into(), source: "tmpfs".into() });
         assert!(parse_mount_at(table, Path::new("/mnt")).is_none());
+    }
+
+    #[test]
+    fn writable_disks_are_listed_once_each() {
+        let table = "25 1 254:0 / / rw,relatime - ext4 /dev/vda rw\n\
+            26 25 254:0 /home /srv/home rw - ext4 /dev/vda rw\n\
+            27 25 254:16 / /mnt/ro ro - ext4 /dev/vdb ro\n\
+            28 25 254:32 / /mnt/data\\040x rw - xfs /dev/vdc rw\n\
+            29 25 0:30 / /tmp rw - tmpfs tmpfs rw\n\
+            30 25 0:51 / /mnt/nfs rw - nfs 10.0.0.1:/vol rw\n";
+        assert_eq!(parse_writable_disks(table), [PathBuf::from("/"), PathBuf::from("/mnt/data x")]);
     }
 }

@@ -2,17 +2,18 @@
 //! cgroups), `/fsfreeze`, `/fsthaw` (the root filesystem).
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::extract::{Query, State};
 use axum::response::{IntoResponse, Response};
 use http::StatusCode;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::errors::{HttpError, freeze_busy, task_failed};
 use super::state::AppState;
 use crate::host::collapse;
-use crate::host::workload_freeze::FreezeMode;
+use crate::host::disk_flush::{self, FlushReport};
+use crate::host::workload_freeze::{FreezeMode, FreezeReport};
 use crate::upgrade;
 
 /// Query of `POST /freeze`.
@@ -24,9 +25,24 @@ pub struct FreezeQuery {
     max_wait_ms: Option<i64>,
 }
 
+/// How long a `/freeze` without `maxWaitMs` waits for the disks' flush.
+const FLUSH_WITHOUT_WAIT: Duration = Duration::from_secs(2);
+
+/// `/freeze`'s report with the flush of the disks after it.
+#[derive(Debug, Serialize)]
+struct FreezeAnswer {
+    #[serde(flatten)]
+    freeze: FreezeReport,
+    #[serde(flatten)]
+    flush: FlushReport,
+}
+
 /// `POST /freeze`: 204 at once, or 200 with a report after waiting up to
-/// `maxWaitMs` for the kernel to confirm.
+/// `maxWaitMs` for the kernel to confirm. Then every writable disk is
+/// flushed within what is left of that budget (2 s without one): the
+/// report's `flushed`, or `X-Envd-Flushed` on a 204.
 pub async fn freeze(State(state): State<Arc<AppState>>, Query(query): Query<FreezeQuery>) -> Response {
+    let started = Instant::now();
     let mode = match query.mode.as_deref() {
         Some("hierarchy") => FreezeMode::Hierarchy,
         _ => FreezeMode::Legacy,
@@ -36,10 +52,23 @@ pub async fn freeze(State(state): State<Arc<AppState>>, Query(query): Query<Free
         Ok(report) => report,
         Err(busy) => return freeze_busy(busy),
     };
-    tracing::info!(requested = report.requested, frozen = report.frozen, failed = report.failed, "workload frozen");
+    let flush = disk_flush::flush_disks(wait.map_or(FLUSH_WITHOUT_WAIT, |w| w.saturating_sub(started.elapsed()))).await;
+    tracing::info!(
+        requested = report.requested,
+        frozen = report.frozen,
+        failed = report.failed,
+        filesystems = flush.filesystems,
+        flushed = flush.flushed,
+        "workload frozen"
+    );
     match wait {
-        Some(_) => axum::Json(report).into_response(),
-        None => StatusCode::NO_CONTENT.into_response(),
+        Some(_) => axum::Json(FreezeAnswer { freeze: report, flush }).into_response(),
+        None => {
+            let mut response = StatusCode::NO_CONTENT.into_response();
+            let flushed = http::HeaderValue::from_static(if flush.flushed { "true" } else { "false" });
+            response.headers_mut().insert("x-envd-flushed", flushed);
+            response
+        }
     }
 }
 

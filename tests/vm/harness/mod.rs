@@ -8,6 +8,7 @@ pub mod forward;
 pub mod host_setup;
 pub mod http;
 pub mod mmds;
+pub mod pause_flush;
 pub mod qemu;
 pub mod reattach;
 pub mod restored_processes;
