@@ -314,6 +314,21 @@ impl Run {
         Ok(t.elapsed())
     }
 
+    /// `POST /freeze` before a memory pause; fails unless every writable
+    /// disk was flushed.
+    fn freeze_workload(&self) -> Result<(), String> {
+        let reply = self
+            .envd()?
+            .post("/freeze?maxWaitMs=5000", Duration::from_secs(10))
+            .map_err(|e| format!("/freeze: {e}"))?;
+        let report: Value = serde_json::from_slice(&reply.body).unwrap_or_default();
+        if reply.status == 200 && report["flushed"] == true && report["filesystems"].as_u64() >= Some(1) {
+            Ok(())
+        } else {
+            Err(format!("/freeze answered {}: {}", reply.status, reply.text()))
+        }
+    }
+
     /// Prints what a red run needs: the serial consoles and envd's journal.
     fn diagnose(&mut self) {
         for (name, console) in &self.old_consoles {
@@ -815,11 +830,13 @@ fn vm_e2e_both_resume_paths() {
 }
 
 // ---------------------------------------------------------------------
-// Stress: the filesystem-only cycle, N times
+// Stress: pause cycles of every kind in turn, N times
 
 /// `ENVD_VM_STRESS_CYCLES=N tests/vm/run.sh --stress N`: write a file
-/// through envd, freeze, kill qemu, cold boot, check every file written so
-/// far. Reports how many cycles lost an acknowledged write (goal: 0).
+/// through envd, pause (in turn: `/fsfreeze` + kill + cold boot; `/freeze` +
+/// memory snapshot + restore; `/freeze` + kill + the disk booted alone),
+/// check every file written so far. Reports how many cycles lost an
+/// acknowledged write (goal: 0).
 #[test]
 #[ignore = "stress mode: tests/vm/run.sh --stress N"]
 fn vm_stress_filesystem_cycles() {
@@ -836,9 +853,32 @@ fn vm_stress_filesystem_cycles() {
     finish(run, result, started);
 }
 
+/// How a stress cycle pauses the sandbox, in turn.
+enum Pause {
+    /// `/fsfreeze`, qemu killed, cold boot.
+    DiskOnly,
+    /// `/freeze`, memory snapshot, restore from it.
+    Memory,
+    /// `/freeze`, qemu killed, the disk booted alone (a filesystem-only
+    /// resume of a memory snapshot).
+    MemorysDiskAlone,
+}
+
+impl Pause {
+    fn of_cycle(cycle: u32) -> Pause {
+        match cycle % 3 {
+            1 => Pause::DiskOnly,
+            2 => Pause::Memory,
+            _ => Pause::MemorysDiskAlone,
+        }
+    }
+}
+
 fn stress(run: &mut Run, cycles: u32) -> Result<(), String> {
     run.prepare_disk()?;
     run.boot("stress-0", None)?;
+    // The volume /init mounts is served from the guest.
+    run.root(host_setup::START_NFS_SERVER)?;
     run.init(true)?;
     let mut written: Vec<(String, String)> = Vec::new();
     let (mut lost_cycles, mut unclean, mut boots) = (0u32, 0u32, Vec::new());
@@ -848,15 +888,33 @@ fn stress(run: &mut Run, cycles: u32) -> Result<(), String> {
         let sum =
             run.envd()?.sh(As::Default, &format!("head -c 262144 /dev/urandom > {name} && sha256sum {name}"))?.stdout;
         written.push((name.clone(), sum));
-        run.freeze()?;
-        run.vm.as_mut().ok_or("no VM")?.kill_hard();
-        let state = disk::inspect(&run.spec.disk)?;
-        if !(state.clean && !state.needs_recovery && state.fsck_ok) {
-            unclean += 1;
-            eprintln!("[vm-stress] cycle {cycle}: disk not clean after freeze + kill: {state:?}");
+        match Pause::of_cycle(cycle) {
+            Pause::DiskOnly => {
+                run.freeze()?;
+                run.vm.as_mut().ok_or("no VM")?.kill_hard();
+                let state = disk::inspect(&run.spec.disk)?;
+                if !(state.clean && !state.needs_recovery && state.fsck_ok) {
+                    unclean += 1;
+                    eprintln!("[vm-stress] cycle {cycle}: disk not clean after freeze + kill: {state:?}");
+                }
+                boots.push(run.boot(&name, None)?);
+                run.init(true)?;
+            }
+            Pause::Memory => {
+                run.freeze_workload()?;
+                let snapshot = run.spec.work.join("stress-mem.snap");
+                run.vm.as_mut().ok_or("no VM")?.snapshot(&snapshot)?;
+                boots.push(run.boot(&name, Some(&snapshot))?);
+                let _ = std::fs::remove_file(&snapshot);
+                run.init(false)?;
+            }
+            Pause::MemorysDiskAlone => {
+                run.freeze_workload()?;
+                run.vm.as_mut().ok_or("no VM")?.kill_hard();
+                boots.push(run.boot(&name, None)?);
+                run.init(true)?;
+            }
         }
-        boots.push(run.boot(&name, None)?);
-        run.init(true)?;
         let names: Vec<&str> = written.iter().map(|(n, _)| n.as_str()).collect();
         let got = run.envd()?.sh(As::Default, &format!("sha256sum {} 2>&1 || true", names.join(" ")))?.stdout;
         let lost: Vec<String> =
@@ -867,7 +925,7 @@ fn stress(run: &mut Run, cycles: u32) -> Result<(), String> {
             written.retain(|(n, _)| !lost.contains(n));
         }
         eprintln!(
-            "[vm-stress] cycle {cycle}/{cycles}: cold boot {} , lost so far {lost_cycles}",
+            "[vm-stress] cycle {cycle}/{cycles}: resume {} , lost so far {lost_cycles}",
             secs(*boots.last().expect("pushed"))
         );
     }
@@ -875,11 +933,13 @@ fn stress(run: &mut Run, cycles: u32) -> Result<(), String> {
     sorted.sort();
     let median = sorted.get(sorted.len() / 2).copied().unwrap_or_default();
     run.report.time("stress: cycles", cycles.to_string());
-    run.report.time("stress: median cold boot -> envd ready", secs(median));
-    run.report.time("stress: slowest cold boot -> envd ready", secs(sorted.last().copied().unwrap_or_default()));
+    run.report.time("stress: median resume -> envd ready", secs(median));
+    run.report.time("stress: slowest resume -> envd ready", secs(sorted.last().copied().unwrap_or_default()));
     run.report.check(
         "stress",
-        &format!("{cycles} freeze + kill + cold boot cycles lose no acknowledged write"),
+        &format!(
+            "{cycles} cycles of disk-only, memory and memory-disk-alone pauses in turn lose no acknowledged write"
+        ),
         if lost_cycles == 0 {
             Ok(())
         } else {

@@ -6,10 +6,6 @@
 //! snapshot has it, the guest's memory lost), and the disk boots alone:
 //! every file written before the answer is there.
 
-use std::time::Duration;
-
-use serde_json::Value;
-
 use super::envd::As;
 
 const P: &str = "pause-flush";
@@ -18,18 +14,8 @@ pub fn phase(run: &mut crate::Run) -> Result<(), String> {
     let script = "mkdir -p unsynced && for i in $(seq 1 20); do head -c 262144 /dev/urandom > unsynced/f$i; done \
                   && sha256sum unsynced/*";
     let written = run.envd()?.sh(As::Default, script)?.stdout;
-    let reply =
-        run.envd()?.post("/freeze?maxWaitMs=5000", Duration::from_secs(10)).map_err(|e| format!("/freeze: {e}"))?;
-    let report: Value = serde_json::from_slice(&reply.body).unwrap_or_default();
-    run.report.check(
-        P,
-        "/freeze reports every writable disk flushed",
-        if reply.status == 200 && report["flushed"] == true && report["filesystems"].as_u64() >= Some(1) {
-            Ok(())
-        } else {
-            Err(format!("{}: {}", reply.status, reply.text()))
-        },
-    )?;
+    let flushed = run.freeze_workload();
+    run.report.check(P, "/freeze reports every writable disk flushed", flushed)?;
     run.vm.as_mut().ok_or("no VM")?.kill_hard();
     run.mmds.forget_tokens();
     run.mmds.set(run.metadata.clone());
