@@ -204,7 +204,8 @@ mod tests {
     use std::os::fd::AsRawFd;
 
     use super::*;
-    use crate::record::fds::testing::{claimed, duplicate, inode};
+    use crate::record::carry_into;
+    use crate::record::fds::testing::{claimed, inode};
 
     #[test]
     fn every_held_socket_survives_export_serialise_and_resume() {
@@ -224,7 +225,7 @@ mod tests {
         let _listed = forwards.list_relay(relay);
 
         let mut carried = Vec::new();
-        let part = forwards.export(&mut |fd| duplicate(fd, &mut carried)).unwrap();
+        let part = forwards.export(&mut |fd| carry_into(fd, &mut carried)).unwrap();
         let read_back: ForwardsPart = serde_json::from_str(&serde_json::to_string(&part).unwrap()).unwrap();
         assert_eq!(read_back, part, "serialising loses nothing");
 

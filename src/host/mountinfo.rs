@@ -25,8 +25,8 @@ fn parse_mount_at(table: &str, path: &Path) -> Option<MountEntry> {
     table
         .lines()
         .filter_map(parse_mountinfo_line)
-        .filter(|(point, _)| point == wanted)
-        .map(|(_, entry)| entry)
+        .filter(|line| line.point == wanted)
+        .map(|line| line.entry)
         .next_back()
 }
 
@@ -38,31 +38,37 @@ pub(super) fn writable_disk_mounts() -> Vec<PathBuf> {
 
 fn parse_writable_disks(table: &str) -> Vec<PathBuf> {
     let mut seen = BTreeSet::new();
-    let mut mounts = Vec::new();
-    for line in table.lines() {
-        let Some((mount, superblock)) = line.split_once(" - ") else { continue };
-        let fields: Vec<&str> = mount.split(' ').collect();
-        let (Some(device), Some(point), Some(options)) = (fields.get(2), fields.get(4), fields.get(5)) else {
-            continue;
-        };
-        let mut rest = superblock.split(' ');
-        let (_fstype, source, super_options) = (rest.next(), rest.next().unwrap_or(""), rest.next().unwrap_or(""));
-        let writable = |options: &str| options.split(',').any(|o| o == "rw");
-        if source.starts_with("/dev/") && writable(options) && writable(super_options) && seen.insert(*device) {
-            mounts.push(PathBuf::from(unescape_octal(point)));
-        }
-    }
-    mounts
+    table
+        .lines()
+        .filter_map(parse_mountinfo_line)
+        .filter(|line| line.entry.source.starts_with("/dev/") && line.writable && seen.insert(line.device))
+        .map(|line| PathBuf::from(line.point))
+        .collect()
 }
 
-/// `(mount point, entry)` of one mountinfo line (proc(5)).
-fn parse_mountinfo_line(line: &str) -> Option<(String, MountEntry)> {
+/// One line of mountinfo (proc(5)).
+struct MountLine<'a> {
+    /// `major:minor` of the filesystem: the same for its bind mounts.
+    device: &'a str,
+    point: String,
+    /// Read-write both as mounted here and as a superblock.
+    writable: bool,
+    entry: MountEntry,
+}
+
+fn parse_mountinfo_line(line: &str) -> Option<MountLine<'_>> {
     let (mount, superblock) = line.split_once(" - ")?;
-    let point = unescape_octal(mount.split(' ').nth(4)?);
+    let mut fields = mount.split(' ');
+    let device = fields.nth(2)?;
+    let point = unescape_octal(fields.nth(1)?);
+    let options = fields.next()?;
     let mut rest = superblock.split(' ');
     let fstype = rest.next()?.to_owned();
     let source = unescape_octal(rest.next()?);
-    Some((point, MountEntry { fstype, source }))
+    let super_options = rest.next().unwrap_or("");
+    let read_write = |options: &str| options.split(',').any(|o| o == "rw");
+    let writable = read_write(options) && read_write(super_options);
+    Some(MountLine { device, point, writable, entry: MountEntry { fstype, source } })
 }
 
 /// mountinfo writes space, tab, newline and backslash as `\ooo`.

@@ -198,7 +198,8 @@ mod tests {
     use super::super::{Event, start};
     use super::testing::started_as_me;
     use super::*;
-    use crate::record::fds::testing::{claimed, duplicate};
+    use crate::record::carry_into;
+    use crate::record::fds::testing::claimed;
 
     /// Fd numbers differ between two exports and the deadline moves on;
     /// everything else must be equal.
@@ -234,7 +235,7 @@ mod tests {
         }
 
         let mut carried = Vec::new();
-        let part = table.export(&mut |fd| duplicate(fd, &mut carried)).unwrap();
+        let part = table.export(&mut |fd| carry_into(fd, &mut carried)).unwrap();
         assert_eq!(part.processes.len(), 2);
         assert!(part.processes.iter().all(|p| p.tag.is_some() && p.command.cwd.is_some() && p.deadline_ms.is_some()));
         assert!(part.processes.iter().any(|p| p.stdin_fd.is_some() && p.stdout_fd.is_some() && p.stderr_fd.is_some()));

@@ -6,11 +6,25 @@
 //! names a wrong fd is refused as a whole.
 
 use std::collections::BTreeMap;
-use std::os::fd::{OwnedFd, RawFd};
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 
 /// Duplicates an fd for the next image, returning the duplicate's number
 /// (the number the handover names it by).
 pub type Carry<'a> = dyn FnMut(RawFd) -> std::io::Result<RawFd> + 'a;
+
+/// Duplicates `fd` close-on-exec into `carried` (which owns it from then
+/// on) and returns the duplicate's number: what each part's fds go
+/// through on their way to the next image.
+pub fn carry_into(fd: RawFd, carried: &mut Vec<OwnedFd>) -> std::io::Result<RawFd> {
+    // SAFETY: F_DUPFD_CLOEXEC on an fd the caller holds open.
+    let dup = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 3) };
+    if dup < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a fresh fd that nothing else owns.
+    carried.push(unsafe { OwnedFd::from_raw_fd(dup) });
+    Ok(dup)
+}
 
 /// A handover part that names fds.
 pub trait NamesFds {
@@ -52,21 +66,9 @@ impl CarriedFds {
 /// Carrying as the upgrade does it, for the modules' round-trip tests.
 #[cfg(test)]
 pub(crate) mod testing {
-    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+    use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
     use super::CarriedFds;
-
-    /// Duplicates `fd` into `carried`, returning the duplicate's number.
-    pub(crate) fn duplicate(fd: RawFd, carried: &mut Vec<OwnedFd>) -> std::io::Result<RawFd> {
-        // SAFETY: F_DUPFD_CLOEXEC on an fd the caller holds open.
-        let dup = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 3) };
-        if dup < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        // SAFETY: a fresh fd that nothing else owns.
-        carried.push(unsafe { OwnedFd::from_raw_fd(dup) });
-        Ok(dup)
-    }
 
     /// The duplicates, by their numbers, as the next image claims them.
     pub(crate) fn claimed(carried: Vec<OwnedFd>) -> CarriedFds {

@@ -7,6 +7,6 @@ pub mod fds;
 pub mod template;
 pub mod volume;
 
-pub use fds::{CarriedFds, Carry, NamesFds};
+pub use fds::{CarriedFds, Carry, NamesFds, carry_into};
 pub use template::{RecordedStdio, TemplateProcess, TemplateRecord};
 pub use volume::VolumeMount;

@@ -7,13 +7,14 @@
 //! cleared only in the last moment before `execve`, on this thread.
 
 use std::ffi::{CString, OsString};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 use super::handover::{self, Handover, Secrets};
 use super::{Daemon, UpgradeError};
 use crate::process::ProcessesPart;
+use crate::record::carry_into;
 use crate::telemetry::ship::LogShipper;
 
 /// Longest wait for envd's queued lines to reach stderr before the exec.
@@ -48,10 +49,10 @@ pub(super) fn hand_over_and_exec(daemon: &Daemon, program: &Path) -> UpgradeErro
 }
 
 /// The handover and the carried fds (the listener's duplicate returned):
-/// each module exports its part, passing its fds through `carry`.
+/// each module exports its part, passing its fds through `carry_into`.
 fn prepare(daemon: &Daemon, carried: &mut Vec<OwnedFd>) -> std::io::Result<(Handover, RawFd)> {
-    let listener = carry(daemon.listener, carried)?;
-    let mut carry_fd = |fd| carry(fd, carried);
+    let listener = carry_into(daemon.listener, carried)?;
+    let mut carry_fd = |fd| carry_into(fd, carried);
     let processes = daemon.processes.export(&mut carry_fd)?;
     let forwards = daemon.forwards.export(&mut carry_fd)?;
     let secrets = secrets(daemon, &processes);
@@ -94,19 +95,6 @@ fn secrets(daemon: &Daemon, processes: &ProcessesPart) -> Secrets {
 /// envd's log lines not yet shipped to the collector.
 fn unshipped_lines(daemon: &Daemon) -> Vec<String> {
     daemon.logs.as_ref().map(LogShipper::export).unwrap_or_default()
-}
-
-/// A close-on-exec duplicate of `fd`, kept in `carried`.
-fn carry(fd: RawFd, carried: &mut Vec<OwnedFd>) -> std::io::Result<RawFd> {
-    // SAFETY: F_DUPFD_CLOEXEC on an fd this process holds open; the new fd
-    // is owned by `carried` from here on.
-    let dup = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 3) };
-    if dup < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: a fresh fd that nothing else owns.
-    carried.push(unsafe { OwnedFd::from_raw_fd(dup) });
-    Ok(dup)
 }
 
 /// Clears close-on-exec on `fds` and execs; returns why it failed.
