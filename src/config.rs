@@ -94,6 +94,22 @@ pub struct Config {
     /// Internal (live upgrade): the fds carried across the exec.
     #[arg(long, value_name = "FD,FD,...", hide = true, default_value = "")]
     pub handover_fds: String,
+    /// Close a connection whose request head is not whole this long after
+    /// it opened or, kept alive, after the head's first byte.
+    #[arg(long, value_name = "SECONDS", default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..))]
+    pub header_timeout: u64,
+    /// Close a connection with no request in flight after this long (above
+    /// the sandbox proxy's own idle timeout).
+    #[arg(long, value_name = "SECONDS", default_value_t = 640, value_parser = clap::value_parser!(u64).range(1..))]
+    pub idle_timeout: u64,
+    /// Close a connection whose client takes nothing of a response for
+    /// this long (a download never read).
+    #[arg(long, value_name = "SECONDS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
+    pub response_idle_timeout: u64,
+    /// Connections that have sent no request yet, at most; each one more
+    /// closes the oldest of them.
+    #[arg(long, value_name = "COUNT", default_value_t = 512, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_silent_connections: u64,
     /// Abort an upload whose body sends nothing for this long.
     #[arg(long, value_name = "SECONDS", default_value_t = 60)]
     pub upload_idle_timeout: u64,

@@ -4,8 +4,8 @@
 //!
 //! - connections: at most [`MAX_CONNECTIONS`] at once (more wait in the
 //!   kernel's backlog), each with a read buffer of at most
-//!   [`MAX_READ_BUFFER`], and closed when no request arrives within
-//!   [`FIRST_REQUEST_WITHIN`] of the connection opening (slowloris);
+//!   [`MAX_READ_BUFFER`]; how long a silent or stalled one lives is the
+//!   `connection` module's;
 //! - bodies read whole before a handler runs (`/init`, unary RPCs): a size
 //!   limit per route, a deadline for reading them ([`BODY_READ_DEADLINE`]),
 //!   and one byte budget shared by all of them at once
@@ -32,9 +32,6 @@ pub const HASH_PATIENCE: Duration = Duration::from_secs(3);
 pub const MAX_CONNECTIONS: usize = 2048;
 /// An HTTP/1 connection's read buffer, which also bounds a request head.
 pub const MAX_READ_BUFFER: usize = 64 * 1024;
-/// A new connection that has not sent a whole request head by then is
-/// closed. Later, idle keep-alive connections live much longer.
-pub const FIRST_REQUEST_WITHIN: Duration = Duration::from_secs(15);
 /// At most one "connection limit reached" warning per this interval.
 pub const LIMIT_WARNING_INTERVAL: Duration = Duration::from_secs(10);
 /// Largest HTTP/2 header block.

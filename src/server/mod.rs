@@ -4,6 +4,7 @@
 
 mod accept;
 mod canonical_path;
+mod connection;
 mod errors;
 mod files_http;
 mod filesystem_rpc;
@@ -19,14 +20,10 @@ mod stream;
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
 
 use axum::routing::{get, post};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpListener;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tower::ServiceExt;
+use tokio::sync::Semaphore;
 
 use crate::config::Config;
 use crate::forward::{ForwardConfig, Forwarder};
@@ -34,10 +31,6 @@ use crate::telemetry::ship::LogShipper;
 pub use errors::HttpError;
 use process_rpc::ProcessService;
 use state::AppState;
-
-/// Idle keep-alive connections are closed after this long; it must stay
-/// above the sandbox proxy's own idle timeout.
-const IDLE_TIMEOUT: Duration = Duration::from_secs(640);
 
 /// Why the server stopped.
 #[derive(Debug, thiserror::Error)]
@@ -92,6 +85,8 @@ async fn serve(config: Config, logs: Option<LogShipper>) -> Result<(), ServerErr
         tokio::spawn(Forwarder::new(forwarder, state.forwards.clone(), state.intake.watch()).run());
     }
     let mut intake = state.intake.watch();
+    let bounds = connection::Bounds::from_config(&state.config);
+    let silent = connection::SilentConnections::new(bounds.max_silent);
     let app = router(state);
     tracing::info!(version = crate::VERSION, %addr, "envd listening");
     let mut acceptor = accept::Acceptor::new(listener);
@@ -116,7 +111,7 @@ async fn serve(config: Config, logs: Option<LogShipper>) -> Result<(), ServerErr
         // backlog for the next image (or for this one, if it fails).
         let Some(socket) = intake.unless_held(acceptor.accept()).await else { continue };
         let _ = socket.set_nodelay(true);
-        tokio::spawn(serve_connection(socket, app.clone(), slot));
+        tokio::spawn(connection::serve(socket, app.clone(), bounds, silent.clone(), slot));
     }
 }
 
@@ -130,41 +125,6 @@ fn inherited_listener(fd: i32) -> std::io::Result<TcpListener> {
     unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
     listener.set_nonblocking(true)?;
     TcpListener::from_std(listener)
-}
-
-/// Serves one connection; one that sends no request head within
-/// [`limits::FIRST_REQUEST_WITHIN`] is closed.
-async fn serve_connection(socket: tokio::net::TcpStream, app: axum::Router, _slot: OwnedSemaphorePermit) {
-    let requested = Arc::new(AtomicBool::new(false));
-    let seen = requested.clone();
-    let app = app.map_request(move |request: http::Request<hyper::body::Incoming>| {
-        seen.store(true, Ordering::Relaxed);
-        request
-    });
-    let service = hyper_util::service::TowerToHyperService::new(app);
-    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(IDLE_TIMEOUT)
-        .keep_alive(true)
-        .max_buf_size(limits::MAX_READ_BUFFER);
-    builder.http2().timer(TokioTimer::new()).max_header_list_size(limits::MAX_HEADER_LIST);
-    let connection = builder.serve_connection(TokioIo::new(socket), service);
-    tokio::pin!(connection);
-    let result = tokio::select! {
-        result = connection.as_mut() => result,
-        () = tokio::time::sleep(limits::FIRST_REQUEST_WITHIN) => {
-            if !requested.load(Ordering::Relaxed) {
-                tracing::debug!("closing a connection that sent no request");
-                return;
-            }
-            connection.await
-        }
-    };
-    if let Err(err) = result {
-        tracing::debug!("connection ended: {err}");
-    }
 }
 
 /// The Connect services of `rpc` as envd serves them: behind the routing
