@@ -75,6 +75,9 @@ bash tests/sdk/run.sh
 step "E2B JS SDK against envd"
 bash tests/sdk-js/run.sh
 
+step "static build in a root without glibc or systemd: the SDK, then OpenRC"
+bash tests/static-root/run.sh
+
 step "fuzz smoke run: every fuzz target for a few seconds"
 bash scripts/fuzz.sh --smoke
 

@@ -1,7 +1,7 @@
 """The static envd, running chrooted in a root of busybox alone, driven
 through the real e2b Python SDK: a command as a non-root user, an upload
-and a download, a PTY; and the metadata service read by host name (no NSS
-module in the root resolves it: envd must).
+and a download, a PTY; and the metadata service read by a host name that only
+the root's /etc/hosts knows (no NSS module there reads it).
 
     check_sdk.py URL ROOT MMDS_READS_FILE
 """
@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from e2b import Sandbox
+from e2b import PtySize, Sandbox
 
 url, root, mmds_reads = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
 sandbox = Sandbox.connect("debug_sandbox_id", debug=True, sandbox_url=url)
@@ -34,13 +34,12 @@ assert "upload.bin" in names, names
 
 # A PTY: the shell answers what is typed into it.
 output = bytearray()
-terminal = sandbox.pty.create(size=__import__("e2b").PtySize(rows=24, cols=80), user="user",
-                              on_data=output.extend, timeout=30)
+terminal = sandbox.pty.create(PtySize(rows=24, cols=80), user="user", timeout=30)
 sandbox.pty.send_stdin(terminal.pid, b"echo pty-$((6*7)); exit\n")
-terminal.wait()
+terminal.wait(on_pty=output.extend)
 assert b"pty-42" in output, bytes(output)
 
-# The metadata service was reached through "localhost" (/etc/hosts).
+# The metadata service was reached by a name only the root's /etc/hosts knows.
 deadline = time.time() + 10
 while time.time() < deadline and int(mmds_reads.read_text() or 0) == 0:
     time.sleep(0.2)
