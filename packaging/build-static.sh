@@ -10,7 +10,7 @@
 #                          target/x86_64-unknown-linux-gnu/release/envd)
 #   etc/init.d/envd        the OpenRC service (packaging/openrc/envd)
 #   etc/conf.d/envd        its settings (ENVD_ARGS, empty in a VM)
-# Refuses a binary that is dynamic. Prints the tarball's path (default
+# Refuses a binary that ldd finds dynamic. Prints the tarball's path (default
 # directory target/static/) on stdout.
 set -euo pipefail
 
@@ -37,10 +37,10 @@ if [ -z "$BIN" ]; then
 fi
 [ -x "$BIN" ] || { echo "build-static.sh: no executable at $BIN" >&2; exit 1; }
 
-# Static: no program interpreter and no shared library needed.
-if readelf --program-headers "$BIN" | grep -q INTERP || readelf --dynamic "$BIN" | grep -q NEEDED; then
-  echo "build-static.sh: $BIN is dynamically linked" >&2
-  readelf --dynamic "$BIN" | grep NEEDED >&2 || true
+# Static: ldd finds no loader and no shared library to name.
+if ! ldd "$BIN" 2>&1 | grep -Eq 'statically linked|not a dynamic executable'; then
+  echo "build-static.sh: $BIN is dynamically linked:" >&2
+  ldd "$BIN" >&2 || true
   exit 1
 fi
 
