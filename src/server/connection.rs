@@ -281,8 +281,8 @@ pub async fn serve(
             request
         })
         .map_response(move |response: axum::response::Response| {
-            let tracked = TrackedBody { clock: on_response.track_response(), activity: on_response.clone() };
-            response.map(|inner| Body::new(tracked.wrap(inner)))
+            let (clock, activity) = (on_response.track_response(), on_response.clone());
+            response.map(|inner| Body::new(Tracked { inner, clock, activity }))
         });
     let service = hyper_util::service::TowerToHyperService::new(app);
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
@@ -378,28 +378,18 @@ impl AsyncWrite for WatchedIo {
     }
 }
 
-/// What a response body tells its connection: a frame handed over and
-/// not yet followed by a poll means hyper is waiting for the client.
-struct TrackedBody {
+/// A response body that tells its connection when it is done, and when
+/// it handed a frame over: until hyper polls again, it waits on the client.
+struct Tracked {
+    inner: Body,
     clock: Arc<AtomicU64>,
     activity: Arc<Activity>,
 }
 
-impl TrackedBody {
-    fn wrap(self, inner: Body) -> Tracked {
-        Tracked { inner, tracker: self }
-    }
-}
-
-impl Drop for TrackedBody {
+impl Drop for Tracked {
     fn drop(&mut self) {
         self.activity.response_done();
     }
-}
-
-struct Tracked {
-    inner: Body,
-    tracker: TrackedBody,
 }
 
 impl HttpBody for Tracked {
@@ -407,10 +397,10 @@ impl HttpBody for Tracked {
     type Error = axum::Error;
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        self.tracker.clock.store(0, Ordering::Relaxed);
+        self.clock.store(0, Ordering::Relaxed);
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
         if matches!(polled, Poll::Ready(Some(Ok(_)))) {
-            self.tracker.clock.store(self.tracker.activity.now(), Ordering::Relaxed);
+            self.clock.store(self.activity.now(), Ordering::Relaxed);
         }
         polled
     }
