@@ -107,7 +107,8 @@ pub struct Config {
     #[arg(long, value_name = "SECONDS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
     pub response_idle_timeout: u64,
     /// Connections that have sent no request yet, at most; each one more
-    /// closes the oldest of them.
+    /// closes the oldest of them silent for over a fifth of the header
+    /// timeout.
     #[arg(long, value_name = "COUNT", default_value_t = 512, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_silent_connections: u64,
     /// Abort an upload whose body sends nothing for this long.

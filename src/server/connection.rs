@@ -5,8 +5,9 @@
 //!
 //! - it has sent no whole request head [`Bounds::header`] after it opened
 //!   (and when more than [`Bounds::max_silent`] connections have sent
-//!   nothing yet, the oldest of them is closed for each new one, so a flood
-//!   of silent sockets never keeps a real client waiting);
+//!   nothing yet, or every connection slot is taken, the oldest silent one
+//!   past a short grace is closed for each new one, so a flood of silent
+//!   sockets keeps a real client waiting a few seconds at most);
 //! - kept alive, a new request head has begun and is not whole
 //!   [`Bounds::header`] after its first byte (HTTP/1: a head sent a byte at
 //!   a time);
@@ -73,39 +74,68 @@ impl Bounds {
     }
 }
 
-/// The connections that have sent nothing yet, oldest first.
+/// The connections that have sent nothing yet, oldest first. Only one
+/// silent for at least the grace (a fifth of the header timeout, at least
+/// a second) is ever closed to make room: a burst of real clients, each
+/// connected and about to send, is never cut.
 #[derive(Debug)]
 pub struct SilentConnections {
     cap: usize,
+    grace: Duration,
     queue: Mutex<VecDeque<Weak<Activity>>>,
     count: AtomicUsize,
 }
 
 impl SilentConnections {
-    /// An empty set that holds at most `cap` connections.
-    pub fn new(cap: usize) -> Arc<Self> {
-        Arc::new(Self { cap: cap.max(1), queue: Mutex::new(VecDeque::new()), count: AtomicUsize::new(0) })
+    /// An empty set for `bounds`.
+    pub fn new(bounds: &Bounds) -> Arc<Self> {
+        Arc::new(Self {
+            cap: bounds.max_silent.max(1),
+            grace: (bounds.header / 5).max(Duration::from_secs(1)),
+            queue: Mutex::new(VecDeque::new()),
+            count: AtomicUsize::new(0),
+        })
     }
 
-    /// Adds a new connection; closes the oldest silent ones beyond the cap.
+    /// Adds a new connection; beyond the cap, closes the oldest silent ones
+    /// past their grace.
     fn admit(&self, activity: &Arc<Activity>) {
         let mut queue = self.queue.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         queue.push_back(Arc::downgrade(activity));
         self.count.fetch_add(1, Ordering::Relaxed);
-        while self.count.load(Ordering::Relaxed) > self.cap {
-            let Some(oldest) = queue.pop_front() else { break };
-            if let Some(oldest) = oldest.upgrade()
-                && oldest.leave_silence()
-            {
-                oldest.evicted.store(true, Ordering::Relaxed);
-                oldest.wake.notify_one();
-            }
-        }
+        while self.count.load(Ordering::Relaxed) > self.cap && self.close_oldest(&mut queue) {}
         // Entries of connections that spoke or closed stay until popped;
         // drop them once they outnumber the silent ones.
         if queue.len() > 2 * self.cap + 64 {
             queue.retain(|entry| entry.upgrade().is_some_and(|activity| activity.silent.load(Ordering::Relaxed)));
         }
+    }
+
+    /// Every connection slot is taken: closes the oldest silent connection
+    /// past its grace, if there is one, to make room for the next.
+    pub fn make_room(&self) {
+        let mut queue = self.queue.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        self.close_oldest(&mut queue);
+    }
+
+    /// Closes the oldest silent connection; false when none is past its grace.
+    fn close_oldest(&self, queue: &mut VecDeque<Weak<Activity>>) -> bool {
+        while let Some(oldest) = queue.front() {
+            let Some(oldest) = oldest.upgrade().filter(|a| a.silent.load(Ordering::Relaxed)) else {
+                queue.pop_front();
+                continue;
+            };
+            if oldest.opened.elapsed() < self.grace {
+                return false;
+            }
+            queue.pop_front();
+            if oldest.leave_silence() {
+                oldest.evicted.store(true, Ordering::Relaxed);
+                oldest.wake.notify_one();
+                return true;
+            }
+        }
+        false
     }
 }
 
@@ -427,14 +457,26 @@ mod tests {
 
     #[test]
     fn a_silent_connection_is_kept_until_the_header_timeout() {
-        let activity = Activity::new(SilentConnections::new(2));
+        let activity = Activity::new(SilentConnections::new(&BOUNDS));
         assert_eq!(activity.deadline(&BOUNDS).0, 10_001);
         assert_eq!(activity.verdict(&BOUNDS), Verdict::Keep(2_501), "looked at every quarter of the header timeout");
     }
 
     #[test]
-    fn the_oldest_silent_connection_is_closed_past_the_cap() {
-        let registry = SilentConnections::new(2);
+    fn the_oldest_silent_connection_past_its_grace_is_closed_past_the_cap() {
+        let registry = SilentConnections::new(&BOUNDS);
+        let all: Vec<_> = (0..3).map(|_| Activity::new(registry.clone())).collect();
+        for activity in &all {
+            registry.admit(activity);
+        }
+        // Connected a moment ago, all within their grace: nobody is closed.
+        assert!(all.iter().all(|a| matches!(a.verdict(&BOUNDS), Verdict::Keep(_))));
+        let registry = Arc::new(SilentConnections {
+            cap: 2,
+            grace: Duration::ZERO,
+            queue: Mutex::new(VecDeque::new()),
+            count: AtomicUsize::new(0),
+        });
         let all: Vec<_> = (0..3).map(|_| Activity::new(registry.clone())).collect();
         for activity in &all {
             registry.admit(activity);
@@ -447,11 +489,14 @@ mod tests {
         registry.admit(&fourth);
         assert!(matches!(all[2].verdict(&BOUNDS), Verdict::Keep(_)));
         assert_eq!(registry.count.load(Ordering::Relaxed), 2);
+        // With every slot taken, the oldest silent one makes room.
+        registry.make_room();
+        assert!(matches!(all[2].verdict(&BOUNDS), Verdict::Close(_)));
     }
 
     #[test]
     fn a_begun_head_gets_the_header_timeout_and_an_idle_one_the_idle_timeout() {
-        let activity = Activity::new(SilentConnections::new(2));
+        let activity = Activity::new(SilentConnections::new(&BOUNDS));
         activity.request_started(http::Version::HTTP_11);
         activity.response_done();
         let idle_since = activity.idle_since.load(Ordering::Relaxed);
@@ -465,7 +510,7 @@ mod tests {
 
     #[test]
     fn http2_frames_between_requests_are_no_request_head() {
-        let activity = Activity::new(SilentConnections::new(2));
+        let activity = Activity::new(SilentConnections::new(&BOUNDS));
         activity.request_started(http::Version::HTTP_2);
         activity.response_done();
         activity.bytes_read();
@@ -474,7 +519,7 @@ mod tests {
 
     #[test]
     fn a_response_not_taken_is_timed_from_its_handover() {
-        let activity = Activity::new(SilentConnections::new(2));
+        let activity = Activity::new(SilentConnections::new(&BOUNDS));
         activity.request_started(http::Version::HTTP_11);
         let clock = activity.track_response();
         assert!(matches!(activity.verdict(&BOUNDS), Verdict::Keep(_)));

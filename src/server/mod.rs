@@ -32,6 +32,10 @@ pub use errors::HttpError;
 use process_rpc::ProcessService;
 use state::AppState;
 
+/// While every connection slot is taken, how often a silent connection is
+/// looked for to close.
+const MAKE_ROOM_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
+
 /// Why the server stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -86,7 +90,7 @@ async fn serve(config: Config, logs: Option<LogShipper>) -> Result<(), ServerErr
     }
     let mut intake = state.intake.watch();
     let bounds = connection::Bounds::from_config(&state.config);
-    let silent = connection::SilentConnections::new(bounds.max_silent);
+    let silent = connection::SilentConnections::new(&bounds);
     let app = router(state);
     tracing::info!(version = crate::VERSION, %addr, "envd listening");
     let mut acceptor = accept::Acceptor::new(listener);
@@ -101,9 +105,15 @@ async fn serve(config: Config, logs: Option<LogShipper>) -> Result<(), ServerErr
                     warned_at = Some(tokio::time::Instant::now());
                     tracing::warn!(limit = limits::MAX_CONNECTIONS, "connection limit reached: new connections wait");
                 }
-                match slots.clone().acquire_owned().await {
-                    Ok(slot) => slot,
-                    Err(_closed) => return Ok(()),
+                // Silent connections past their grace make room, looked
+                // for again while the wait lasts.
+                loop {
+                    silent.make_room();
+                    match tokio::time::timeout(MAKE_ROOM_EVERY, slots.clone().acquire_owned()).await {
+                        Ok(Ok(slot)) => break slot,
+                        Ok(Err(_closed)) => return Ok(()),
+                        Err(_elapsed) => {}
+                    }
                 }
             }
         };
