@@ -23,7 +23,7 @@ use std::sync::Arc;
 
 use axum::routing::{get, post};
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::config::Config;
 use crate::forward::{ForwardConfig, Forwarder};
@@ -97,31 +97,38 @@ async fn serve(config: Config, logs: Option<LogShipper>) -> Result<(), ServerErr
     let slots = Arc::new(Semaphore::new(limits::MAX_CONNECTIONS));
     let mut warned_at: Option<tokio::time::Instant> = None;
     loop {
-        let slot = match slots.clone().try_acquire_owned() {
-            Ok(slot) => slot,
-            Err(_) => {
-                // Further connections wait in the kernel's backlog.
-                if warned_at.is_none_or(|at| at.elapsed() > limits::LIMIT_WARNING_INTERVAL) {
-                    warned_at = Some(tokio::time::Instant::now());
-                    tracing::warn!(limit = limits::MAX_CONNECTIONS, "connection limit reached: new connections wait");
-                }
-                // Silent connections past their grace make room, looked
-                // for again while the wait lasts.
-                loop {
-                    silent.make_room();
-                    match tokio::time::timeout(MAKE_ROOM_EVERY, slots.clone().acquire_owned()).await {
-                        Ok(Ok(slot)) => break slot,
-                        Ok(Err(_closed)) => return Ok(()),
-                        Err(_elapsed) => {}
-                    }
-                }
-            }
-        };
+        let Some(slot) = next_slot(&slots, &silent, &mut warned_at).await else { return Ok(()) };
         // While an upgrade hands the listener over, connections wait in the
         // backlog for the next image (or for this one, if it fails).
         let Some(socket) = intake.unless_held(acceptor.accept()).await else { continue };
         let _ = socket.set_nodelay(true);
         tokio::spawn(connection::serve(socket, app.clone(), bounds, silent.clone(), slot));
+    }
+}
+
+/// A connection slot; `None` once the slots are closed. While every slot is
+/// taken, further connections wait in the kernel's backlog and silent
+/// connections past their grace make room, looked for again while the
+/// wait lasts.
+async fn next_slot(
+    slots: &Arc<Semaphore>,
+    silent: &connection::SilentConnections,
+    warned_at: &mut Option<tokio::time::Instant>,
+) -> Option<OwnedSemaphorePermit> {
+    if let Ok(slot) = slots.clone().try_acquire_owned() {
+        return Some(slot);
+    }
+    if warned_at.is_none_or(|at| at.elapsed() > limits::LIMIT_WARNING_INTERVAL) {
+        *warned_at = Some(tokio::time::Instant::now());
+        tracing::warn!(limit = limits::MAX_CONNECTIONS, "connection limit reached: new connections wait");
+    }
+    loop {
+        silent.make_room();
+        match tokio::time::timeout(MAKE_ROOM_EVERY, slots.clone().acquire_owned()).await {
+            Ok(Ok(slot)) => return Some(slot),
+            Ok(Err(_closed)) => return None,
+            Err(_elapsed) => {}
+        }
     }
 }
 
