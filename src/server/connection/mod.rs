@@ -22,7 +22,8 @@
 //! The watchdog looks at its connection every quarter of the shorter of
 //! the header and response bounds (and at each deadline it knows of), so
 //! each bound holds within 1.25 times its value, and no request wakes it:
-//! the hot path pays a few atomic stores per request and nothing more.
+//! a request costs a few atomic stores, one uncontended lock and one small
+//! allocation.
 //!
 //! An upload whose client stops sending is bounded by the upload itself
 //! (`--upload-idle-timeout`, answered 408), bodies read whole by
