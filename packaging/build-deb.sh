@@ -11,6 +11,8 @@
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# shellcheck source=lib/release.sh
+. "$REPO/packaging/lib/release.sh"
 BIN=""
 OUT="$REPO/target/debian"
 while [ $# -gt 0 ]; do
@@ -31,12 +33,13 @@ if [ -z "$BIN" ]; then
 fi
 [ -x "$BIN" ] || { echo "build-deb.sh: no executable at $BIN" >&2; exit 1; }
 
-VERSION=$(sed -n '/^\[package\]/,/^\[/s/^version *= *"\(.*\)"/\1/p' "$REPO/Cargo.toml" | head -1)
+VERSION=$(release_version "$REPO")
 [ -n "$VERSION" ] || { echo "build-deb.sh: no version in Cargo.toml" >&2; exit 1; }
 ARCH=$(dpkg --print-architecture)
 # The newest glibc symbol version the binary needs; none for a static build.
 GLIBC=$(objdump -T "$BIN" 2>/dev/null | grep -o 'GLIBC_[0-9][0-9.]*' | sed 's/GLIBC_//' | sort -Vu | tail -1 || true)
-export SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-$(git -C "$REPO" log -1 --format=%ct 2>/dev/null || date +%s)}
+SOURCE_DATE_EPOCH=$(release_epoch "$REPO")
+export SOURCE_DATE_EPOCH
 
 STAGE=$(mktemp -d "${TMPDIR:-/tmp}/envd-deb.XXXXXX")
 chmod 0755 "$STAGE"

@@ -15,6 +15,8 @@
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# shellcheck source=lib/release.sh
+. "$REPO/packaging/lib/release.sh"
 TARGET=x86_64-unknown-linux-gnu
 BIN=""
 OUT="$REPO/target/static"
@@ -44,9 +46,10 @@ if ! ldd "$BIN" 2>&1 | grep -Eq 'statically linked|not a dynamic executable'; th
   exit 1
 fi
 
-VERSION=$(sed -n '/^\[package\]/,/^\[/s/^version *= *"\(.*\)"/\1/p' "$REPO/Cargo.toml" | head -1)
+VERSION=$(release_version "$REPO")
 [ -n "$VERSION" ] || { echo "build-static.sh: no version in Cargo.toml" >&2; exit 1; }
-export SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-$(git -C "$REPO" log -1 --format=%ct 2>/dev/null || date +%s)}
+SOURCE_DATE_EPOCH=$(release_epoch "$REPO")
+export SOURCE_DATE_EPOCH
 
 STAGE=$(mktemp -d "${TMPDIR:-/tmp}/envd-static.XXXXXX")
 trap 'rm -rf "$STAGE"' EXIT

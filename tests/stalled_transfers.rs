@@ -160,6 +160,15 @@ async fn a_request_head_sent_a_byte_at_a_time_is_closed_on_a_new_or_kept_alive_c
     assert_settled(&envd, baseline, "trickled heads").await;
 }
 
+/// Makes `file` (`len` zero bytes, sparse) and asks envd for it on a raw
+/// connection, nothing read yet.
+fn download_of_zeros(envd: &Envd, file: &std::path::Path, len: u64) -> TcpStream {
+    std::fs::File::create(file).unwrap().set_len(len).unwrap();
+    let mut stream = TcpStream::connect(envd.addr()).unwrap();
+    write!(stream, "GET /files?path={} HTTP/1.1\r\nHost: x\r\n\r\n", file.display()).unwrap();
+    stream
+}
+
 fn holds_file(pid: u32, path: &std::path::Path) -> bool {
     std::fs::read_dir(format!("/proc/{pid}/fd"))
         .unwrap()
@@ -172,9 +181,7 @@ async fn a_download_never_read_is_closed_and_its_file_released() {
     let (envd, baseline) = envd_with(&["--response-idle-timeout", "2"]).await;
     let dir = Scratch::new("unread-download");
     let file = dir.path("big");
-    std::fs::File::create(&file).unwrap().set_len(256 << 20).unwrap();
-    let mut stream = TcpStream::connect(envd.addr()).unwrap();
-    write!(stream, "GET /files?path={} HTTP/1.1\r\nHost: x\r\n\r\n", file.display()).unwrap();
+    let mut stream = download_of_zeros(&envd, &file, 256 << 20);
     assert!(eventually(Duration::from_secs(5), || holds_file(envd.pid(), &file)).await, "the download never began");
     // Nothing is read: the socket's buffers fill and hyper waits.
     assert!(
@@ -192,9 +199,7 @@ async fn a_download_read_slowly_but_steadily_is_not_cut() {
     let (envd, _baseline) = envd_with(&["--response-idle-timeout", "3"]).await;
     let dir = Scratch::new("slow-download");
     let file = dir.path("big");
-    std::fs::File::create(&file).unwrap().set_len(32 << 20).unwrap();
-    let mut stream = TcpStream::connect(envd.addr()).unwrap();
-    write!(stream, "GET /files?path={} HTTP/1.1\r\nHost: x\r\n\r\n", file.display()).unwrap();
+    let mut stream = download_of_zeros(&envd, &file, 32 << 20);
     // The first 4 MiB at 320 KiB/s, 64 KiB every 200 ms (13 s, four times
     // the idle bound), then the rest at once: the response moves, if
     // slowly, so it is delivered whole.

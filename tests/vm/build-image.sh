@@ -27,7 +27,7 @@ log() { echo "build-image: $*" >&2; }
 # Debian removes superseded kernel ABIs from the mirror: ask, never hard-code.
 KVER=$(apt-cache depends linux-image-cloud-amd64 | sed -n 's/.*Depends: linux-image-//p' | head -1)
 [ -n "$KVER" ] || { log "no linux-image-cloud-amd64 in the package lists (run tests/vm/setup.sh)"; exit 1; }
-KEY=$( { cat "$REPO/tests/vm/build-image.sh" "$REPO/packaging/lib/rootfs.sh" "$REPO/packaging/build-deb.sh" \
+KEY=$( { cat "$REPO/tests/vm/build-image.sh" "$REPO/packaging/lib/rootfs.sh" "$REPO/packaging/lib/release.sh" "$REPO/packaging/build-deb.sh" \
           "$REPO/systemd/envd.service"; echo "$KVER"; } | sha256sum | cut -c1-16)
 IMG=$CACHE/image-$KEY
 if [ -z "${ENVD_VM_REBUILD:-}" ] && [ -f "$IMG/root.img" ] && [ -f "$IMG/initrd.cpio" ] && [ -f "$IMG/vmlinuz" ]; then
