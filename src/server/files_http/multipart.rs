@@ -5,7 +5,11 @@
 //! counts the file content it takes in `handed_out`, and the parser may hold
 //! only a little besides (see `body::Metered`).
 
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
 use bytes::Bytes;
+use futures_util::Stream;
 
 use super::FilesError;
 use super::body::{ByteStream, HandedOut, Metered};
@@ -25,7 +29,38 @@ pub fn boundary(content_type: &str) -> Result<String, FilesError> {
 /// The parts of a multipart body, as the upload reads them; the reader
 /// adds each file chunk it takes to `handed_out`.
 pub fn parts(stream: ByteStream, boundary: String, handed_out: &HandedOut) -> multer::Multipart<'static> {
-    multer::Multipart::new(Metered::new(stream, handed_out), boundary)
+    multer::Multipart::new(LateEnd { inner: Metered::new(stream, handed_out), end_seen: false }, boundary)
+}
+
+/// A stream whose end is reported one poll late (`Pending`, woken at
+/// once, then the end). multer 3.1, looking for the first boundary, polls
+/// the body twice in one call and fails with "incomplete multipart
+/// stream" when the second poll brings both the body's data and its end,
+/// before it has searched that data: a valid upload whose client sent it
+/// whole as the parser first looked was refused (about 1 in 5,000 small
+/// uploads). Reported late, the end always comes in a call of its own.
+struct LateEnd {
+    inner: Metered,
+    end_seen: bool,
+}
+
+impl Stream for LateEnd {
+    type Item = std::io::Result<Bytes>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        // The inner stream is never polled past its end.
+        if self.end_seen {
+            return Poll::Ready(None);
+        }
+        match Pin::new(&mut self.inner).poll_next(cx) {
+            Poll::Ready(None) => {
+                self.end_seen = true;
+                cx.waker().wake_by_ref();
+                Poll::Pending
+            }
+            polled => polled,
+        }
+    }
 }
 
 /// One part of a body read by [`read_all`].
@@ -80,5 +115,33 @@ mod tests {
             assert_eq!((parts[0].len, parts[1].name.as_deref(), parts[1].len), (5, Some("other"), 0));
         }
         assert!(read_all("multipart/form-data", Vec::new()).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn a_body_whose_end_comes_with_its_only_chunk_is_read_whole() {
+        // The body's sender hands over its only chunk and closes between
+        // the parser's first poll (nothing yet) and its second.
+        let body = Bytes::from_static(
+            b"--XyZ\r\nContent-Disposition: form-data; name=\"file\"; filename=\"f\"\r\n\r\nhello\r\n--XyZ--\r\n",
+        );
+        let mut polls = 0;
+        let stream = futures_util::stream::poll_fn(move |cx| {
+            polls += 1;
+            match polls {
+                1 => {
+                    cx.waker().wake_by_ref();
+                    std::task::Poll::Pending
+                }
+                2 => std::task::Poll::Ready(Some(Ok(body.clone()))),
+                _ => std::task::Poll::Ready(None),
+            }
+        });
+        let handed_out = HandedOut::default();
+        let mut parts = parts(Box::pin(stream), "XyZ".to_owned(), &handed_out);
+        let mut field = parts.next_field().await.unwrap().expect("the file part");
+        assert_eq!(field.chunk().await.unwrap().as_deref(), Some(&b"hello"[..]));
+        assert!(field.chunk().await.unwrap().is_none());
+        drop(field);
+        assert!(parts.next_field().await.unwrap().is_none());
     }
 }
