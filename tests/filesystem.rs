@@ -122,6 +122,9 @@ async fn list_dir_walks_in_order_to_depth() {
     std::fs::write(dir.path("b/c/file"), b"x").unwrap();
     std::fs::write(dir.path("z.txt"), b"z").unwrap();
     std::os::unix::fs::symlink(dir.path("b"), dir.path("link")).unwrap();
+    set_xattr(&dir.path("z.txt"), "user.e2b.stage", "raw");
+    set_xattr(&dir.path("b/c/file"), "user.e2b.owner", "alice");
+    set_xattr(&dir.path("b"), "user.e2b.kind", "dir");
     let list = |path: String, depth: u32| {
         let client = client.clone();
         async move {
@@ -134,7 +137,23 @@ async fn list_dir_walks_in_order_to_depth() {
     };
     assert_eq!(names(&list(dir.s(""), 0).await), ["a", "b", "link", "z.txt"], "depth 0 counts as 1");
     assert_eq!(names(&list(dir.s(""), 2).await), ["a", "b", "b/c", "link", "z.txt"]);
-    assert_eq!(names(&list(dir.s(""), 5).await), ["a", "b", "b/c", "b/c/d", "b/c/file", "link", "z.txt"]);
+    let deep = list(dir.s(""), 5).await;
+    assert_eq!(names(&deep), ["a", "b", "b/c", "b/c/d", "b/c/file", "link", "z.txt"]);
+    let metadata: Vec<&Value> = deep.iter().map(|e| &e["metadata"]).collect();
+    let none = Value::Null;
+    assert_eq!(
+        metadata,
+        [
+            &none,
+            &json!({"kind": "dir"}),
+            &none,
+            &none,
+            &json!({"owner": "alice"}),
+            &json!({"kind": "dir"}),
+            &json!({"stage": "raw"})
+        ],
+        "user.e2b.* of each entry, at every depth, read through a symlink"
+    );
     let link = list(dir.s(""), 1).await.into_iter().find(|e| e["name"] == "link").unwrap();
     assert_eq!((link["type"].as_str(), link["isSymlink"].as_bool()), (Some("FILE_TYPE_DIRECTORY"), Some(true)));
     let through_link = list(dir.s("link"), 1).await;

@@ -3,7 +3,9 @@
 //! user database, and `user.e2b.*` metadata.
 
 use std::collections::{BTreeMap, HashMap};
+use std::ffi::OsStr;
 use std::fs::Metadata;
+use std::os::fd::BorrowedFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
@@ -114,15 +116,34 @@ impl Owners {
     }
 }
 
+/// Where an entry is: a path the kernel can walk, and, when the caller has
+/// it open, the directory holding it and its name there (looked up with
+/// one step, not the walk of a `/proc/self/fd/N/name` path).
+#[derive(Clone, Copy)]
+pub struct Place<'a> {
+    /// The entry's path (a `/proc/self/fd` one for an open directory).
+    pub fs_path: &'a Path,
+    /// The open directory holding it and its name there.
+    pub in_dir: Option<(BorrowedFd<'a>, &'a OsStr)>,
+}
+
+impl<'a> Place<'a> {
+    /// An entry known by its path only.
+    pub fn path(fs_path: &'a Path) -> Self {
+        Place { fs_path, in_dir: None }
+    }
+}
+
 /// The entry at `path`, reported under `path`.
 pub fn entry_info(path: &Path, owners: &mut Owners) -> Result<Entry, FsError> {
     let meta = std::fs::symlink_metadata(path).map_err(|e| FsError::io("lstat", path, e))?;
-    Ok(entry_from(path, &display(path), &Stat::from(&meta), owners))
+    Ok(entry_from(Place::path(path), &display(path), &Stat::from(&meta), owners))
 }
 
-/// The entry of `fs_path` (already `lstat`ed as `meta`), reported as
+/// The entry at `place` (already `lstat`ed as `meta`), reported as
 /// `reported` (listings report paths under the requested, unresolved dir).
-pub fn entry_from(fs_path: &Path, reported: &str, meta: &Stat, owners: &mut Owners) -> Entry {
+pub fn entry_from(place: Place<'_>, reported: &str, meta: &Stat, owners: &mut Owners) -> Entry {
+    let fs_path = place.fs_path;
     let is_symlink = meta.format() == libc::S_IFLNK;
     let (kind, mode, symlink_target) = if is_symlink {
         let target = std::fs::metadata(fs_path).ok();
@@ -154,7 +175,10 @@ pub fn entry_from(fs_path: &Path, reported: &str, meta: &Stat, owners: &mut Owne
         group: owners.group(meta.gid),
         modified,
         symlink_target,
-        metadata: xattr::read_e2b(fs_path),
+        metadata: match place.in_dir {
+            Some((dir, name)) => xattr::read_e2b_at(dir, name, fs_path),
+            None => xattr::read_e2b(fs_path),
+        },
         is_symlink,
     }
 }

@@ -16,7 +16,7 @@ use nix::sys::stat::fstatat;
 use nix::unistd::{UnlinkatFlags, unlinkat};
 
 use super::access::{Followed, Need, Perms};
-use super::entry::{Entry, Owners, Stat, entry_from};
+use super::entry::{Entry, Owners, Place, Stat, entry_from};
 use super::resolve::{Located, Walk, fd_path, locate, open_dir};
 use super::{FsError, Owner, display};
 use crate::context::paths::clean;
@@ -29,8 +29,10 @@ pub fn stat(path: &Path) -> Result<Entry, FsError> {
 /// The entry `located` found, reported under the path as requested.
 fn entry_at(located: &Located) -> Result<Entry, FsError> {
     let fs_path = located.fd_path();
-    let meta = std::fs::symlink_metadata(&fs_path).map_err(|e| FsError::io("lstat", located.path(), e))?;
-    Ok(entry_from(&fs_path, &display(located.path()), &Stat::from(&meta), &mut Owners::default()))
+    let stat = fstatat(located.dir(), located.name(), AtFlags::AT_SYMLINK_NOFOLLOW)
+        .map_err(|e| FsError::io("lstat", located.path(), e.into()))?;
+    let place = Place { fs_path: &fs_path, in_dir: Some((located.dir(), located.name())) };
+    Ok(entry_from(place, &display(located.path()), &Stat::from(&stat), &mut Owners::default()))
 }
 
 /// The entries below `path` down to `depth` levels (0 counts as 1), in
@@ -72,7 +74,8 @@ impl Listing<'_> {
                 Err(e) => return Err(FsError::io_strict("lstat", &fs_child, e.into())),
             };
             let reported = display(&clean(&Path::new(reported_dir).join(&name)));
-            self.out.push(entry_from(&fs_child, &reported, &Stat::from(&stat), &mut self.owners));
+            let place = Place { fs_path: &fs_child, in_dir: Some((dir.as_fd(), &name)) };
+            self.out.push(entry_from(place, &reported, &Stat::from(&stat), &mut self.owners));
             let child = Perms::of(&stat);
             if child.is_dir() && level < self.depth {
                 self.followed.check(Need::Read, child, Some(child), Path::new(&reported))?;

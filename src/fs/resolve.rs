@@ -150,6 +150,7 @@ impl Located {
             links: 0,
             create: None,
             requested: &self.requested,
+            at_start_root: false,
         };
         walker.follow(Some(self.name.clone()))
     }
@@ -174,13 +175,17 @@ struct Walker<'a> {
     links: u32,
     create: Option<Owner>,
     requested: &'a Path,
+    /// `start` opened `/` for an absolute path, whose first component
+    /// (the root) then needs no second open.
+    at_start_root: bool,
 }
 
 impl<'a> Walker<'a> {
     fn start(requested: &'a Path, create: Option<Owner>) -> Result<Self, FsError> {
         let start = if requested.is_absolute() { "/" } else { "." };
         let dir = open_path(AT_FDCWD, OsStr::new(start)).map_err(|e| errno_error("open", requested, e))?;
-        Ok(Self { stack: vec![dir], followed: Followed::default(), links: 0, create, requested })
+        let at_start_root = requested.is_absolute();
+        Ok(Self { stack: vec![dir], followed: Followed::default(), links: 0, create, requested, at_start_root })
     }
 
     fn current(&self) -> BorrowedFd<'_> {
@@ -206,6 +211,9 @@ impl<'a> Walker<'a> {
     }
 
     fn enter(&mut self, component: Component<'_>) -> Result<(), FsError> {
+        if std::mem::take(&mut self.at_start_root) && component == Component::RootDir {
+            return Ok(());
+        }
         match component {
             Component::RootDir => {
                 let root = open_path(AT_FDCWD, OsStr::new("/")).map_err(|e| self.error("open", e))?;

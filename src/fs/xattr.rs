@@ -2,11 +2,12 @@
 //! on read; on write, filesystems without xattr support are ignored.
 
 use std::collections::BTreeMap;
-use std::ffi::{CStr, CString};
+use std::ffi::{CStr, CString, OsStr};
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Prefix of the attributes that carry upload metadata.
 pub const E2B_PREFIX: &str = "user.e2b.";
@@ -91,6 +92,46 @@ pub fn read_e2b(path: &Path) -> BTreeMap<String, String> {
     read_prefixed(Target::Path(&path))
 }
 
+/// Like [`read_e2b`], for `name` in the open directory `dir`, which
+/// `fs_path` also names. Where the kernel has `listxattrat` (Linux 6.13)
+/// the names are listed with one lookup in `dir`, not a walk of
+/// `/proc/self/fd/N/name` (a third of a listing's time); the values, which
+/// few entries have, are read through `fs_path`.
+pub fn read_e2b_at(dir: BorrowedFd<'_>, name: &OsStr, fs_path: &Path) -> BTreeMap<String, String> {
+    let Ok(cname) = cstring(name.as_bytes()) else { return BTreeMap::new() };
+    match list_at(dir, &cname) {
+        Some(Ok(names)) if names_with_prefix(&names, E2B_PREFIX).next().is_none() => BTreeMap::new(),
+        Some(Err(_)) => BTreeMap::new(),
+        Some(Ok(_)) | None => read_e2b(fs_path),
+    }
+}
+
+/// Whether `listxattrat` answered ENOSYS once: then it is never tried again.
+static NO_LISTXATTRAT: AtomicBool = AtomicBool::new(false);
+
+/// `listxattrat(dir, name, 0, …)` (following a final symlink, as
+/// `listxattr`); `None` where the kernel lacks it.
+fn list_at(dir: BorrowedFd<'_>, name: &CStr) -> Option<io::Result<Vec<u8>>> {
+    // The generic syscall table's number, shared by x86_64 and aarch64.
+    const SYS_LISTXATTRAT: libc::c_long = 465;
+    if NO_LISTXATTRAT.load(Ordering::Relaxed) {
+        return None;
+    }
+    let listed = read_sized(|buf, len| {
+        // SAFETY: `buf` is null with `len` 0 (a size query) or valid for
+        // writes of `len` bytes; `name` is NUL-terminated, `dir` open.
+        let ret = unsafe { libc::syscall(SYS_LISTXATTRAT, dir.as_raw_fd(), name.as_ptr(), 0, buf, len) };
+        isize::try_from(ret).unwrap_or(-1)
+    });
+    match listed {
+        Err(e) if e.raw_os_error() == Some(libc::ENOSYS) => {
+            NO_LISTXATTRAT.store(true, Ordering::Relaxed);
+            None
+        }
+        other => Some(other),
+    }
+}
+
 /// Like [`read_e2b`], on an open file.
 pub fn read_e2b_fd(fd: BorrowedFd<'_>) -> BTreeMap<String, String> {
     read_prefixed(Target::Fd(fd))
@@ -159,6 +200,16 @@ mod tests {
         md.insert("b".to_owned(), "two".to_owned());
         write_e2b(file.as_fd(), &md).unwrap();
         assert_eq!(read_e2b(&path), md);
+        let opened = std::fs::File::open(&dir).unwrap();
+        assert_eq!(read_e2b_at(opened.as_fd(), OsStr::new("f"), &path), md);
+        std::fs::write(dir.join("plain"), b"").unwrap();
+        assert!(read_e2b_at(opened.as_fd(), OsStr::new("plain"), &dir.join("plain")).is_empty());
+        std::os::unix::fs::symlink("f", dir.join("link")).unwrap();
+        assert_eq!(read_e2b_at(opened.as_fd(), OsStr::new("link"), &dir.join("link")), md, "through a symlink");
+        // Kernels before 6.13: the names come from the path.
+        NO_LISTXATTRAT.store(true, Ordering::Relaxed);
+        assert_eq!(read_e2b_at(opened.as_fd(), OsStr::new("link"), &dir.join("link")), md);
+        assert!(read_e2b_at(opened.as_fd(), OsStr::new("plain"), &dir.join("plain")).is_empty());
         md.remove("a");
         write_e2b(file.as_fd(), &md).unwrap();
         assert_eq!(read_e2b_fd(file.as_fd()), md);
