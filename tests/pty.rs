@@ -60,10 +60,13 @@ impl Session {
                 return text;
             }
             assert!(Instant::now() < deadline, "'{needle}' never appeared; screen:\n{text}");
-            match tokio::time::timeout(Duration::from_secs(20), self.stream.next_event())
-                .await
-                .expect("terminal output")
-            {
+            let Ok(event) = tokio::time::timeout(Duration::from_secs(20), self.stream.next_event()).await else {
+                panic!(
+                    "no terminal output for 20 s waiting for '{needle}'; {}\nscreen:\n{text}",
+                    session_report(self.pid)
+                );
+            };
+            match event {
                 ProcEvent::Pty(data) => self.screen.extend_from_slice(&data),
                 ProcEvent::Keepalive => {}
                 ProcEvent::End(end) => {
@@ -75,6 +78,16 @@ impl Session {
                 }
                 other => panic!("unexpected event on a terminal: {other:?}"),
             }
+        }
+    }
+
+    /// Waits until `command` runs in the terminal's foreground process
+    /// group: a Ctrl-C typed earlier would reach the shell instead.
+    async fn wait_foreground(&self, command: &str) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !session_processes(self.pid).iter().any(|p| p.cmd == command && p.pgrp == p.foreground) {
+            assert!(Instant::now() < deadline, "'{command}' never ran in the foreground; {}", session_report(self.pid));
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
 
@@ -113,13 +126,14 @@ async fn a_terminal_session_end_to_end() {
     session.type_text(&client, b"stty size\n").await;
     session.wait_for("40 120", mark).await;
 
-    // Ctrl-C stops the foreground job within a second.
+    // Ctrl-C stops the foreground job within a second. The quotes keep
+    // the terminal's echo of a typed line from matching its output.
     let mark = session.screen.len();
     session.type_text(&client, b"sleep 100; echo after-sleep\n").await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    session.wait_foreground("sleep 100").await;
     let interrupted = Instant::now();
     session.type_text(&client, b"\x03").await;
-    session.type_text(&client, b"echo interrupted-ok\n").await;
+    session.type_text(&client, b"echo interrupted-''ok\n").await;
     let shown = session.wait_for("interrupted-ok", mark).await;
     assert!(interrupted.elapsed() < Duration::from_secs(2), "Ctrl-C took {:?}", interrupted.elapsed());
     assert!(!shown.contains("\nafter-sleep"), "the job was interrupted, not finished: {shown}");
@@ -129,8 +143,8 @@ async fn a_terminal_session_end_to_end() {
     session.type_text(&client, b"sleep 30 &\njobs\n").await;
     session.wait_for("Running", mark).await;
     session.type_text(&client, b"fg\n").await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    session.type_text(&client, b"\x03echo fg-ok\n").await;
+    session.wait_foreground("sleep 30").await;
+    session.type_text(&client, b"\x03echo fg-''ok\n").await;
     session.wait_for("fg-ok", mark).await;
 
     let listed = client.list().await;
@@ -200,6 +214,46 @@ async fn terminal_misuse_is_refused_clearly() {
     let (_, err) =
         client.call_err(rpc::SEND_INPUT, &json!({"process": {"pid": session.pid}, "input": {"pty": b64(b"x")}})).await;
     assert_eq!(err.code, "not_found", "input to an ended process");
+}
+
+/// A process of a terminal's session, as `/proc/<pid>/stat` shows it.
+struct SessionProcess {
+    pid: u32,
+    state: String,
+    pgrp: String,
+    /// The terminal's foreground process group.
+    foreground: String,
+    cmd: String,
+}
+
+fn session_processes(sid: u32) -> Vec<SessionProcess> {
+    let pids = std::fs::read_dir("/proc").into_iter().flatten().flatten();
+    pids.filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(|pid| {
+            let stat = common::proc_stat(pid)?;
+            (stat[3] == sid.to_string()).then_some(())?;
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+            let cmd = String::from_utf8_lossy(&cmd).trim_end_matches('\0').replace('\0', " ");
+            Some(SessionProcess {
+                pid,
+                state: stat[0].clone(),
+                pgrp: stat[2].clone(),
+                foreground: stat[5].clone(),
+                cmd,
+            })
+        })
+        .collect()
+}
+
+/// What the terminal's session runs, for a failure message.
+fn session_report(sid: u32) -> String {
+    let mut lines = vec![format!("session {sid}:")];
+    for p in session_processes(sid) {
+        let wchan = std::fs::read_to_string(format!("/proc/{}/wchan", p.pid)).unwrap_or_default();
+        lines
+            .push(format!("  {} {} pgrp={} foreground={} in {wchan}: {}", p.pid, p.state, p.pgrp, p.foreground, p.cmd));
+    }
+    lines.join("\n")
 }
 
 fn open_fds(pid: u32) -> usize {
