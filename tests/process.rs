@@ -829,3 +829,29 @@ async fn children_get_normal_priorities_in_their_own_session() {
     }
     assert_eq!(std::fs::read_to_string(format!("/proc/{}/oom_score_adj", envd.pid())).unwrap().trim(), "0");
 }
+
+/// Signals envd inherited ignored (`nohup`, a background job of a shell)
+/// are not its commands' business: each starts with every signal at its
+/// default and none blocked, so a terminal's Ctrl-C stops a job.
+#[tokio::test]
+async fn commands_start_with_default_signals_whatever_envd_inherited() {
+    let ignoring = ["sh", "-c", "trap '' HUP INT QUIT TERM; exec \"$@\"", "sh"];
+    let envd = Envd::options().wrapper(ignoring).start();
+    let envd_status = std::fs::read_to_string(format!("/proc/{}/status", envd.pid())).unwrap();
+    let envd_ignores = envd_status.lines().find_map(|l| l.strip_prefix("SigIgn:")).unwrap();
+    let envd_ignores = u64::from_str_radix(envd_ignores.trim(), 16).unwrap();
+    // HUP, INT, QUIT, PIPE (Rust's) and TERM: bits 1, 2, 3, 13 and 15.
+    assert_eq!(envd_ignores & 0x5007, 0x5007, "envd runs with them ignored: {envd_ignores:x}");
+    let start = json!({"process": {"cmd": "/bin/cat", "args": ["/proc/self/status"]}});
+    for pty in [false, true] {
+        let mut start = start.clone();
+        if pty {
+            start["pty"] = json!({"size": {"cols": 80, "rows": 24}});
+        }
+        let run = envd.client().run(&start, &[]).await;
+        let status = if pty { String::from_utf8_lossy(&run.pty).into_owned() } else { run.stdout_str() };
+        let field = |name: &str| status.lines().find_map(|l| l.strip_prefix(name)).map(|v| v.trim().to_owned());
+        assert_eq!(field("SigIgn:").as_deref(), Some("0000000000000000"), "pty {pty}: {status}");
+        assert_eq!(field("SigBlk:").as_deref(), Some("0000000000000000"), "pty {pty}: {status}");
+    }
+}

@@ -9,10 +9,12 @@
 //!   process-wide bookkeeping (glibc's `setuid` would broadcast the change
 //!   to every thread of envd, so ids are set with `setresuid` and friends
 //!   as system calls);
-//! - runs with every signal blocked until it has reset each caught signal
-//!   to its default (envd's handlers must never run in it), then unblocks
-//!   them all, as a forked child of std's `Command` does; SIGPIPE goes back
-//!   to its default too (Rust ignores it in envd);
+//! - runs with every signal blocked until it has set each signal back to
+//!   its default (envd's handlers must never run in it), then unblocks
+//!   them all; ignored signals go back to their default too: SIGPIPE,
+//!   which Rust ignores in envd, and whatever envd inherited ignored (a
+//!   background job of a shell ignores SIGINT and SIGQUIT; kept, a
+//!   terminal's Ctrl-C would not stop a command);
 //! - reports a failure before `execve` through [`ChildPlan::failure`], which
 //!   envd reads once the child has exited.
 //!
@@ -277,31 +279,38 @@ unsafe fn cloexec_above_stdio() -> c_int {
     0
 }
 
-/// Every caught signal back to its default, SIGPIPE too, then nothing
-/// blocked: what a process started by a shell gets. Ignored signals stay
-/// ignored, as across any exec.
+/// Every signal back to its default, ignored ones too, then nothing
+/// blocked: what a login session gets, however envd itself was started
+/// (as systemd starts a service). Raw `rt_sigaction`: glibc's wrapper
+/// refuses its own two internal signals, which would stay as envd has them.
 ///
 /// SAFETY (caller): only in the cloned child, whose signal handlers are its
 /// own copy (no CLONE_SIGHAND).
 unsafe fn default_signals() {
-    // SAFETY: sigaction reads and writes valid structs; numbers the kernel
-    // does not know, or that cannot be changed, fail harmlessly.
+    /// The kernel's `struct sigaction`: handler, flags, restorer, mask; all
+    /// zero is SIG_DFL with no flags.
+    const KERNEL_SIGACTION: [u64; 4] = [0; 4];
+    const KERNEL_SIGSET_BYTES: usize = 8;
+    // SAFETY: rt_sigaction reads one kernel sigaction from a valid array;
+    // SIGKILL and SIGSTOP refuse the change harmlessly.
     unsafe {
-        let mut default: libc::sigaction = std::mem::zeroed();
-        default.sa_sigaction = libc::SIG_DFL;
         for signal in 1..=LAST_SIGNAL {
-            let mut current: libc::sigaction = std::mem::zeroed();
-            if libc::sigaction(signal, std::ptr::null(), &mut current) < 0 {
-                continue;
-            }
-            let keep_ignored = current.sa_sigaction == libc::SIG_IGN && signal != libc::SIGPIPE;
-            if current.sa_sigaction != libc::SIG_DFL && !keep_ignored {
-                libc::sigaction(signal, &default, std::ptr::null_mut());
-            }
+            libc::syscall(
+                libc::SYS_rt_sigaction,
+                signal,
+                KERNEL_SIGACTION.as_ptr(),
+                std::ptr::null_mut::<c_void>(),
+                KERNEL_SIGSET_BYTES,
+            );
         }
-        let mut none: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut none);
-        libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
+        let none: u64 = 0;
+        libc::syscall(
+            libc::SYS_rt_sigprocmask,
+            libc::SIG_SETMASK,
+            &none as *const u64,
+            std::ptr::null_mut::<c_void>(),
+            KERNEL_SIGSET_BYTES,
+        );
     }
 }
 
