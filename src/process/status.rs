@@ -23,8 +23,7 @@ impl EndStatus {
     /// Describes a reaped process.
     pub fn from_exit(status: ExitStatus) -> Self {
         if let Some(code) = status.code() {
-            let text = format!("exit status {code}");
-            return EndStatus { exit_code: code, exited: true, error: (code != 0).then(|| text.clone()), status: text };
+            return Self::exited_with(code);
         }
         let signal = status.signal().unwrap_or(0);
         let mut text = format!("signal: {}", signal_name(signal));
@@ -32,6 +31,12 @@ impl EndStatus {
             text.push_str(" (core dumped)");
         }
         EndStatus { exit_code: -1, exited: false, error: Some(text.clone()), status: text }
+    }
+
+    /// A normal exit with `code`.
+    pub fn exited_with(code: i32) -> Self {
+        let text = format!("exit status {code}");
+        EndStatus { exit_code: code, exited: true, error: (code != 0).then(|| text.clone()), status: text }
     }
 
     /// A process whose status could not be read (the wait itself failed).

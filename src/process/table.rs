@@ -52,11 +52,38 @@ pub enum Found {
 struct Retained {
     pid: u32,
     tag: Option<String>,
-    end: EndStatus,
+    end: KeptEnd,
     at: Instant,
     /// An adopted process whose kept output nobody has read yet: `Connect`
     /// still gets that output, then the end.
     unread: Option<Arc<ProcessHandle>>,
+}
+
+/// An end status as retained: a normal exit as its code alone. A burst of
+/// commands retains thousands, allocated while the burst's buffers come
+/// and go; each text of their own would keep a page of the heap resident
+/// after the burst, where the trim cannot give it back.
+#[derive(Debug)]
+enum KeptEnd {
+    Exited(i32),
+    Other(EndStatus),
+}
+
+impl KeptEnd {
+    fn keep(end: EndStatus) -> Self {
+        if end.exited && end == EndStatus::exited_with(end.exit_code) {
+            KeptEnd::Exited(end.exit_code)
+        } else {
+            KeptEnd::Other(end)
+        }
+    }
+
+    fn status(&self) -> EndStatus {
+        match self {
+            KeptEnd::Exited(code) => EndStatus::exited_with(*code),
+            KeptEnd::Other(end) => end.clone(),
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -120,7 +147,7 @@ impl ProcessTable {
         inner
             .retained
             .iter()
-            .map(|r| Ended { pid: r.pid, tag: r.tag.clone(), end: r.end.clone(), age: now.duration_since(r.at) })
+            .map(|r| Ended { pid: r.pid, tag: r.tag.clone(), end: r.end.status(), age: now.duration_since(r.at) })
             .filter(|e| e.age <= RETENTION)
             .collect()
     }
@@ -132,7 +159,7 @@ impl ProcessTable {
         let mut inner = self.inner();
         for e in ended.into_iter().filter(|e| e.age <= RETENTION) {
             let at = now.checked_sub(e.age).unwrap_or(now);
-            inner.retained.push_back(Retained { pid: e.pid, tag: e.tag, end: e.end, at, unread: None });
+            inner.retained.push_back(Retained { pid: e.pid, tag: e.tag, end: KeptEnd::keep(e.end), at, unread: None });
         }
     }
 
@@ -170,7 +197,7 @@ impl ProcessTable {
         {
             inner.retained.pop_front();
         }
-        inner.retained.push_back(Retained { pid, tag, end, at: now, unread });
+        inner.retained.push_back(Retained { pid, tag, end: KeptEnd::keep(end), at: now, unread });
     }
 
     /// A live process.
@@ -201,7 +228,7 @@ impl ProcessTable {
             })
             .map(|r| match &r.unread {
                 Some(handle) => Found::Live(handle.clone()),
-                None => Found::Ended { pid: r.pid, end: r.end.clone() },
+                None => Found::Ended { pid: r.pid, end: r.end.status() },
             })
             .ok_or_else(|| ProcessError::NotFound(selector.clone()))
     }
@@ -209,5 +236,28 @@ impl ProcessTable {
     /// Every live process, in no particular order.
     pub fn list(&self) -> Vec<Arc<ProcessHandle>> {
         self.inner().live.values().cloned().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::process::ExitStatusExt;
+    use std::process::ExitStatus;
+
+    use super::*;
+
+    #[test]
+    fn a_kept_end_reads_back_as_it_was() {
+        let ends = [
+            EndStatus::from_exit(ExitStatus::from_raw(0)),
+            EndStatus::from_exit(ExitStatus::from_raw(3 << 8)),
+            EndStatus::from_exit(ExitStatus::from_raw(libc::SIGKILL)),
+            EndStatus::from_wait_error(&std::io::Error::from_raw_os_error(libc::ECHILD)),
+        ];
+        for end in ends {
+            let kept = KeptEnd::keep(end.clone());
+            assert_eq!(matches!(kept, KeptEnd::Exited(_)), end.exited, "{end:?} is kept as its code alone");
+            assert_eq!(kept.status(), end);
+        }
     }
 }
