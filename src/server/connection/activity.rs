@@ -72,6 +72,23 @@ impl SilentConnections {
         }
     }
 
+    /// Drops the entries of connections that spoke or closed, once none is
+    /// silent: each entry keeps its connection's allocation, and after a
+    /// burst of connections hundreds of them, scattered through the heap,
+    /// would keep its pages resident. Skipped while the queue is in use
+    /// (the caller may be closing the oldest, holding it).
+    fn forget_spoken(&self) {
+        let mut queue = match self.queue.try_lock() {
+            Ok(queue) => queue,
+            Err(std::sync::TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return,
+        };
+        queue.retain(|entry| entry.upgrade().is_some_and(|activity| activity.silent.load(Ordering::Relaxed)));
+        if queue.is_empty() {
+            *queue = VecDeque::new();
+        }
+    }
+
     /// Every connection slot is taken: closes the oldest silent connection
     /// past its grace, if there is one, to make room for the next.
     pub fn make_room(&self) {
@@ -152,8 +169,8 @@ impl Activity {
     /// Marks the connection as having spoken (or closed); true the first time.
     pub(super) fn leave_silence(&self) -> bool {
         let was_silent = self.silent.swap(false, Ordering::Relaxed);
-        if was_silent {
-            self.registry.count.fetch_sub(1, Ordering::Relaxed);
+        if was_silent && self.registry.count.fetch_sub(1, Ordering::Relaxed) == 1 {
+            self.registry.forget_spoken();
         }
         was_silent
     }

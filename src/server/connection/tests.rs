@@ -92,3 +92,18 @@ fn a_response_not_taken_is_timed_from_its_handover() {
     drop(clock);
     assert_eq!(activity.oldest_untaken_response(), None);
 }
+
+#[test]
+fn entries_of_connections_that_spoke_are_dropped_once_none_is_silent() {
+    let registry = SilentConnections::new(&BOUNDS);
+    let all: Vec<_> = (0..100).map(|_| Activity::new(registry.clone())).collect();
+    for activity in &all {
+        registry.admit(activity);
+    }
+    for activity in &all[..99] {
+        activity.request_started(http::Version::HTTP_11);
+    }
+    assert_eq!(registry.queue.lock().unwrap().len(), 100, "one is still silent: the queue is left as it is");
+    all[99].request_started(http::Version::HTTP_11);
+    assert_eq!(registry.queue.lock().unwrap().capacity(), 0, "nothing of the burst is kept");
+}
